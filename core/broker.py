@@ -1,0 +1,68 @@
+"""The Broker interface: ordered fan-out of conversation events across instances, with replay.
+
+Guarantees every implementation gives (the contract suite in tests/contract checks them):
+
+- `publish` assigns the event's `seq` (the conversation's previous seq + 1), appends the event to
+  the conversation's replay log and delivers it to every subscribed instance, as one atomic step:
+  every instance sees one order, and seq has no gaps and no duplicates within an epoch.
+- Delivery to the listener is at most once and in seq order per conversation, for conversations
+  this instance subscribed to. A subscriber that needs every event (resume) subscribes first and
+  then calls `replay`, dropping what it already has by seq.
+- The replay log keeps a bounded window of the most recent events. `replay` returns None for the
+  events when the window no longer reaches the asked seq: the client must reset.
+- `epoch` names one unbroken life of a conversation's log. It changes when the log was lost, so
+  that a client holding seqs from an older epoch is told to reset instead of seeing a gap.
+- Ephemeral events (`publish_ephemeral`) have no seq, are not logged and may be dropped.
+- The listener is called from the broker's own task and must not block: hand events on at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from core.models import Event, Replay, StreamPosition
+from core.types import ConversationId, EventType
+
+Listener = Callable[[Event], None]
+
+
+class Broker(Protocol):
+    async def connect(self) -> None:
+        """Open connections and start background loops. Call once, from the lifespan."""
+
+    async def close(self) -> None:
+        """Stop background loops and release connections. Safe to call twice."""
+
+    async def ping(self) -> None:
+        """Return when the broker answers; raise `Unavailable` otherwise."""
+
+    def set_listener(self, listener: Listener) -> None:
+        """Set the one callback that receives events of subscribed conversations."""
+
+    async def subscribe(self, conversation_id: ConversationId) -> None:
+        """Start receiving the conversation's events. Returns once delivery is in force."""
+
+    async def unsubscribe(self, conversation_id: ConversationId) -> None:
+        """Stop receiving the conversation's events."""
+
+    async def publish(
+        self, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
+    ) -> Event:
+        """Assign seq, log and deliver the event atomically; return it with its seq."""
+
+    async def publish_ephemeral(
+        self,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+        *,
+        origin: str | None = None,
+    ) -> None:
+        """Deliver an event without seq or log (typing indicators)."""
+
+    async def position(self, conversation_id: ConversationId) -> StreamPosition:
+        """The conversation's current epoch and latest seq."""
+
+    async def replay(self, conversation_id: ConversationId, after_seq: int) -> Replay:
+        """The events after `after_seq` still in the window, in order (see `Replay`)."""

@@ -1,0 +1,341 @@
+"""ConversationService: one user turn, from a stored message to a streamed, stored answer.
+
+The gateway calls it; it calls the Store, the Broker and the LLM provider. It owns the answer
+tasks of the conversations whose messages reached this instance: one answer at a time per
+conversation; a message that arrives while an answer streams is answered after it, together
+with any other message that arrived meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.broker import Broker
+from core.delta_pump import DeltaPump
+from core.errors import CoreError
+from core.llm import ChatMessage, LLMProvider
+from core.models import Business, Conversation, Message
+from core.observer import NullObserver, Observer
+from core.rules import check_client_msg_id, check_message_text, should_answer
+from core.store import Store
+from core.templates import render
+from core.types import (
+    AnswerStatus,
+    BusinessId,
+    ConversationId,
+    EventType,
+    MessageId,
+    ResponseId,
+    Role,
+    new_id,
+)
+
+log = logging.getLogger(__name__)
+
+_PROMPT_ROLES = {
+    Role.USER: "user",
+    Role.ASSISTANT: "assistant",
+    Role.AGENT: "assistant",
+    Role.SYSTEM: "system",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSettings:
+    max_message_chars: int = 4000
+    delta_flush_seconds: float = 0.015
+    delta_max_chars: int = 512
+    history_limit: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    client_msg_id: str
+    message_id: MessageId
+    seq: int
+    duplicate: bool
+
+
+@dataclass(slots=True)
+class _Answer:
+    response_id: ResponseId
+    end_status: AnswerStatus | None = None  # set by whoever ends it early
+    producer: asyncio.Task[None] | None = None
+
+    def end(self, status: AnswerStatus) -> None:
+        if self.end_status is None:
+            self.end_status = status
+        if self.producer is not None:
+            self.producer.cancel()
+
+
+@dataclass(slots=True)
+class _Turns:
+    """The answer loop of one conversation on this instance."""
+
+    business: Business
+    pending: bool = True
+    message_stored_at: float = 0.0
+    answer: _Answer | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class ConversationService:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        broker: Broker,
+        llm: LLMProvider,
+        observer: Observer | None = None,
+        settings: CoreSettings | None = None,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.llm = llm
+        self.observer: Observer = observer or NullObserver()
+        self.settings = settings or CoreSettings()
+        self._turns: dict[ConversationId, _Turns] = {}
+        self._locks: dict[ConversationId, tuple[asyncio.Lock, int]] = {}
+
+    # -- user actions -------------------------------------------------------------------------
+
+    async def post_user_message(
+        self, business: Business, conversation_id: ConversationId, client_msg_id: str, text: str
+    ) -> Ack:
+        """Store the message (idempotently), publish it, and start an answer if one is due.
+
+        Returns once the message is durable and published: the caller may acknowledge it.
+        A resend with the same `client_msg_id` returns the same ack and starts nothing.
+        """
+        check_client_msg_id(client_msg_id)
+        check_message_text(text, max_chars=self.settings.max_message_chars)
+        bid = business.business_id
+        with self._conversation_lock(conversation_id) as lock:
+            async with lock:
+                conversation = await self.store.get_conversation(bid, conversation_id)
+                message, created = await self.store.add_user_message(
+                    bid, conversation_id, client_msg_id, text
+                )
+                seq = message.seq
+                if seq is None:  # new, or stored by an earlier attempt whose publish failed
+                    seq = await self._publish_message(bid, message)
+        if not created:
+            self.observer.message_processed("duplicate")
+            return Ack(client_msg_id, message.message_id, seq, duplicate=True)
+        if should_answer(conversation.mode):
+            self._schedule_answer(business, conversation)
+            self.observer.message_processed("answered")
+        else:
+            self.observer.message_processed("stored")
+        return Ack(client_msg_id, message.message_id, seq, duplicate=False)
+
+    def stop_answer(self, conversation_id: ConversationId) -> bool:
+        """End the answer streaming for this conversation on this instance with status `stopped`.
+
+        Messages queued behind it are not answered. Returns False when no answer was running.
+        """
+        turns = self._turns.get(conversation_id)
+        if turns is None or turns.answer is None:
+            return False
+        turns.pending = False
+        turns.answer.end(AnswerStatus.STOPPED)
+        return True
+
+    async def set_typing(
+        self, conversation_id: ConversationId, role: Role, state: bool, *, origin: str | None
+    ) -> None:
+        await self.broker.publish_ephemeral(
+            conversation_id, EventType.TYPING, {"role": role.value, "state": state}, origin=origin
+        )
+
+    async def aclose(self, *, grace: float = 5.0) -> None:
+        """End every running answer as `interrupted` and wait for them to be stored."""
+        tasks = []
+        for turns in list(self._turns.values()):
+            turns.pending = False
+            if turns.answer is not None:
+                turns.answer.end(AnswerStatus.INTERRUPTED)
+            if turns.task is not None:
+                tasks.append(turns.task)
+        if tasks:
+            _done, still = await asyncio.wait(tasks, timeout=grace)
+            for task in still:
+                task.cancel()
+
+    def answering(self, conversation_id: ConversationId) -> bool:
+        return conversation_id in self._turns
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _conversation_lock(self, conversation_id: ConversationId) -> Iterator[asyncio.Lock]:
+        """A lock per conversation, dropped when nobody holds or waits for it."""
+        lock, users = self._locks.get(conversation_id, (asyncio.Lock(), 0))
+        self._locks[conversation_id] = (lock, users + 1)
+        try:
+            yield lock
+        finally:
+            lock, users = self._locks[conversation_id]
+            if users == 1:
+                del self._locks[conversation_id]
+            else:
+                self._locks[conversation_id] = (lock, users - 1)
+
+    async def _publish_message(self, business_id: BusinessId, message: Message) -> int:
+        event = await self.broker.publish(
+            message.conversation_id, EventType.MESSAGE, message_payload(message)
+        )
+        assert event.seq is not None
+        await self.store.set_message_seq(business_id, message.message_id, event.seq)
+        return event.seq
+
+    def _schedule_answer(self, business: Business, conversation: Conversation) -> None:
+        cid = conversation.conversation_id
+        turns = self._turns.get(cid)
+        if turns is None:
+            turns = _Turns(business=business)
+            self._turns[cid] = turns
+            turns.task = asyncio.create_task(self._answer_loop(cid, turns), name=f"answers-{cid}")
+        turns.pending = True
+        turns.message_stored_at = time.monotonic()
+
+    async def _answer_loop(self, conversation_id: ConversationId, turns: _Turns) -> None:
+        try:
+            while turns.pending:
+                turns.pending = False
+                bid = turns.business.business_id
+                conversation = await self.store.get_conversation(bid, conversation_id)
+                if should_answer(conversation.mode):
+                    await self._answer(turns, conversation)
+        except Exception:
+            log.exception("answer loop failed", extra={"conversation_id": conversation_id})
+            self.observer.error("internal")
+        finally:
+            self._turns.pop(conversation_id, None)
+
+    async def _answer(self, turns: _Turns, conversation: Conversation) -> None:
+        cid = conversation.conversation_id
+        answer = _Answer(ResponseId(new_id()))
+        turns.answer = answer
+        try:
+            await self.broker.publish(cid, EventType.AI_START, {"response_id": answer.response_id})
+            pump = DeltaPump(
+                lambda chunk: self.broker.publish(
+                    cid, EventType.DELTA, {"response_id": answer.response_id, "text": chunk}
+                ),
+                flush_after=self.settings.delta_flush_seconds,
+                max_chars=self.settings.delta_max_chars,
+            )
+            status = await self._generate(turns, conversation, answer, pump)
+        finally:
+            turns.answer = None
+        await self._finish(turns.business.business_id, cid, answer.response_id, pump.text, status)
+
+    async def _generate(
+        self, turns: _Turns, conversation: Conversation, answer: _Answer, pump: DeltaPump
+    ) -> AnswerStatus:
+        """Run the model into the pump; return how the answer ended."""
+        try:
+            prompt = await self._prompt(turns.business, conversation)
+        except CoreError as exc:
+            log.warning(
+                "prompt failed: %s", exc.message, extra={"conversation_id": conversation.conversation_id}
+            )
+            self.observer.error(type(exc).__name__)
+            return AnswerStatus.FAILED
+        if answer.end_status is not None:  # ended before the model was even asked
+            return answer.end_status
+        pump.start()
+        answer.producer = asyncio.create_task(self._produce(prompt, pump, turns.message_stored_at))
+        await asyncio.wait({answer.producer})
+        if answer.producer.cancelled():
+            status = answer.end_status or AnswerStatus.INTERRUPTED
+        elif (failure := answer.producer.exception()) is not None:
+            log.warning(
+                "model stream failed: %r", failure, extra={"conversation_id": conversation.conversation_id}
+            )
+            self.observer.error(type(failure).__name__)
+            status = AnswerStatus.FAILED
+        else:
+            status = AnswerStatus.COMPLETE
+        # A stopped or taken-over answer ends where the user saw it end: drop what was not sent.
+        await pump.close(flush=status in (AnswerStatus.COMPLETE, AnswerStatus.FAILED))
+        if pump.error is not None and status is AnswerStatus.COMPLETE:
+            status = AnswerStatus.FAILED
+        return status
+
+    async def _produce(self, prompt: list[ChatMessage], pump: DeltaPump, started_at: float) -> None:
+        stream = await self.llm.stream(prompt)
+        try:
+            first = True
+            async for piece in stream:
+                if first:
+                    self.observer.first_token(time.monotonic() - started_at)
+                    first = False
+                pump.push(piece)
+        finally:
+            await stream.aclose()  # closes the provider's request: no tokens after a stop
+
+    async def _finish(
+        self,
+        business_id: BusinessId,
+        cid: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+    ) -> None:
+        # Shielded: the partial answer must be stored even when this task is being cancelled.
+        message = await asyncio.shield(
+            self.store.add_assistant_message(business_id, cid, response_id, text, status)
+        )
+        event = await self.broker.publish(
+            cid,
+            EventType.AI_END,
+            {
+                "response_id": response_id,
+                "message_id": message.message_id,
+                "status": status.value,
+                "text": text,
+            },
+        )
+        assert event.seq is not None
+        await self.store.set_message_seq(business_id, message.message_id, event.seq)
+        self.observer.answer_ended(status)
+
+    async def _prompt(self, business: Business, conversation: Conversation) -> list[ChatMessage]:
+        history = await self.store.recent_messages(
+            business.business_id, conversation.conversation_id, limit=self.settings.history_limit
+        )
+        last_user = next((i for i in range(len(history) - 1, -1, -1) if history[i].role is Role.USER), None)
+        message = history[last_user].text if last_user is not None else ""
+        earlier = [m for i, m in enumerate(history) if i != last_user and m.text]
+        variables: dict[str, Any] = {
+            "message": message,
+            "history": [{"role": m.role.value, "text": m.text} for m in earlier],
+            "stage": conversation.stage,
+            "extracted": dict(conversation.data),
+            "business_name": business.name,
+            "business_info": business.info,
+        }
+        prompt = [ChatMessage("system", render(business.system_prompt, variables))]
+        prompt += [ChatMessage(_PROMPT_ROLES[m.role], m.text) for m in earlier]
+        prompt.append(ChatMessage("user", render(business.response_template, variables)))
+        return prompt
+
+
+def message_payload(message: Message) -> dict[str, Any]:
+    """The fields of a `message` event (and of a message in history) for a stored message."""
+    return {
+        "message_id": message.message_id,
+        "role": message.role.value,
+        "text": message.text,
+        "client_msg_id": message.client_msg_id,
+        "created_at": message.created_at.isoformat(),
+    }

@@ -1,0 +1,100 @@
+"""Plain, immutable records passed between the core, the gateway and the backends."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from core.types import (
+    AnswerStatus,
+    BusinessId,
+    ConversationId,
+    EndUserId,
+    EventType,
+    MessageId,
+    Mode,
+    ResponseId,
+    Role,
+    StageName,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Business:
+    business_id: BusinessId
+    public_id: str
+    name: str
+    info: str = ""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins allowed to open sockets for this business; empty means any origin."""
+    response_template: str = "{{ message }}"
+    system_prompt: str = "You are a helpful assistant."
+    entry_stage: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    conversation_id: ConversationId
+    business_id: BusinessId
+    end_user_id: EndUserId
+    mode: Mode
+    stage: StageName
+    created_at: datetime
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A durable message of a conversation.
+
+    `seq` is the conversation event sequence number of its `message` (or `ai_end`) event; it is
+    None between the insert and the moment the publish returned.
+    """
+
+    message_id: MessageId
+    conversation_id: ConversationId
+    role: Role
+    text: str
+    created_at: datetime
+    seq: int | None = None
+    client_msg_id: str | None = None
+    status: AnswerStatus | None = None
+    response_id: ResponseId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event on a conversation's channel.
+
+    `seq` is assigned by the broker at publish and is None for ephemeral events (typing).
+    `payload` holds the type-specific fields of the wire frame; `origin` names the session that
+    caused an ephemeral event so that it is not echoed back.
+    """
+
+    conversation_id: ConversationId
+    type: EventType
+    seq: int | None
+    payload: Mapping[str, Any]
+    origin: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """Where a conversation's event stream stands: its epoch and its latest seq (0 when empty)."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The answer to `Broker.replay`: the position, and the events after the asked seq.
+
+    `events` is None when the replay window no longer reaches the asked seq (or the epoch
+    differs): the client must reset.
+    """
+
+    position: StreamPosition
+    events: tuple[Event, ...] | None

@@ -1,0 +1,36 @@
+"""What the core reports for observability; the gateway turns it into Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from core.types import AnswerStatus
+
+
+class Observer(Protocol):
+    def message_processed(self, outcome: str) -> None:
+        """A user message was handled: "answered", "stored" (no answer due) or "duplicate"."""
+
+    def first_token(self, seconds: float) -> None:
+        """Time from a user message being stored to the model's first text piece."""
+
+    def answer_ended(self, status: AnswerStatus) -> None: ...
+
+    def error(self, code: str) -> None:
+        """A failure worth counting, by error code or error class name."""
+
+
+class NullObserver:
+    """Observes nothing (for tests and tools that run the core without metrics)."""
+
+    def message_processed(self, outcome: str) -> None:
+        pass
+
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def answer_ended(self, status: AnswerStatus) -> None:
+        pass
+
+    def error(self, code: str) -> None:
+        pass

@@ -1,0 +1,88 @@
+"""The Store interface: the durable source of truth.
+
+Guarantees every implementation gives (the contract suite in tests/contract checks them):
+
+- Every method takes the caller's `business_id` (from its credentials, never from a request body)
+  and only ever sees that business's rows: a conversation of another business is `NotFound`.
+- `add_user_message` is idempotent on (conversation, client_msg_id): the first call inserts, every
+  later call with the same key returns the same row and `created=False`, also under concurrency.
+- When a method returns, its write is durable (committed); an `ack` may be sent on it.
+- Messages are listed in seq order; rows whose seq is not yet written are not listed.
+- Failures are `core.errors` exceptions; no driver type escapes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from core.models import Business, Conversation, Message
+from core.types import (
+    AnswerStatus,
+    BusinessId,
+    ConversationId,
+    EndUserId,
+    MessageId,
+    ResponseId,
+    StageName,
+)
+
+
+class Store(Protocol):
+    async def connect(self) -> None:
+        """Open connections. Call once, from the application's lifespan."""
+
+    async def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    async def ping(self) -> None:
+        """Return when the store answers; raise `Unavailable` otherwise."""
+
+    async def ensure_business(self, business: Business) -> Business:
+        """Create the business if its public id is new; return the stored one either way."""
+
+    async def get_business(self, business_id: BusinessId) -> Business:
+        """The business, or `NotFound`."""
+
+    async def get_business_by_public_id(self, public_id: str) -> Business:
+        """The business with that public id, or `NotFound`."""
+
+    async def create_end_user(self, business_id: BusinessId, external_id: str | None) -> EndUserId:
+        """A new end user; `external_id` is the business's own id for a verified user, if any."""
+
+    async def create_conversation(
+        self, business_id: BusinessId, end_user_id: EndUserId, stage: StageName
+    ) -> Conversation:
+        """A new conversation in `ai` mode at `stage`."""
+
+    async def get_conversation(
+        self, business_id: BusinessId, conversation_id: ConversationId
+    ) -> Conversation:
+        """The conversation, or `NotFound` (also when it belongs to another business)."""
+
+    async def add_user_message(
+        self, business_id: BusinessId, conversation_id: ConversationId, client_msg_id: str, text: str
+    ) -> tuple[Message, bool]:
+        """Store a user message idempotently; return the row and whether this call created it."""
+
+    async def add_assistant_message(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+    ) -> Message:
+        """Store a finished answer; idempotent on `response_id` (returns the existing row)."""
+
+    async def set_message_seq(self, business_id: BusinessId, message_id: MessageId, seq: int) -> None:
+        """Record the seq of the message's event once its publish returned. Written once."""
+
+    async def list_messages(
+        self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
+    ) -> list[Message]:
+        """Messages with seq > after_seq, in seq order, at most `limit`."""
+
+    async def recent_messages(
+        self, business_id: BusinessId, conversation_id: ConversationId, *, limit: int
+    ) -> list[Message]:
+        """The last `limit` messages in the order they were stored (for prompts)."""

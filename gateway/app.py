@@ -1,0 +1,117 @@
+"""The ASGI application: routes, and the lifespan that owns start and stop order."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from core.conversation import ConversationService, CoreSettings
+from core.llm import LLMProvider
+from core.scripted_llm import ScriptedLLM
+from gateway import http_api
+from gateway.auth import TokenIssuer
+from gateway.backends import make_broker, make_store
+from gateway.context import Gateway
+from gateway.demo import DEMO_BUSINESS
+from gateway.hub import Hub
+from gateway.metrics import Metrics
+from gateway.session import serve_socket
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WEB_DEMO_DIR = Path(__file__).resolve().parent.parent / "web_demo"
+
+
+def make_llm(settings: Settings) -> LLMProvider:
+    if settings.openai_api_key:
+        log.warning(
+            "OPENAI_API_KEY is set, but the OpenAI provider is not in this version: using the scripted model"
+        )
+    return ScriptedLLM(tokens_per_second=settings.scripted_tps, tokens=settings.scripted_tokens)
+
+
+def build_gateway(settings: Settings) -> Gateway:
+    store = make_store(settings.database_url)
+    broker = make_broker(settings.redis_url, replay_window=settings.replay_window)
+    llm = make_llm(settings)
+    metrics = Metrics()
+    conversations = ConversationService(
+        store=store,
+        broker=broker,
+        llm=llm,
+        observer=metrics,
+        settings=CoreSettings(
+            max_message_chars=settings.max_message_chars,
+            delta_flush_seconds=settings.delta_flush_ms / 1000,
+            delta_max_chars=settings.delta_max_chars,
+        ),
+    )
+    return Gateway(
+        settings=settings,
+        store=store,
+        broker=broker,
+        llm=llm,
+        conversations=conversations,
+        hub=Hub(broker),
+        tokens=TokenIssuer(settings.secret, ttl=settings.token_ttl),
+        metrics=metrics,
+        store_backend="memory" if not settings.database_url else "postgres",
+        broker_backend="memory" if not settings.redis_url else "redis",
+    )
+
+
+def create_app(settings: Settings | None = None, *, on_ready: Callable[[], None] | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    gw = build_gateway(settings)  # bad backend URLs fail here, at start
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.secret_is_random:
+            log.warning(
+                "CHATGW_SECRET is not set: tokens are signed with a random key and die with this process"
+            )
+        log.info("starting: store=%s broker=%s model=%s", gw.store_backend, gw.broker_backend, gw.llm.name)
+        await gw.store.connect()
+        await gw.broker.connect()
+        try:
+            await gw.store.ensure_business(DEMO_BUSINESS)
+            app.state.gateway = gw
+            if on_ready is not None:
+                on_ready()
+            yield
+        finally:
+            await gw.conversations.aclose(grace=settings.graceful_shutdown)
+            await gw.broker.close()
+            await gw.store.close()
+            await gw.llm.close()
+            log.info("stopped")
+
+    routes = [
+        WebSocketRoute("/ws", serve_socket),
+        Route("/v1/widget/sessions", http_api.create_widget_session, methods=["POST"]),
+        Route("/v1/conversations/{conversation_id}/messages", http_api.list_messages, methods=["GET"]),
+        Route("/healthz", http_api.healthz, methods=["GET"]),
+        Route("/readyz", http_api.readyz, methods=["GET"]),
+        Route("/metrics", http_api.metrics, methods=["GET"]),
+        Mount("/", StaticFiles(directory=WEB_DEMO_DIR, html=True), name="web_demo"),
+    ]
+    middleware = [
+        # The widget runs on businesses' own sites: its HTTP calls are cross-origin. They carry a
+        # bearer token, never cookies, so no credentials are allowed.
+        Middleware(
+            CORSMiddleware,
+            allow_origins=["*"],
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    ]
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)

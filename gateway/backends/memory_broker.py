@@ -1,0 +1,116 @@
+"""MemoryBroker: the embedded default Broker, for one process.
+
+A real implementation of the Broker contract (see core.broker), not a mock: per-conversation
+seq, an epoch per log, a bounded replay window and an atomic publish. Atomicity comes from the
+event loop: `publish` assigns the seq, appends and delivers without awaiting in between.
+
+Memory is bounded twice: each log keeps at most `replay_window` events, and at most
+`max_conversations` logs are kept, the least recently used dropped first (its conversation gets
+a new epoch when used again, so its clients are told to reset rather than shown a gap).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.broker import Listener
+from core.models import Event, Replay, StreamPosition
+from core.types import ConversationId, EventType, new_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Log:
+    epoch: str
+    window: int
+    seq: int = 0
+    events: deque[Event] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = deque(maxlen=self.window)
+
+
+class MemoryBroker:
+    def __init__(self, *, replay_window: int = 1000, max_conversations: int = 10_000) -> None:
+        if replay_window < 1 or max_conversations < 1:
+            raise ValueError("replay_window and max_conversations must be >= 1")
+        self._window = replay_window
+        self._max_conversations = max_conversations
+        self._logs: OrderedDict[ConversationId, _Log] = OrderedDict()
+        self._subscribed: set[ConversationId] = set()
+        self._listener: Listener | None = None
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self._subscribed.clear()
+
+    async def ping(self) -> None:
+        pass
+
+    def set_listener(self, listener: Listener) -> None:
+        self._listener = listener
+
+    async def subscribe(self, conversation_id: ConversationId) -> None:
+        self._subscribed.add(conversation_id)
+
+    async def unsubscribe(self, conversation_id: ConversationId) -> None:
+        self._subscribed.discard(conversation_id)
+
+    async def publish(
+        self, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
+    ) -> Event:
+        stream = self._log(conversation_id)
+        stream.seq += 1
+        event = Event(conversation_id, type, stream.seq, dict(payload))
+        stream.events.append(event)
+        self._deliver(event)
+        return event
+
+    async def publish_ephemeral(
+        self,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+        *,
+        origin: str | None = None,
+    ) -> None:
+        self._deliver(Event(conversation_id, type, None, dict(payload), origin))
+
+    async def position(self, conversation_id: ConversationId) -> StreamPosition:
+        stream = self._log(conversation_id)
+        return StreamPosition(stream.epoch, stream.seq)
+
+    async def replay(self, conversation_id: ConversationId, after_seq: int) -> Replay:
+        stream = self._log(conversation_id)
+        position = StreamPosition(stream.epoch, stream.seq)
+        oldest = stream.events[0].seq if stream.events else stream.seq + 1
+        assert oldest is not None
+        if after_seq + 1 < oldest or after_seq > stream.seq:
+            return Replay(position, None)
+        return Replay(position, tuple(e for e in stream.events if e.seq is not None and e.seq > after_seq))
+
+    def _log(self, conversation_id: ConversationId) -> _Log:
+        stream = self._logs.get(conversation_id)
+        if stream is None:
+            stream = _Log(epoch=new_id()[:8], window=self._window)
+            self._logs[conversation_id] = stream
+            while len(self._logs) > self._max_conversations:
+                self._logs.popitem(last=False)
+        else:
+            self._logs.move_to_end(conversation_id)
+        return stream
+
+    def _deliver(self, event: Event) -> None:
+        if self._listener is None or event.conversation_id not in self._subscribed:
+            return
+        try:
+            self._listener(event)
+        except Exception:  # a listener bug must not fail the publisher
+            log.exception("event listener failed", extra={"conversation_id": event.conversation_id})

@@ -1,0 +1,185 @@
+"""MemoryStore: the embedded default Store, in this process's memory.
+
+A real implementation of the Store contract (see core.store), not a mock: the same idempotency,
+tenancy and ordering rules as the PostgreSQL store. Every method does its work without awaiting
+in between, which makes each one atomic on the event loop. Nothing survives a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+
+from core.errors import Conflict, NotFound
+from core.models import Business, Conversation, Message
+from core.types import (
+    AnswerStatus,
+    BusinessId,
+    ConversationId,
+    EndUserId,
+    MessageId,
+    Mode,
+    ResponseId,
+    Role,
+    StageName,
+    new_id,
+)
+
+
+@dataclasses.dataclass(slots=True)
+class _ConversationRows:
+    conversation: Conversation
+    messages: list[Message] = dataclasses.field(default_factory=list)
+    by_client_msg_id: dict[str, int] = dataclasses.field(default_factory=dict)
+    by_response_id: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._businesses: dict[BusinessId, Business] = {}
+        self._by_public_id: dict[str, BusinessId] = {}
+        self._end_users: dict[EndUserId, tuple[BusinessId, str | None]] = {}
+        self._conversations: dict[ConversationId, _ConversationRows] = {}
+        self._message_index: dict[MessageId, tuple[ConversationId, int]] = {}
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> None:
+        pass
+
+    async def ensure_business(self, business: Business) -> Business:
+        existing = self._by_public_id.get(business.public_id)
+        if existing is not None:
+            return self._businesses[existing]
+        if business.business_id in self._businesses:
+            raise Conflict(f"business id {business.business_id} already exists")
+        self._businesses[business.business_id] = business
+        self._by_public_id[business.public_id] = business.business_id
+        return business
+
+    async def get_business(self, business_id: BusinessId) -> Business:
+        try:
+            return self._businesses[business_id]
+        except KeyError:
+            raise NotFound("business not found") from None
+
+    async def get_business_by_public_id(self, public_id: str) -> Business:
+        business_id = self._by_public_id.get(public_id)
+        if business_id is None:
+            raise NotFound(f"no business with public id {public_id!r}")
+        return self._businesses[business_id]
+
+    async def create_end_user(self, business_id: BusinessId, external_id: str | None) -> EndUserId:
+        await self.get_business(business_id)
+        end_user_id = EndUserId(new_id())
+        self._end_users[end_user_id] = (business_id, external_id)
+        return end_user_id
+
+    async def create_conversation(
+        self, business_id: BusinessId, end_user_id: EndUserId, stage: StageName
+    ) -> Conversation:
+        owner = self._end_users.get(end_user_id)
+        if owner is None or owner[0] != business_id:
+            raise NotFound("end user not found")
+        conversation = Conversation(
+            conversation_id=ConversationId(new_id()),
+            business_id=business_id,
+            end_user_id=end_user_id,
+            mode=Mode.AI,
+            stage=stage,
+            created_at=_now(),
+        )
+        self._conversations[conversation.conversation_id] = _ConversationRows(conversation)
+        return conversation
+
+    async def get_conversation(
+        self, business_id: BusinessId, conversation_id: ConversationId
+    ) -> Conversation:
+        return self._rows(business_id, conversation_id).conversation
+
+    async def add_user_message(
+        self, business_id: BusinessId, conversation_id: ConversationId, client_msg_id: str, text: str
+    ) -> tuple[Message, bool]:
+        rows = self._rows(business_id, conversation_id)
+        index = rows.by_client_msg_id.get(client_msg_id)
+        if index is not None:
+            return rows.messages[index], False
+        message = Message(
+            message_id=MessageId(new_id()),
+            conversation_id=conversation_id,
+            role=Role.USER,
+            text=text,
+            created_at=_now(),
+            client_msg_id=client_msg_id,
+        )
+        rows.by_client_msg_id[client_msg_id] = self._append(rows, message)
+        return message, True
+
+    async def add_assistant_message(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+    ) -> Message:
+        rows = self._rows(business_id, conversation_id)
+        index = rows.by_response_id.get(response_id)
+        if index is not None:
+            return rows.messages[index]
+        message = Message(
+            message_id=MessageId(new_id()),
+            conversation_id=conversation_id,
+            role=Role.ASSISTANT,
+            text=text,
+            created_at=_now(),
+            status=status,
+            response_id=response_id,
+        )
+        rows.by_response_id[response_id] = self._append(rows, message)
+        return message
+
+    async def set_message_seq(self, business_id: BusinessId, message_id: MessageId, seq: int) -> None:
+        where = self._message_index.get(message_id)
+        if where is None:
+            raise NotFound("message not found")
+        rows = self._rows(business_id, where[0])
+        message = rows.messages[where[1]]
+        if message.seq is not None and message.seq != seq:
+            raise Conflict(f"message already has seq {message.seq}")
+        rows.messages[where[1]] = dataclasses.replace(message, seq=seq)
+
+    async def list_messages(
+        self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
+    ) -> list[Message]:
+        rows = self._rows(business_id, conversation_id)
+        listed = sorted(
+            (m for m in rows.messages if m.seq is not None and m.seq > after_seq), key=lambda m: m.seq or 0
+        )
+        return listed[: max(limit, 0)]
+
+    async def recent_messages(
+        self, business_id: BusinessId, conversation_id: ConversationId, *, limit: int
+    ) -> list[Message]:
+        rows = self._rows(business_id, conversation_id)
+        return rows.messages[-limit:] if limit > 0 else []
+
+    def _rows(self, business_id: BusinessId, conversation_id: ConversationId) -> _ConversationRows:
+        rows = self._conversations.get(conversation_id)
+        if rows is None or rows.conversation.business_id != business_id:
+            raise NotFound("conversation not found")
+        return rows
+
+    def _append(self, rows: _ConversationRows, message: Message) -> int:
+        rows.messages.append(message)
+        index = len(rows.messages) - 1
+        self._message_index[message.message_id] = (message.conversation_id, index)
+        return index
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

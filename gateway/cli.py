@@ -1,0 +1,62 @@
+"""The `chatgw` console command (also `python -m gateway`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.logs import configure_logging
+from gateway.settings import Settings, SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatgw", description="Real-time WebSocket chat gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default $PORT or 8000)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"chatgw: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve_command(settings, host=args.host or settings.host, port=args.port or settings.port)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def serve_command(settings: Settings, *, host: str, port: int) -> int:
+    configure_logging(settings.log_level, settings.log_format)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}"
+
+    def announce() -> None:
+        print(f"chatgw is ready: open {base}/ (demo) - WebSocket ws://{shown}:{port}/ws", flush=True)
+
+    try:
+        app = create_app(settings, on_ready=announce)
+    except ValueError as exc:
+        print(f"chatgw: {exc}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_interval,
+        ws_per_message_deflate=False,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown) or None,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,28 @@
+"""The objects one gateway process shares between its sessions and HTTP handlers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.broker import Broker
+from core.conversation import ConversationService
+from core.llm import LLMProvider
+from core.store import Store
+from gateway.auth import TokenIssuer
+from gateway.hub import Hub
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+
+
+@dataclass(slots=True)
+class Gateway:
+    settings: Settings
+    store: Store
+    broker: Broker
+    llm: LLMProvider
+    conversations: ConversationService
+    hub: Hub
+    tokens: TokenIssuer
+    metrics: Metrics
+    store_backend: str
+    broker_backend: str

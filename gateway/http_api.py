@@ -1,0 +1,197 @@
+"""HTTP endpoints: widget sessions, history, health, readiness, metrics.
+
+Every error is a JSON body `{"error": {"code", "message"}}` with a 4xx or 5xx status.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from core.conversation import message_payload
+from core.errors import CoreError, Forbidden, InvalidInput, TooLarge, Unavailable
+from core.models import Message
+from core.types import ConversationId, StageName
+from gateway.auth import Principal, bearer_token
+from gateway.context import Gateway
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+# How long after its expiry a widget token still proves its conversation when asking for a new one.
+CONTINUE_GRACE_SECONDS = 7 * 24 * 3600
+MAX_BODY_BYTES = 16 * 1024
+
+_STATUS = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "rate_limited": 429,
+    "unavailable": 503,
+}
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def error_response(code: str, message: str, *, retry_after_ms: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, retry_after_ms // 1000))} if retry_after_ms is not None else None
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, _STATUS.get(code, 500), headers=headers
+    )
+
+
+def api(handler: Handler) -> Handler:
+    """Turn the core's and the gateway's errors into JSON error responses."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request) -> Response:
+        gw: Gateway = request.app.state.gateway
+        try:
+            return await handler(request)
+        except (CoreError, GatewayError) as exc:
+            gw.metrics.error(exc.code)
+            retry = exc.retry_after_ms if isinstance(exc, Unavailable) else None
+            return error_response(exc.code, exc.message, retry_after_ms=retry)
+        except Exception:
+            log.exception("request failed: %s %s", request.method, request.url.path)
+            gw.metrics.error("internal")
+            return error_response("internal", "internal error")
+
+    return wrapper
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise TooLarge(f"request body is over {MAX_BODY_BYTES} bytes")
+    try:
+        data = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError:
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return data
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {name} must be an integer") from None
+    if not low <= value <= high:
+        raise InvalidInput(f"query parameter {name} must be between {low} and {high}")
+    return value
+
+
+@api
+async def create_widget_session(request: Request) -> Response:
+    """POST /v1/widget/sessions: a token and a conversation for an anonymous visitor."""
+    gw: Gateway = request.app.state.gateway
+    body = await _json_object(request)
+    public_id = body.get("business")
+    if not isinstance(public_id, str) or not public_id:
+        raise InvalidInput("field 'business' (the business's public id) is required")
+    if body.get("user") is not None:
+        raise InvalidInput("field 'user' (verified identity) is not available yet; omit it")
+    business = await gw.store.get_business_by_public_id(public_id)
+    bid = business.business_id
+    cid = body.get("conversation_id")
+    if cid is None:
+        end_user = await gw.store.create_end_user(bid, None)
+        conversation = await gw.store.create_conversation(bid, end_user, StageName(business.entry_stage))
+        status = 201
+    else:
+        if not isinstance(cid, str) or not cid:
+            raise InvalidInput("field 'conversation_id' must be a string")
+        previous = gw.tokens.verify(
+            bearer_token(request.headers.get("authorization")), expired_grace=CONTINUE_GRACE_SECONDS
+        )
+        if previous.business_id != bid or previous.conversation_id != cid:
+            raise Forbidden("the Authorization token is not for that conversation")
+        conversation = await gw.store.get_conversation(bid, ConversationId(cid))
+        end_user = conversation.end_user_id
+        status = 200
+    token = gw.tokens.issue_widget(bid, end_user, conversation.conversation_id)
+    return JSONResponse(
+        {
+            "token": token,
+            "conversation_id": conversation.conversation_id,
+            "business": business.public_id,
+            "expires_in": gw.tokens.ttl,
+        },
+        status,
+    )
+
+
+@api
+async def list_messages(request: Request) -> Response:
+    """GET /v1/conversations/{id}/messages?after_seq=&limit=: history, in seq order."""
+    gw: Gateway = request.app.state.gateway
+    cid = ConversationId(request.path_params["conversation_id"])
+    principal = _principal(gw, request)
+    if principal.conversation_id != cid:
+        raise Forbidden("this token is not for that conversation")
+    after_seq = _int_param(request, "after_seq", 0, 0, 2**62)
+    limit = _int_param(request, "limit", 100, 1, 500)
+    await gw.store.get_conversation(principal.business_id, cid)
+    # The position is read before the rows: a client that resets can go live from this seq
+    # without a gap; a message it then sees twice has the same message_id.
+    position = await gw.broker.position(cid)
+    rows = await gw.store.list_messages(principal.business_id, cid, after_seq=after_seq, limit=limit)
+    return JSONResponse(
+        {
+            "messages": [history_item(m) for m in rows],
+            "epoch": position.epoch,
+            "seq": position.seq,
+            "has_more": len(rows) == limit,
+        }
+    )
+
+
+def history_item(message: Message) -> dict[str, Any]:
+    item: dict[str, Any] = {"seq": message.seq, **message_payload(message)}
+    if message.status is not None:
+        item["status"] = message.status.value
+        item["response_id"] = message.response_id
+    return item
+
+
+def _principal(gw: Gateway, request: Request) -> Principal:
+    return gw.tokens.verify(bearer_token(request.headers.get("authorization")))
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    checks: dict[str, dict[str, Any]] = {}
+    for name, backend, ping in (
+        ("store", gw.store_backend, gw.store.ping),
+        ("broker", gw.broker_backend, gw.broker.ping),
+    ):
+        try:
+            await ping()
+            checks[name] = {"backend": backend, "ok": True}
+        except Exception as exc:
+            checks[name] = {"backend": backend, "ok": False, "error": str(exc)}
+    ok = all(c["ok"] for c in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

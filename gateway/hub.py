@@ -1,0 +1,75 @@
+"""Hub: this instance's local fan-out of conversation events to its sessions.
+
+The broker delivers each event once to the hub; the hub encodes it once and hands the same text
+to every local session of the conversation. Broker subscriptions are reference-counted: the
+first local session of a conversation subscribes, the last one to leave unsubscribes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from core.broker import Broker
+from core.models import Event
+from core.types import ConversationId
+from gateway.protocol import encode, event_frame
+
+
+class Member(Protocol):
+    session_id: str
+
+    def deliver(self, event: Event, frame: str) -> None:
+        """Take one event; must not block (queue it)."""
+
+
+class Hub:
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._members: dict[ConversationId, set[Member]] = {}
+        self._subscribed: set[ConversationId] = set()
+        self._locks: dict[ConversationId, asyncio.Lock] = {}
+        broker.set_listener(self.on_event)
+
+    @property
+    def conversations(self) -> int:
+        return len(self._members)
+
+    async def join(self, conversation_id: ConversationId, member: Member) -> None:
+        """Add a member; returns once the broker delivers the conversation's events here."""
+        self._members.setdefault(conversation_id, set()).add(member)
+        async with self._lock(conversation_id):
+            if conversation_id not in self._subscribed:
+                await self._broker.subscribe(conversation_id)
+                self._subscribed.add(conversation_id)
+
+    async def leave(self, conversation_id: ConversationId, member: Member) -> None:
+        members = self._members.get(conversation_id)
+        if members is None:
+            return
+        members.discard(member)
+        async with self._lock(conversation_id):
+            if not self._members.get(conversation_id) and conversation_id in self._subscribed:
+                self._members.pop(conversation_id, None)
+                self._subscribed.discard(conversation_id)
+                await self._broker.unsubscribe(conversation_id)
+        if conversation_id not in self._members:
+            lock = self._locks.get(conversation_id)
+            if lock is not None and not lock.locked():
+                del self._locks[conversation_id]
+
+    def on_event(self, event: Event) -> None:
+        members = self._members.get(event.conversation_id)
+        if not members:
+            return
+        frame = encode(event_frame(event))
+        for member in tuple(members):
+            if event.origin is not None and member.session_id == event.origin:
+                continue
+            member.deliver(event, frame)
+
+    def _lock(self, conversation_id: ConversationId) -> asyncio.Lock:
+        lock = self._locks.get(conversation_id)
+        if lock is None:
+            lock = self._locks[conversation_id] = asyncio.Lock()
+        return lock

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one gateway process; also the core's Observer."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from core.types import AnswerStatus
+from gateway.protocol import CLIENT_TYPES
+
+_TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.sockets = Gauge("chatgw_ws_connections", "Open WebSocket connections.", registry=r)
+        self.frames_in = Counter(
+            "chatgw_ws_frames_in", "Client frames received, by type.", ["type"], registry=r
+        )
+        self.frames_out = Counter("chatgw_ws_frames_out", "Frames sent, by type.", ["type"], registry=r)
+        self.messages = Counter(
+            "chatgw_messages_processed", "User messages handled, by outcome.", ["outcome"], registry=r
+        )
+        self.ttft = Histogram(
+            "chatgw_llm_time_to_first_token_seconds",
+            "From a user message stored to the model's first text piece.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.answers = Counter(
+            "chatgw_answers", "Assistant answers ended, by status.", ["status"], registry=r
+        )
+        self.errors = Counter("chatgw_errors", "Errors, by code or type.", ["code"], registry=r)
+
+    def frame_in(self, frame_type: str) -> None:
+        """Count a received frame; types outside the protocol count as 'invalid' (bounded labels)."""
+        self.frames_in.labels(frame_type if frame_type in CLIENT_TYPES else "invalid").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # Observer (core.observer)
+    def message_processed(self, outcome: str) -> None:
+        self.messages.labels(outcome).inc()
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def answer_ended(self, status: AnswerStatus) -> None:
+        self.answers.labels(status.value).inc()
+
+    def error(self, code: str) -> None:
+        self.errors.labels(code).inc()

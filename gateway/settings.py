@@ -1,0 +1,124 @@
+"""Every setting the gateway reads from the environment, in one place.
+
+Everything else takes its configuration as arguments. `Settings.from_env()` rejects a bad value
+at start with the variable's name; nothing reads `os.environ` later.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+_N = TypeVar("_N", int, float)
+
+
+class SettingsError(ValueError):
+    """A configuration variable has a value the gateway cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str | None = None
+    redis_url: str | None = None
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_fallback_models: tuple[str, ...] = ()
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    secret_is_random: bool = True
+    scripted_tps: float = 20.0
+    scripted_tokens: int = 40
+    hello_timeout: float = 5.0
+    token_ttl: int = 3600
+    max_frame_bytes: int = 64 * 1024
+    max_message_chars: int = 4000
+    outbox_frames: int = 1024
+    replay_window: int = 1000
+    delta_flush_ms: float = 15.0
+    delta_max_chars: int = 512
+    ws_ping_interval: float = 20.0
+    graceful_shutdown: float = 10.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = _Env(os.environ if env is None else env)
+        secret = e.get("CHATGW_SECRET")
+        if secret is not None and len(secret.encode()) < 32:
+            raise SettingsError("CHATGW_SECRET must be at least 32 bytes long")
+        defaults = cls()
+        log_format = e.get("CHATGW_LOG_FORMAT") or "json"
+        if log_format not in ("json", "text"):
+            raise SettingsError("CHATGW_LOG_FORMAT must be 'json' or 'text'")
+        return cls(
+            port=e.integer("PORT", 8000, low=1, high=65535),
+            database_url=e.get("DATABASE_URL"),
+            redis_url=e.get("REDIS_URL"),
+            openai_api_key=e.get("OPENAI_API_KEY"),
+            openai_base_url=e.get("OPENAI_BASE_URL"),
+            llm_model=e.get("LLM_MODEL") or defaults.llm_model,
+            llm_fallback_models=tuple(
+                m.strip() for m in (e.get("LLM_FALLBACK_MODELS") or "").split(",") if m.strip()
+            ),
+            secret=secret or defaults.secret,
+            secret_is_random=secret is None,
+            scripted_tps=e.number("CHATGW_SCRIPTED_TPS", 20.0, low=0),
+            scripted_tokens=e.integer("CHATGW_SCRIPTED_TOKENS", 40, low=1, high=100_000),
+            hello_timeout=e.number("CHATGW_HELLO_TIMEOUT_S", 5.0, low=0.1),
+            token_ttl=e.integer("CHATGW_TOKEN_TTL_S", 3600, low=60),
+            max_frame_bytes=e.integer("CHATGW_MAX_FRAME_BYTES", 64 * 1024, low=1024, high=16 * 1024 * 1024),
+            max_message_chars=e.integer("CHATGW_MAX_MESSAGE_CHARS", 4000, low=1),
+            outbox_frames=e.integer("CHATGW_OUTBOX_FRAMES", 1024, low=16),
+            replay_window=e.integer("CHATGW_REPLAY_WINDOW", 1000, low=1),
+            delta_flush_ms=e.number("CHATGW_DELTA_FLUSH_MS", 15.0, low=0, high=1000),
+            delta_max_chars=e.integer("CHATGW_DELTA_MAX_CHARS", 512, low=1),
+            ws_ping_interval=e.number("CHATGW_WS_PING_INTERVAL_S", 20.0, low=1),
+            graceful_shutdown=e.number("CHATGW_GRACEFUL_SHUTDOWN_S", 10.0, low=0),
+            log_level=(e.get("CHATGW_LOG_LEVEL") or "INFO").upper(),
+            log_format=log_format,
+        )
+
+
+class _Env:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def integer(self, name: str, default: int, *, low: int | None = None, high: int | None = None) -> int:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        return _bounded(name, value, low, high)
+
+    def number(
+        self, name: str, default: float, *, low: float | None = None, high: float | None = None
+    ) -> float:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        return _bounded(name, value, low, high)
+
+
+def _bounded(name: str, value: _N, low: _N | None, high: _N | None) -> _N:
+    if low is not None and value < low:
+        raise SettingsError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise SettingsError(f"{name} must be <= {high}, got {value}")
+    return value

@@ -1,0 +1,131 @@
+"""The Store contract (core.store), run against every Store implementation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from core.errors import NotFound
+from core.models import Business, Conversation
+from core.store import Store
+from core.types import AnswerStatus, BusinessId, ConversationId, ResponseId, Role, StageName, new_id
+
+
+def a_business(public_id: str | None = None) -> Business:
+    public_id = public_id or f"biz-{new_id()[:8]}"
+    return Business(business_id=BusinessId(new_id()), public_id=public_id, name=public_id)
+
+
+async def a_conversation(store: Store, business: Business | None = None) -> Conversation:
+    business = await store.ensure_business(business or a_business())
+    user = await store.create_end_user(business.business_id, None)
+    return await store.create_conversation(business.business_id, user, StageName("default"))
+
+
+async def test_ensure_business_is_idempotent_by_public_id(store: Store) -> None:
+    first = await store.ensure_business(a_business("acme"))
+    again = await store.ensure_business(a_business("acme"))
+    assert again == first
+    assert await store.get_business_by_public_id("acme") == first
+    assert await store.get_business(first.business_id) == first
+    with pytest.raises(NotFound):
+        await store.get_business_by_public_id("nobody")
+
+
+async def test_a_new_conversation_is_in_ai_mode_at_its_stage(store: Store) -> None:
+    conv = await a_conversation(store)
+    assert conv.mode.value == "ai"
+    assert conv.stage == "default"
+    assert await store.get_conversation(conv.business_id, conv.conversation_id) == conv
+
+
+async def test_another_business_never_sees_a_conversation(store: Store) -> None:
+    conv = await a_conversation(store)
+    other = await store.ensure_business(a_business())
+    with pytest.raises(NotFound):
+        await store.get_conversation(other.business_id, conv.conversation_id)
+    with pytest.raises(NotFound):
+        await store.add_user_message(other.business_id, conv.conversation_id, "m", "hi")
+    with pytest.raises(NotFound):
+        await store.list_messages(other.business_id, conv.conversation_id, after_seq=0, limit=10)
+
+
+async def test_user_messages_are_idempotent_on_client_msg_id(store: Store) -> None:
+    conv = await a_conversation(store)
+    first, created = await store.add_user_message(conv.business_id, conv.conversation_id, "m-1", "hello")
+    again, created_again = await store.add_user_message(
+        conv.business_id, conv.conversation_id, "m-1", "hello"
+    )
+    assert created is True
+    assert created_again is False
+    assert again.message_id == first.message_id
+    assert first.role is Role.USER
+    assert first.seq is None
+
+
+async def test_concurrent_duplicates_make_one_row(store: Store) -> None:
+    conv = await a_conversation(store)
+    results = await asyncio.gather(
+        *(store.add_user_message(conv.business_id, conv.conversation_id, "same", "hi") for _ in range(20))
+    )
+    assert sum(created for _, created in results) == 1
+    assert len({m.message_id for m, _ in results}) == 1
+    rows = await store.recent_messages(conv.business_id, conv.conversation_id, limit=100)
+    assert len(rows) == 1
+
+
+async def test_the_same_client_msg_id_in_two_conversations_is_two_messages(store: Store) -> None:
+    a, b = await a_conversation(store), await a_conversation(store)
+    ma, _ = await store.add_user_message(a.business_id, a.conversation_id, "k", "x")
+    mb, created = await store.add_user_message(b.business_id, b.conversation_id, "k", "x")
+    assert created is True
+    assert ma.message_id != mb.message_id
+
+
+async def test_listing_is_by_seq_and_skips_unsequenced_rows(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    m1, _ = await store.add_user_message(bid, cid, "1", "one")
+    m2, _ = await store.add_user_message(bid, cid, "2", "two")
+    m3, _ = await store.add_user_message(bid, cid, "3", "three")
+    await store.set_message_seq(bid, m2.message_id, 5)
+    await store.set_message_seq(bid, m1.message_id, 9)
+    listed = await store.list_messages(bid, cid, after_seq=0, limit=10)
+    assert [(m.message_id, m.seq) for m in listed] == [(m2.message_id, 5), (m1.message_id, 9)]
+    assert [m.seq for m in await store.list_messages(bid, cid, after_seq=5, limit=10)] == [9]
+    assert [m.seq for m in await store.list_messages(bid, cid, after_seq=0, limit=1)] == [5]
+    assert m3.message_id not in {m.message_id for m in listed}
+    again, _ = await store.add_user_message(bid, cid, "2", "two")
+    assert again.seq == 5
+
+
+async def test_assistant_messages_are_idempotent_on_response_id(store: Store) -> None:
+    conv = await a_conversation(store)
+    rid = ResponseId(new_id())
+    first = await store.add_assistant_message(
+        conv.business_id, conv.conversation_id, rid, "partial", AnswerStatus.STOPPED
+    )
+    again = await store.add_assistant_message(
+        conv.business_id, conv.conversation_id, rid, "partial", AnswerStatus.STOPPED
+    )
+    assert again.message_id == first.message_id
+    assert first.role is Role.ASSISTANT
+    assert first.status is AnswerStatus.STOPPED
+    assert first.response_id == rid
+
+
+async def test_recent_messages_are_the_last_n_in_stored_order(store: Store) -> None:
+    conv = await a_conversation(store)
+    for n in range(5):
+        await store.add_user_message(conv.business_id, conv.conversation_id, f"m{n}", f"text {n}")
+    recent = await store.recent_messages(conv.business_id, conv.conversation_id, limit=3)
+    assert [m.text for m in recent] == ["text 2", "text 3", "text 4"]
+
+
+async def test_unknown_ids_are_not_found(store: Store) -> None:
+    conv = await a_conversation(store)
+    with pytest.raises(NotFound):
+        await store.get_conversation(conv.business_id, ConversationId(new_id()))
+    with pytest.raises(NotFound):
+        await store.get_business(BusinessId(new_id()))

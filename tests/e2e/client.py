@@ -1,0 +1,92 @@
+"""A small protocol client over a real WebSocket (the `websockets` library)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.servers import GatewayProcess
+
+RECV_TIMEOUT = 15.0
+
+
+@dataclass
+class Widget:
+    """What `POST /v1/widget/sessions` returned."""
+
+    token: str
+    conversation_id: str
+
+
+def new_widget(gw: GatewayProcess, business: str = "demo") -> Widget:
+    r = httpx.post(f"{gw.http}/v1/widget/sessions", json={"business": business}, timeout=10)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return Widget(body["token"], body["conversation_id"])
+
+
+@dataclass
+class Client:
+    ws: ClientConnection
+    frames: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    async def open(cls, gw: GatewayProcess, **kwargs: Any) -> Client:
+        ws = await connect(gw.ws, open_timeout=10, max_size=2**22, **kwargs)
+        return cls(ws)
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(orjson.dumps(frame).decode())
+
+    async def recv(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame = orjson.loads(raw)
+        assert isinstance(frame, dict)
+        self.frames.append(frame)
+        return frame
+
+    async def recv_type(self, *types: str, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+        """The next frame of one of `types`; frames skipped on the way stay in `frames`."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] in types:
+                return frame
+
+    async def hello(self, widget: Widget, **extra: Any) -> dict[str, Any]:
+        await self.send({"type": "hello", "token": widget.token, **extra})
+        welcome = await self.recv()
+        assert welcome["type"] == "welcome", welcome
+        return welcome
+
+    async def until_ai_end(self) -> list[dict[str, Any]]:
+        """Frames up to and including the next ai_end (typing frames dropped)."""
+        got = []
+        while True:
+            frame = await self.recv()
+            if frame["type"] == "typing":
+                continue
+            got.append(frame)
+            if frame["type"] == "ai_end":
+                return got
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def sequenced(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [f for f in frames if "seq" in f and f["type"] not in ("welcome", "ack", "reset")]
+
+
+def assert_contiguous(frames: list[dict[str, Any]], start: int) -> None:
+    """Event seqs run start, start+1, ... with no gap and no duplicate."""
+    seqs = [f["seq"] for f in sequenced(frames)]
+    assert seqs == list(range(start, start + len(seqs))), seqs
+
+
+def joined_deltas(frames: list[dict[str, Any]], response_id: str) -> str:
+    return "".join(f["text"] for f in frames if f["type"] == "delta" and f["response_id"] == response_id)

@@ -1,0 +1,91 @@
+"""Real gateway processes for end-to-end tests: `python -m gateway serve` on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SECRET = "test-secret-for-the-e2e-suite-only-0123456789"
+
+# Variables that would switch backends or the model: the embedded default is tested here.
+_SCRUBBED = ("DATABASE_URL", "REDIS_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class GatewayProcess:
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def start_gateway(tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> GatewayProcess:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+    env.update(
+        {
+            "CHATGW_SECRET": TEST_SECRET,
+            "CHATGW_SCRIPTED_TPS": "400",
+            "CHATGW_SCRIPTED_TOKENS": "40",
+            "CHATGW_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra_env or {})
+    log_path = tmp_dir / f"gateway-{port}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    gw = GatewayProcess(port, process, log_path, env)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gw.log()}")
+        try:
+            if httpx.get(f"{gw.http}/healthz", timeout=1).status_code == 200:
+                return gw
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    gw.stop()
+    raise RuntimeError(f"gateway did not become healthy in 20 s:\n{gw.log()}")

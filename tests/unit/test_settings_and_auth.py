@@ -1,0 +1,72 @@
+"""Settings from the environment, and signed tokens."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from core.types import BusinessId, ConversationId
+from gateway.auth import TokenIssuer, bearer_token
+from gateway.errors import Unauthorized
+from gateway.settings import Settings, SettingsError
+
+SECRET = "unit-test-secret-0123456789-abcdefghij"
+
+
+def test_defaults_are_the_embedded_ones() -> None:
+    s = Settings.from_env({})
+    assert s.database_url is None
+    assert s.redis_url is None
+    assert s.openai_api_key is None
+    assert s.secret_is_random
+    assert s.port == 8000
+    assert s.hello_timeout == 5.0
+
+
+def test_values_are_read_and_checked() -> None:
+    s = Settings.from_env({"PORT": "9001", "CHATGW_SCRIPTED_TPS": "0", "LLM_FALLBACK_MODELS": "a, b,,c"})
+    assert s.port == 9001
+    assert s.scripted_tps == 0
+    assert s.llm_fallback_models == ("a", "b", "c")
+    with pytest.raises(SettingsError, match="PORT must be an integer"):
+        Settings.from_env({"PORT": "eighty"})
+    with pytest.raises(SettingsError, match="CHATGW_OUTBOX_FRAMES must be >= 16"):
+        Settings.from_env({"CHATGW_OUTBOX_FRAMES": "2"})
+    with pytest.raises(SettingsError, match="CHATGW_SECRET must be at least 32 bytes"):
+        Settings.from_env({"CHATGW_SECRET": "short"})
+    with pytest.raises(SettingsError, match="CHATGW_LOG_FORMAT"):
+        Settings.from_env({"CHATGW_LOG_FORMAT": "xml"})
+
+
+def test_a_widget_token_round_trips() -> None:
+    issuer = TokenIssuer(SECRET, ttl=60)
+    token = issuer.issue_widget(BusinessId("b"), "u", ConversationId("c"))
+    p = issuer.verify(token)
+    assert (p.business_id, p.role, p.subject, p.conversation_id) == ("b", "user", "u", "c")
+
+
+def test_forged_expired_and_malformed_tokens_are_refused() -> None:
+    issuer = TokenIssuer(SECRET, ttl=60)
+    other = TokenIssuer("another-secret-0123456789-abcdefghij", ttl=60)
+    with pytest.raises(Unauthorized, match="invalid token"):
+        issuer.verify(other.issue_widget(BusinessId("b"), "u", ConversationId("c")))
+    with pytest.raises(Unauthorized, match="invalid token"):
+        issuer.verify("not.a.token")
+    old = {"iss": "chatgw", "aud": "chatgw", "sub": "u", "bid": "b", "role": "user", "cid": "c"}
+    now = int(time.time())
+    expired = jwt.encode({**old, "iat": now - 100, "exp": now - 50}, SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="expired"):
+        issuer.verify(expired)
+    assert issuer.verify(expired, expired_grace=3600).conversation_id == "c"
+    unsigned = jwt.encode({**old, "iat": now, "exp": now + 60}, None, algorithm="none")
+    with pytest.raises(Unauthorized):
+        issuer.verify(unsigned)
+
+
+def test_bearer_header_parsing() -> None:
+    assert bearer_token("Bearer abc") == "abc"
+    for bad in (None, "", "Basic abc", "Bearer "):
+        with pytest.raises(Unauthorized):
+            bearer_token(bad)
