@@ -6,6 +6,7 @@ import argparse
 import sys
 
 import uvicorn
+from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.logs import configure_logging
@@ -42,7 +43,17 @@ def serve_command(settings: Settings, *, host: str, port: int) -> int:
     except ValueError as exc:
         print(f"chatgw: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(
+    config = uvicorn_config(app, settings, host=host, port=port)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def uvicorn_config(app: Starlette, settings: Settings, *, host: str, port: int) -> uvicorn.Config:
+    """How the gateway runs under uvicorn: sans-I/O websockets (with write backpressure), keepalive
+    pings on, per-message deflate off (memory and CPU per socket), frames capped at
+    CHATGW_MAX_FRAME_BYTES (larger ones close with 1009), and a bounded graceful shutdown."""
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -57,6 +68,3 @@ def serve_command(settings: Settings, *, host: str, port: int) -> int:
         access_log=False,
         server_header=False,
     )
-    server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 1

@@ -37,7 +37,7 @@ class Settings:
     token_ttl: int = 3600
     max_frame_bytes: int = 64 * 1024
     max_message_chars: int = 4000
-    outbox_frames: int = 1024
+    outbox_frames: int = 2048
     replay_window: int = 1000
     delta_flush_ms: float = 15.0
     delta_max_chars: int = 512
@@ -56,7 +56,7 @@ class Settings:
         log_format = e.get("CHATGW_LOG_FORMAT") or "json"
         if log_format not in ("json", "text"):
             raise SettingsError("CHATGW_LOG_FORMAT must be 'json' or 'text'")
-        return cls(
+        settings = cls(
             port=e.integer("PORT", 8000, low=1, high=65535),
             database_url=e.get("DATABASE_URL"),
             redis_url=e.get("REDIS_URL"),
@@ -74,7 +74,7 @@ class Settings:
             token_ttl=e.integer("CHATGW_TOKEN_TTL_S", 3600, low=60),
             max_frame_bytes=e.integer("CHATGW_MAX_FRAME_BYTES", 64 * 1024, low=1024, high=16 * 1024 * 1024),
             max_message_chars=e.integer("CHATGW_MAX_MESSAGE_CHARS", 4000, low=1),
-            outbox_frames=e.integer("CHATGW_OUTBOX_FRAMES", 1024, low=16),
+            outbox_frames=e.integer("CHATGW_OUTBOX_FRAMES", 2048, low=16),
             replay_window=e.integer("CHATGW_REPLAY_WINDOW", 1000, low=1),
             delta_flush_ms=e.number("CHATGW_DELTA_FLUSH_MS", 15.0, low=0, high=1000),
             delta_max_chars=e.integer("CHATGW_DELTA_MAX_CHARS", 512, low=1),
@@ -83,6 +83,13 @@ class Settings:
             log_level=(e.get("CHATGW_LOG_LEVEL") or "INFO").upper(),
             log_format=log_format,
         )
+        # A resume replays up to a whole window at once into the session's outbox.
+        if settings.outbox_frames < settings.replay_window + 64:
+            raise SettingsError(
+                "CHATGW_OUTBOX_FRAMES must be at least CHATGW_REPLAY_WINDOW + 64 "
+                f"({settings.replay_window + 64}), so that a full replay fits"
+            )
+        return settings
 
 
 class _Env:

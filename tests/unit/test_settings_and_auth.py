@@ -34,6 +34,8 @@ def test_values_are_read_and_checked() -> None:
         Settings.from_env({"PORT": "eighty"})
     with pytest.raises(SettingsError, match="CHATGW_OUTBOX_FRAMES must be >= 16"):
         Settings.from_env({"CHATGW_OUTBOX_FRAMES": "2"})
+    with pytest.raises(SettingsError, match="a full replay fits"):
+        Settings.from_env({"CHATGW_OUTBOX_FRAMES": "100", "CHATGW_REPLAY_WINDOW": "100"})
     with pytest.raises(SettingsError, match="CHATGW_SECRET must be at least 32 bytes"):
         Settings.from_env({"CHATGW_SECRET": "short"})
     with pytest.raises(SettingsError, match="CHATGW_LOG_FORMAT"):
@@ -70,3 +72,16 @@ def test_bearer_header_parsing() -> None:
     for bad in (None, "", "Basic abc", "Bearer "):
         with pytest.raises(Unauthorized):
             bearer_token(bad)
+
+
+def test_the_server_runs_with_pings_on_deflate_off_and_a_frame_cap() -> None:
+    from starlette.applications import Starlette
+
+    from gateway.cli import uvicorn_config
+
+    config = uvicorn_config(Starlette(), Settings.from_env({}), host="127.0.0.1", port=8000)
+    assert config.ws == "websockets-sansio"
+    assert config.ws_ping_interval == 20.0
+    assert config.ws_per_message_deflate is False
+    assert config.ws_max_size == 64 * 1024
+    assert config.timeout_graceful_shutdown == 10
