@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from core.broker import Broker
 from core.conversation import ConversationService, CoreSettings
 from core.llm import LLMProvider
 from core.scripted_llm import ScriptedLLM
@@ -39,9 +40,10 @@ def make_llm(settings: Settings) -> LLMProvider:
     return ScriptedLLM(tokens_per_second=settings.scripted_tps, tokens=settings.scripted_tokens)
 
 
-def build_gateway(settings: Settings) -> Gateway:
+def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gateway:
+    """Everything one process shares; `broker` replaces the one the settings select (tests)."""
     store = make_store(settings.database_url)
-    broker = make_broker(settings.redis_url, replay_window=settings.replay_window)
+    broker = broker or make_broker(settings.redis_url, replay_window=settings.replay_window)
     llm = make_llm(settings)
     metrics = Metrics()
     conversations = ConversationService(
@@ -69,9 +71,14 @@ def build_gateway(settings: Settings) -> Gateway:
     )
 
 
-def create_app(settings: Settings | None = None, *, on_ready: Callable[[], None] | None = None) -> Starlette:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    broker: Broker | None = None,
+) -> Starlette:
     settings = settings or Settings.from_env()
-    gw = build_gateway(settings)  # bad backend URLs fail here, at start
+    gw = build_gateway(settings, broker=broker)  # bad backend URLs fail here, at start
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

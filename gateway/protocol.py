@@ -20,7 +20,7 @@ PROTOCOL_VERSION = 1
 class CloseCode(enum.IntEnum):
     """WebSocket close codes the gateway sends.
 
-    Ranges a client can act on: 1011, 1012 and 4000-4099 mean "reconnect (with resume)";
+    Ranges a client can act on: 1011-1013 and 4000-4099 mean "reconnect (with resume)";
     4400-4499 mean "do not reconnect with the same credentials"; 1009 means "send less".
     """
 
@@ -28,6 +28,7 @@ class CloseCode(enum.IntEnum):
     TOO_LARGE = 1009
     INTERNAL_ERROR = 1011
     DRAINING = 1012
+    TRY_AGAIN_LATER = 1013
     SLOW_CONSUMER = 4008
     UNAUTHORIZED = 4401
     FORBIDDEN = 4403
@@ -35,7 +36,7 @@ class CloseCode(enum.IntEnum):
 
     @property
     def should_reconnect(self) -> bool:
-        return self in (CloseCode.INTERNAL_ERROR, CloseCode.DRAINING) or 4000 <= self < 4100
+        return 1011 <= self <= 1013 or 4000 <= self < 4100
 
 
 class ErrorCode(enum.StrEnum):

@@ -97,6 +97,8 @@ class Session:
         writer = asyncio.create_task(self._write(), name=f"ws-write-{self.session_id}")
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                log.error("socket reader failed", exc_info=reader.exception(), extra=self._log_extra())
             if reader.done() and self.state is State.CLOSING and not writer.done():
                 # The reader asked for a close: let the writer send what is queued, then the close.
                 await asyncio.wait({writer}, timeout=5.0)
@@ -250,6 +252,8 @@ class Session:
         try:
             business = await gw.store.get_business(principal.business_id)
             conversation = await gw.store.get_conversation(principal.business_id, cid)
+        except Unavailable as exc:
+            raise _Refused(CloseCode.TRY_AGAIN_LATER, ErrorCode.UNAVAILABLE, exc.message) from None
         except CoreError as exc:
             raise _Refused(
                 CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, f"{exc.message}: request a new session"

@@ -9,7 +9,7 @@ import pytest
 
 from core.conversation import ConversationService, CoreSettings
 from core.errors import NotFound, TooLarge
-from core.llm import ChatMessage, Usage
+from core.llm import ChatMessage, LLMProvider, Usage
 from core.models import Business, Event
 from core.scripted_llm import ScriptedLLM
 from core.types import BusinessId, ConversationId, EventType, StageName
@@ -71,7 +71,7 @@ class Recorder:
         return [e for e in self.events if e.type is kind]
 
 
-async def setup(llm: object) -> tuple[ConversationService, ConversationId, Recorder, MemoryStore]:
+async def setup(llm: LLMProvider) -> tuple[ConversationService, ConversationId, Recorder, MemoryStore]:
     store, broker = MemoryStore(), MemoryBroker()
     await store.ensure_business(BUSINESS)
     user = await store.create_end_user(BUSINESS.business_id, None)
@@ -83,7 +83,7 @@ async def setup(llm: object) -> tuple[ConversationService, ConversationId, Recor
         store=store,
         broker=broker,
         llm=llm,
-        settings=CoreSettings(delta_flush_seconds=0.001),  # type: ignore[arg-type]
+        settings=CoreSettings(delta_flush_seconds=0.001),
     )
     return service, conv.conversation_id, recorder, store
 
