@@ -12,6 +12,10 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
   events when the window no longer reaches the asked seq: the client must reset.
 - `epoch` names one unbroken life of a conversation's log. It changes when the log was lost, so
   that a client holding seqs from an older epoch is told to reset instead of seeing a gap.
+- Seqs never go backwards across epochs: a log is created only by `open`, which starts it after
+  the highest seq the store has durably recorded (`floor_seq`). `publish`, `replay` and
+  `position` on a conversation whose log does not exist raise `StreamMissing`; the caller opens
+  it (with the store's floor) and tries again.
 - Ephemeral events (`publish_ephemeral`) have no seq, are not logged and may be dropped.
 - The listener is called from the broker's own task and must not block: hand events on at once.
 """
@@ -21,10 +25,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from core.errors import CoreError
 from core.models import Event, Replay, StreamPosition
 from core.types import ConversationId, EventType
 
 Listener = Callable[[Event], None]
+
+
+class StreamMissing(CoreError):
+    """The conversation's event log does not exist (never opened, or lost): `open` it first."""
+
+    code = "unavailable"
 
 
 class Broker(Protocol):
@@ -61,8 +72,11 @@ class Broker(Protocol):
     ) -> None:
         """Deliver an event without seq or log (typing indicators)."""
 
-    async def position(self, conversation_id: ConversationId) -> StreamPosition:
-        """The conversation's current epoch and latest seq."""
+    async def open(self, conversation_id: ConversationId, *, floor_seq: int) -> StreamPosition:
+        """Make sure the conversation's log exists, creating it (new epoch, seq = floor_seq) if it
+        does not; return its position. Idempotent: an existing log is left as it is."""
 
     async def replay(self, conversation_id: ConversationId, after_seq: int) -> Replay:
-        """The events after `after_seq` still in the window, in order (see `Replay`)."""
+        """The events after `after_seq` still in the window, in order (see `Replay`).
+
+        `after_seq` beyond the latest seq also gives `events` None."""

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.broker import Broker
+from core.broker import Broker, StreamMissing
 from core.delta_pump import DeltaPump
 from core.errors import CoreError
 from core.llm import ChatMessage, LLMProvider
-from core.models import Business, Conversation, Message
+from core.models import Business, Conversation, Event, Message, StreamPosition
 from core.observer import NullObserver, Observer
 from core.rules import check_client_msg_id, check_message_text, should_answer
 from core.store import Store
@@ -188,9 +188,29 @@ class ConversationService:
             else:
                 self._locks[conversation_id] = (lock, users - 1)
 
+    async def publish(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: dict[str, Any],
+    ) -> Event:
+        """Publish a sequenced event, opening the conversation's log first if it does not exist
+        (a new conversation, or a log that was lost): seqs continue after what the store recorded."""
+        try:
+            return await self.broker.publish(conversation_id, type, payload)
+        except StreamMissing:
+            await self.open_stream(business_id, conversation_id)
+            return await self.broker.publish(conversation_id, type, payload)
+
+    async def open_stream(self, business_id: BusinessId, conversation_id: ConversationId) -> StreamPosition:
+        """Make sure the conversation's event log exists; return its position."""
+        conversation = await self.store.get_conversation(business_id, conversation_id)
+        return await self.broker.open(conversation_id, floor_seq=conversation.last_seq)
+
     async def _publish_message(self, business_id: BusinessId, message: Message) -> int:
-        event = await self.broker.publish(
-            message.conversation_id, EventType.MESSAGE, message_payload(message)
+        event = await self.publish(
+            business_id, message.conversation_id, EventType.MESSAGE, message_payload(message)
         )
         assert event.seq is not None
         await self.store.set_message_seq(business_id, message.message_id, event.seq)
@@ -222,13 +242,15 @@ class ConversationService:
 
     async def _answer(self, turns: _Turns, conversation: Conversation) -> None:
         cid = conversation.conversation_id
+        bid = conversation.business_id
         answer = _Answer(ResponseId(new_id()))
         turns.answer = answer
         try:
-            await self.broker.publish(cid, EventType.AI_START, {"response_id": answer.response_id})
+            await self.store.set_active_response(bid, cid, answer.response_id)
+            await self.publish(bid, cid, EventType.AI_START, {"response_id": answer.response_id})
             pump = DeltaPump(
-                lambda chunk: self.broker.publish(
-                    cid, EventType.DELTA, {"response_id": answer.response_id, "text": chunk}
+                lambda chunk: self.publish(
+                    bid, cid, EventType.DELTA, {"response_id": answer.response_id, "text": chunk}
                 ),
                 flush_after=self.settings.delta_flush_seconds,
                 max_chars=self.settings.delta_max_chars,
@@ -295,7 +317,8 @@ class ConversationService:
         message = await asyncio.shield(
             self.store.add_assistant_message(business_id, cid, response_id, text, status)
         )
-        event = await self.broker.publish(
+        event = await self.publish(
+            business_id,
             cid,
             EventType.AI_END,
             {
@@ -307,6 +330,7 @@ class ConversationService:
         )
         assert event.seq is not None
         await self.store.set_message_seq(business_id, message.message_id, event.seq)
+        await self.store.set_active_response(business_id, cid, None)
         self.observer.answer_ended(status)
 
     async def _prompt(self, business: Business, conversation: Conversation) -> list[ChatMessage]:

@@ -43,6 +43,10 @@ class Conversation:
     stage: StageName
     created_at: datetime
     data: Mapping[str, Any] = field(default_factory=dict)
+    active_response_id: ResponseId | None = None
+    """The answer being generated right now, if any."""
+    last_seq: int = 0
+    """The highest seq of the conversation's events the store has recorded on a message."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,7 +75,14 @@ class Store(Protocol):
         """Store a finished answer; idempotent on `response_id` (returns the existing row)."""
 
     async def set_message_seq(self, business_id: BusinessId, message_id: MessageId, seq: int) -> None:
-        """Record the seq of the message's event once its publish returned. Written once."""
+        """Record the seq of the message's event once its publish returned. Written once (the same
+        value again is accepted; another value is `Conflict`). Raises the conversation's
+        `last_seq` to `seq` if it is lower."""
+
+    async def set_active_response(
+        self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
+    ) -> None:
+        """Record the answer being generated now (None when it ended)."""
 
     async def list_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int

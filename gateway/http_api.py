@@ -145,10 +145,10 @@ async def list_messages(request: Request) -> Response:
         raise Forbidden("this token is not for that conversation")
     after_seq = _int_param(request, "after_seq", 0, 0, 2**62)
     limit = _int_param(request, "limit", 100, 1, 500)
-    await gw.store.get_conversation(principal.business_id, cid)
+    conversation = await gw.store.get_conversation(principal.business_id, cid)
     # The position is read before the rows: a client that resets can go live from this seq
     # without a gap; a message it then sees twice has the same message_id.
-    position = await gw.broker.position(cid)
+    position = await gw.broker.open(cid, floor_seq=conversation.last_seq)
     rows = await gw.store.list_messages(principal.business_id, cid, after_seq=after_seq, limit=limit)
     return JSONResponse(
         {

@@ -20,9 +20,10 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
+from core.broker import StreamMissing
 from core.errors import CoreError, InvalidInput, TooLarge, Unavailable
 from core.models import Business, Conversation, Event
-from core.rules import GateVerdict, ResumeAction, SeqGate, decide_resume
+from core.rules import GateVerdict, ResumeAction, ResumeDecision, SeqGate, decide_resume
 from core.types import ConversationId, Role, new_id
 from gateway.context import Gateway
 from gateway.errors import Unauthorized
@@ -271,7 +272,7 @@ class Session:
     async def _welcome(self, hello: Hello, conversation: Conversation) -> None:
         """Send welcome, then what a resuming client missed, then release held live events."""
         cid = conversation.conversation_id
-        position = await self.gw.broker.position(cid)
+        position = await self.gw.broker.open(cid, floor_seq=conversation.last_seq)
         welcome = {
             "type": "welcome",
             "session_id": self.session_id,
@@ -290,10 +291,12 @@ class Session:
         decision = decide_resume(epoch=hello.resume.epoch, last_seq=hello.resume.last_seq, position=position)
         events: tuple[Event, ...] | None = ()
         if decision.action is ResumeAction.REPLAY:
-            replay = await self.gw.broker.replay(cid, hello.resume.last_seq)
-            events = replay.events
+            try:
+                events = (await self.gw.broker.replay(cid, hello.resume.last_seq)).events
+            except StreamMissing:  # the log was dropped since it was opened above
+                events = None
             if events is None:
-                decision = decision.__class__(ResumeAction.RESET, "window")
+                decision = ResumeDecision(ResumeAction.RESET, "window")
         if decision.action is ResumeAction.RESET:
             self.send(welcome)
             self.send(

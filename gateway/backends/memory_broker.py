@@ -6,7 +6,8 @@ event loop: `publish` assigns the seq, appends and delivers without awaiting in 
 
 Memory is bounded twice: each log keeps at most `replay_window` events, and at most
 `max_conversations` logs are kept, the least recently used dropped first (its conversation gets
-a new epoch when used again, so its clients are told to reset rather than shown a gap).
+a new epoch, starting from the store's floor, when it is opened again, so its clients are told to
+reset rather than shown a gap).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.broker import Listener
+from core.broker import Listener, StreamMissing
 from core.models import Event, Replay, StreamPosition
 from core.types import ConversationId, EventType, new_id
 
@@ -66,7 +67,7 @@ class MemoryBroker:
     async def publish(
         self, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
     ) -> Event:
-        stream = self._log(conversation_id)
+        stream = self._existing(conversation_id)
         stream.seq += 1
         event = Event(conversation_id, type, stream.seq, dict(payload))
         stream.events.append(event)
@@ -83,12 +84,17 @@ class MemoryBroker:
     ) -> None:
         self._deliver(Event(conversation_id, type, None, dict(payload), origin))
 
-    async def position(self, conversation_id: ConversationId) -> StreamPosition:
-        stream = self._log(conversation_id)
+    async def open(self, conversation_id: ConversationId, *, floor_seq: int) -> StreamPosition:
+        stream = self._logs.get(conversation_id)
+        if stream is None:
+            stream = _Log(epoch=new_id()[:8], window=self._window, seq=max(floor_seq, 0))
+            self._logs[conversation_id] = stream
+            while len(self._logs) > self._max_conversations:
+                self._logs.popitem(last=False)
         return StreamPosition(stream.epoch, stream.seq)
 
     async def replay(self, conversation_id: ConversationId, after_seq: int) -> Replay:
-        stream = self._log(conversation_id)
+        stream = self._existing(conversation_id)
         position = StreamPosition(stream.epoch, stream.seq)
         oldest = stream.events[0].seq if stream.events else stream.seq + 1
         assert oldest is not None
@@ -96,15 +102,11 @@ class MemoryBroker:
             return Replay(position, None)
         return Replay(position, tuple(e for e in stream.events if e.seq is not None and e.seq > after_seq))
 
-    def _log(self, conversation_id: ConversationId) -> _Log:
+    def _existing(self, conversation_id: ConversationId) -> _Log:
         stream = self._logs.get(conversation_id)
         if stream is None:
-            stream = _Log(epoch=new_id()[:8], window=self._window)
-            self._logs[conversation_id] = stream
-            while len(self._logs) > self._max_conversations:
-                self._logs.popitem(last=False)
-        else:
-            self._logs.move_to_end(conversation_id)
+            raise StreamMissing(f"no event log for conversation {conversation_id}")
+        self._logs.move_to_end(conversation_id)
         return stream
 
     def _deliver(self, event: Event) -> None:

@@ -32,6 +32,7 @@ class _ConversationRows:
     messages: list[Message] = dataclasses.field(default_factory=list)
     by_client_msg_id: dict[str, int] = dataclasses.field(default_factory=dict)
     by_response_id: dict[str, int] = dataclasses.field(default_factory=dict)
+    seqs: set[int] = dataclasses.field(default_factory=set)
 
 
 class MemoryStore:
@@ -151,7 +152,18 @@ class MemoryStore:
         message = rows.messages[where[1]]
         if message.seq is not None and message.seq != seq:
             raise Conflict(f"message already has seq {message.seq}")
+        if message.seq is None and seq in rows.seqs:
+            raise Conflict(f"seq {seq} is already taken in this conversation")
         rows.messages[where[1]] = dataclasses.replace(message, seq=seq)
+        rows.seqs.add(seq)
+        if seq > rows.conversation.last_seq:
+            rows.conversation = dataclasses.replace(rows.conversation, last_seq=seq)
+
+    async def set_active_response(
+        self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
+    ) -> None:
+        rows = self._rows(business_id, conversation_id)
+        rows.conversation = dataclasses.replace(rows.conversation, active_response_id=response_id)
 
     async def list_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from core.broker import Broker
+import pytest
+
+from core.broker import Broker, StreamMissing
 from core.models import Event
 from core.types import ConversationId, EventType, new_id
 from tests.contract.conftest import REPLAY_WINDOW
@@ -12,6 +14,12 @@ from tests.contract.conftest import REPLAY_WINDOW
 
 def conv() -> ConversationId:
     return ConversationId(new_id())
+
+
+async def opened(broker: Broker, floor_seq: int = 0) -> ConversationId:
+    c = conv()
+    await broker.open(c, floor_seq=floor_seq)
+    return c
 
 
 class Inbox:
@@ -34,18 +42,18 @@ class Inbox:
 
 
 async def test_seq_counts_up_by_one_per_conversation(broker: Broker) -> None:
-    a, b = conv(), conv()
+    a, b = await opened(broker), await opened(broker)
     seqs_a = [(await broker.publish(a, EventType.DELTA, {"text": str(n)})).seq for n in range(3)]
     seqs_b = [(await broker.publish(b, EventType.DELTA, {"text": "x"})).seq for _ in range(2)]
     assert seqs_a == [1, 2, 3]
     assert seqs_b == [1, 2]
-    position = await broker.position(a)
+    position = await broker.open(a, floor_seq=0)
     assert position.seq == 3
-    assert (await broker.position(a)).epoch == position.epoch
+    assert (await broker.open(a, floor_seq=100)) == position  # an existing log is left as it is
 
 
 async def test_concurrent_publishes_get_distinct_consecutive_seqs(broker: Broker) -> None:
-    c = conv()
+    c = await opened(broker)
     events = await asyncio.gather(*(broker.publish(c, EventType.DELTA, {"n": n}) for n in range(50)))
     assert sorted(e.seq or 0 for e in events) == list(range(1, 51))
 
@@ -53,7 +61,7 @@ async def test_concurrent_publishes_get_distinct_consecutive_seqs(broker: Broker
 async def test_subscribers_get_their_conversations_in_order(broker: Broker) -> None:
     inbox = Inbox()
     broker.set_listener(inbox)
-    mine, other = conv(), conv()
+    mine, other = await opened(broker), await opened(broker)
     await broker.subscribe(mine)
     for n in range(5):
         await broker.publish(mine, EventType.DELTA, {"n": n})
@@ -67,13 +75,13 @@ async def test_subscribers_get_their_conversations_in_order(broker: Broker) -> N
 async def test_unsubscribe_stops_delivery(broker: Broker) -> None:
     inbox = Inbox()
     broker.set_listener(inbox)
-    c = conv()
+    c = await opened(broker)
     await broker.subscribe(c)
     await broker.publish(c, EventType.DELTA, {"n": 1})
     await inbox.wait_for(1)
     await broker.unsubscribe(c)
     await broker.publish(c, EventType.DELTA, {"n": 2})
-    marker = conv()
+    marker = await opened(broker)
     await broker.subscribe(marker)
     await broker.publish(marker, EventType.DELTA, {"n": 3})
     got = await inbox.wait_for(2)
@@ -81,7 +89,7 @@ async def test_unsubscribe_stops_delivery(broker: Broker) -> None:
 
 
 async def test_replay_returns_what_followed_a_seq(broker: Broker) -> None:
-    c = conv()
+    c = await opened(broker)
     for n in range(5):
         await broker.publish(c, EventType.DELTA, {"n": n})
     replay = await broker.replay(c, 2)
@@ -94,7 +102,7 @@ async def test_replay_returns_what_followed_a_seq(broker: Broker) -> None:
 
 
 async def test_replay_outside_the_window_says_reset(broker: Broker) -> None:
-    c = conv()
+    c = await opened(broker)
     for n in range(REPLAY_WINDOW + 3):
         await broker.publish(c, EventType.DELTA, {"n": n})
     assert (await broker.replay(c, 0)).events is None
@@ -108,20 +116,36 @@ async def test_replay_outside_the_window_says_reset(broker: Broker) -> None:
 async def test_ephemeral_events_have_no_seq_and_are_not_replayed(broker: Broker) -> None:
     inbox = Inbox()
     broker.set_listener(inbox)
-    c = conv()
+    c = await opened(broker)
     await broker.subscribe(c)
     await broker.publish_ephemeral(c, EventType.TYPING, {"role": "user", "state": True}, origin="s-1")
     got = await inbox.wait_for(1)
     assert got[0].seq is None
     assert got[0].origin == "s-1"
-    assert (await broker.position(c)).seq == 0
+    assert (await broker.open(c, floor_seq=0)).seq == 0
     assert (await broker.replay(c, 0)).events == ()
 
 
 async def test_each_conversation_has_an_epoch(broker: Broker) -> None:
-    a, b = conv(), conv()
+    a, b = await opened(broker), await opened(broker)
     await broker.publish(a, EventType.DELTA, {})
-    epoch_a = (await broker.position(a)).epoch
+    epoch_a = (await broker.open(a, floor_seq=0)).epoch
     assert epoch_a
     assert (await broker.replay(a, 0)).position.epoch == epoch_a
-    assert (await broker.position(b)).epoch
+    assert (await broker.open(b, floor_seq=0)).epoch != epoch_a
+
+
+async def test_a_log_must_be_opened_and_starts_after_the_floor(broker: Broker) -> None:
+    """publish and replay refuse a conversation without a log; open starts it after floor_seq."""
+    c = conv()
+    with pytest.raises(StreamMissing):
+        await broker.publish(c, EventType.DELTA, {})
+    with pytest.raises(StreamMissing):
+        await broker.replay(c, 0)
+    position = await broker.open(c, floor_seq=41)
+    assert position.seq == 41
+    assert (await broker.publish(c, EventType.DELTA, {})).seq == 42
+    replay = await broker.replay(c, 41)
+    assert replay.events is not None
+    assert [e.seq for e in replay.events] == [42]
+    assert (await broker.replay(c, 40)).events is None

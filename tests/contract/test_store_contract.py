@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from core.errors import NotFound
+from core.errors import Conflict, NotFound
 from core.models import Business, Conversation
 from core.store import Store
 from core.types import AnswerStatus, BusinessId, ConversationId, ResponseId, Role, StageName, new_id
@@ -129,3 +129,30 @@ async def test_unknown_ids_are_not_found(store: Store) -> None:
         await store.get_conversation(conv.business_id, ConversationId(new_id()))
     with pytest.raises(NotFound):
         await store.get_business(BusinessId(new_id()))
+
+
+async def test_seqs_raise_last_seq_and_are_unique(store: Store) -> None:
+    """set_message_seq keeps the conversation's last_seq at the highest seq, and a seq is taken once."""
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    assert conv.last_seq == 0
+    m1, _ = await store.add_user_message(bid, cid, "1", "one")
+    m2, _ = await store.add_user_message(bid, cid, "2", "two")
+    await store.set_message_seq(bid, m1.message_id, 7)
+    await store.set_message_seq(bid, m1.message_id, 7)  # the same value again is fine
+    assert (await store.get_conversation(bid, cid)).last_seq == 7
+    with pytest.raises(Conflict):
+        await store.set_message_seq(bid, m1.message_id, 8)
+    with pytest.raises(Conflict):
+        await store.set_message_seq(bid, m2.message_id, 7)
+    await store.set_message_seq(bid, m2.message_id, 3)
+    assert (await store.get_conversation(bid, cid)).last_seq == 7
+
+
+async def test_the_active_response_is_recorded_and_cleared(store: Store) -> None:
+    conv = await a_conversation(store)
+    rid = ResponseId(new_id())
+    await store.set_active_response(conv.business_id, conv.conversation_id, rid)
+    assert (await store.get_conversation(conv.business_id, conv.conversation_id)).active_response_id == rid
+    await store.set_active_response(conv.business_id, conv.conversation_id, None)
+    assert (await store.get_conversation(conv.business_id, conv.conversation_id)).active_response_id is None

@@ -1,20 +1,26 @@
 """A socket whose broker link loses an event still sees every seq once, in order: the gap is filled
 from the replay log, or answered with reset when the log no longer has it.
 
-Runs the real app in process (Starlette's test client) because the loss has to be injected into
-the broker; everything else is the production code path.
+The real app runs under uvicorn inside the test's event loop, because the loss has to be injected
+into the broker; the client is a real WebSocket client and everything else is the production path.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from starlette.testclient import TestClient
+import httpx
+import orjson
+import uvicorn
+from websockets.asyncio.client import connect
 
 from core.models import Event
 from gateway.app import create_app
 from gateway.backends.memory_broker import MemoryBroker
+from gateway.cli import uvicorn_config
 from gateway.settings import Settings
+from tests.servers import free_port
 
 SECRET = "unit-test-secret-for-gap-tests-0123456789"
 
@@ -32,30 +38,44 @@ class LossyBroker(MemoryBroker):
             super()._deliver(event)
 
 
-def run_turn(broker: LossyBroker, window: int) -> list[dict[str, Any]]:
+async def run_turn(broker: LossyBroker) -> list[dict[str, Any]]:
     settings = Settings.from_env(
         {
             "CHATGW_SECRET": SECRET,
             "CHATGW_SCRIPTED_TPS": "0",
             "CHATGW_SCRIPTED_TOKENS": "30",
             "CHATGW_DELTA_MAX_CHARS": "1",
-            "CHATGW_REPLAY_WINDOW": str(window),
         }
     )
-    frames: list[dict[str, Any]] = []
-    with TestClient(create_app(settings, broker=broker)) as client:
-        session = client.post("/v1/widget/sessions", json={"business": "demo"}).json()
-        with client.websocket_connect("/ws") as ws:
-            ws.send_json({"type": "hello", "token": session["token"]})
-            frames.append(ws.receive_json())
-            ws.send_json({"type": "message", "client_msg_id": "g-1", "text": "mind the gap"})
-            while not frames or frames[-1]["type"] != "ai_end":
-                frames.append(ws.receive_json())
-    return frames
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn_config(create_app(settings, broker=broker), settings, host="127.0.0.1", port=port)
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            session = (await http.post("/v1/widget/sessions", json={"business": "demo"})).json()
+        frames: list[dict[str, Any]] = []
+        async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.send(orjson.dumps({"type": "hello", "token": session["token"]}).decode())
+            frames.append(orjson.loads(await ws.recv()))
+            await ws.send(
+                orjson.dumps({"type": "message", "client_msg_id": "g-1", "text": "mind the gap"}).decode()
+            )
+            async with asyncio.timeout(10):
+                while frames[-1]["type"] != "ai_end":
+                    frames.append(orjson.loads(await ws.recv()))
+        return frames
+    finally:
+        server.should_exit = True
+        await serving
 
 
-def test_a_lost_event_is_filled_from_the_replay_log() -> None:
-    frames = run_turn(LossyBroker({3, 7}, replay_window=1000), window=1000)
+async def test_a_lost_event_is_filled_from_the_replay_log() -> None:
+    frames = await run_turn(LossyBroker({3, 7}, replay_window=1000))
     seqs = [f["seq"] for f in frames if f["type"] in ("message", "ai_start", "delta", "ai_end")]
     assert seqs == list(range(1, len(seqs) + 1))
     assert not [f for f in frames if f["type"] == "reset"]
@@ -63,8 +83,8 @@ def test_a_lost_event_is_filled_from_the_replay_log() -> None:
     assert text == frames[-1]["text"]
 
 
-def test_a_gap_the_log_cannot_fill_is_answered_with_reset() -> None:
-    frames = run_turn(LossyBroker({3}, replay_window=1), window=1)
+async def test_a_gap_the_log_cannot_fill_is_answered_with_reset() -> None:
+    frames = await run_turn(LossyBroker({3}, replay_window=1))
     resets = [f for f in frames if f["type"] == "reset"]
     assert len(resets) == 1
     assert resets[0]["reason"] == "gap"
