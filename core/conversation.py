@@ -203,10 +203,20 @@ class ConversationService:
             await self.open_stream(business_id, conversation_id)
             return await self.broker.publish(conversation_id, type, payload)
 
-    async def open_stream(self, business_id: BusinessId, conversation_id: ConversationId) -> StreamPosition:
-        """Make sure the conversation's event log exists; return its position."""
-        conversation = await self.store.get_conversation(business_id, conversation_id)
-        return await self.broker.open(conversation_id, floor_seq=conversation.last_seq)
+    async def open_stream(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        conversation: Conversation | None = None,
+    ) -> StreamPosition:
+        """Make sure the conversation's event log exists (starting after the store's last seq);
+        return its position, recording a new epoch in the store."""
+        if conversation is None:
+            conversation = await self.store.get_conversation(business_id, conversation_id)
+        position = await self.broker.open(conversation_id, floor_seq=conversation.last_seq)
+        if position.epoch != conversation.epoch:
+            await self.store.set_epoch(business_id, conversation_id, position.epoch)
+        return position
 
     async def _publish_message(self, business_id: BusinessId, message: Message) -> int:
         event = await self.publish(

@@ -47,6 +47,8 @@ class Conversation:
     """The answer being generated right now, if any."""
     last_seq: int = 0
     """The highest seq of the conversation's events the store has recorded on a message."""
+    epoch: str | None = None
+    """The epoch of the event log the conversation's seqs were last opened in."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,9 @@ class Store(Protocol):
     ) -> None:
         """Record the answer being generated now (None when it ended)."""
 
+    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
+        """Record the epoch of the conversation's event log (when a log was opened anew)."""
+
     async def list_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
     ) -> list[Message]:

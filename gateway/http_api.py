@@ -148,7 +148,7 @@ async def list_messages(request: Request) -> Response:
     conversation = await gw.store.get_conversation(principal.business_id, cid)
     # The position is read before the rows: a client that resets can go live from this seq
     # without a gap; a message it then sees twice has the same message_id.
-    position = await gw.broker.open(cid, floor_seq=conversation.last_seq)
+    position = await gw.conversations.open_stream(principal.business_id, cid, conversation)
     rows = await gw.store.list_messages(principal.business_id, cid, after_seq=after_seq, limit=limit)
     return JSONResponse(
         {

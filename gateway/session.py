@@ -272,7 +272,7 @@ class Session:
     async def _welcome(self, hello: Hello, conversation: Conversation) -> None:
         """Send welcome, then what a resuming client missed, then release held live events."""
         cid = conversation.conversation_id
-        position = await self.gw.broker.open(cid, floor_seq=conversation.last_seq)
+        position = await self.gw.conversations.open_stream(conversation.business_id, cid, conversation)
         welcome = {
             "type": "welcome",
             "session_id": self.session_id,

@@ -165,6 +165,10 @@ class MemoryStore:
         rows = self._rows(business_id, conversation_id)
         rows.conversation = dataclasses.replace(rows.conversation, active_response_id=response_id)
 
+    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
+        rows = self._rows(business_id, conversation_id)
+        rows.conversation = dataclasses.replace(rows.conversation, epoch=epoch)
+
     async def list_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
     ) -> list[Message]:

@@ -156,3 +156,10 @@ async def test_the_active_response_is_recorded_and_cleared(store: Store) -> None
     assert (await store.get_conversation(conv.business_id, conv.conversation_id)).active_response_id == rid
     await store.set_active_response(conv.business_id, conv.conversation_id, None)
     assert (await store.get_conversation(conv.business_id, conv.conversation_id)).active_response_id is None
+
+
+async def test_the_epoch_is_recorded(store: Store) -> None:
+    conv = await a_conversation(store)
+    assert conv.epoch is None
+    await store.set_epoch(conv.business_id, conv.conversation_id, "e-2")
+    assert (await store.get_conversation(conv.business_id, conv.conversation_id)).epoch == "e-2"

@@ -1,0 +1,10 @@
+DROP TABLE IF EXISTS audit_logs;
+DROP TABLE IF EXISTS extraction_rules;
+DROP TABLE IF EXISTS stage_transitions;
+DROP TABLE IF EXISTS stages;
+DROP TABLE IF EXISTS templates;
+DROP TABLE IF EXISTS messages;
+DROP TABLE IF EXISTS conversations;
+DROP TABLE IF EXISTS end_users;
+DROP TABLE IF EXISTS agents;
+DROP TABLE IF EXISTS businesses;
