@@ -126,7 +126,9 @@ class ConversationService:
                 seq = message.seq
                 if seq is None:  # new, or stored by an earlier attempt whose publish failed
                     seq = await self._publish_message(bid, message)
-        if not created:
+        # A row that existed but had no seq was stored by an attempt that never got to publish it
+        # (the store failed, or its answer to that attempt was lost): it is new to everyone else.
+        if not created and message.seq is not None:
             self.observer.message_processed("duplicate")
             return Ack(client_msg_id, message.message_id, seq, duplicate=True)
         if should_answer(conversation.mode):
@@ -323,25 +325,33 @@ class ConversationService:
         text: str,
         status: AnswerStatus,
     ) -> None:
-        # Shielded: the partial answer must be stored even when this task is being cancelled.
-        message = await asyncio.shield(
-            self.store.add_assistant_message(business_id, cid, response_id, text, status)
-        )
-        event = await self.publish(
-            business_id,
-            cid,
-            EventType.AI_END,
-            {
-                "response_id": response_id,
-                "message_id": message.message_id,
-                "status": status.value,
-                "text": text,
-            },
-        )
-        assert event.seq is not None
-        await self.store.set_message_seq(business_id, message.message_id, event.seq)
-        await self.store.set_active_response(business_id, cid, None)
+        """Store the answer and publish its ai_end. The ai_end goes out even when the store fails
+        (with `message_id` null), so that no client is left waiting for an answer that ended."""
+        message: Message | None = None
+        try:
+            # Shielded: the partial answer must be stored even when this task is being cancelled.
+            message = await asyncio.shield(
+                self.store.add_assistant_message(business_id, cid, response_id, text, status)
+            )
+        except CoreError as exc:
+            log.error("storing an answer failed: %s", exc.message, extra={"conversation_id": cid})
+            self.observer.error(exc.code)
+        payload = {
+            "response_id": response_id,
+            "message_id": message.message_id if message else None,
+            "status": status.value,
+            "text": text,
+        }
+        event = await self.publish(business_id, cid, EventType.AI_END, payload)
         self.observer.answer_ended(status)
+        try:
+            if message is not None:
+                assert event.seq is not None
+                await self.store.set_message_seq(business_id, message.message_id, event.seq)
+            await self.store.set_active_response(business_id, cid, None)
+        except CoreError as exc:
+            log.error("recording an answer's end failed: %s", exc.message, extra={"conversation_id": cid})
+            self.observer.error(exc.code)
 
     async def _prompt(self, business: Business, conversation: Conversation) -> list[ChatMessage]:
         history = await self.store.recent_messages(

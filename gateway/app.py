@@ -19,7 +19,7 @@ from core.llm import LLMProvider
 from core.scripted_llm import ScriptedLLM
 from gateway import http_api
 from gateway.auth import TokenIssuer
-from gateway.backends import make_broker, make_store
+from gateway.backends import make_backends
 from gateway.context import Gateway
 from gateway.demo import DEMO_BUSINESS
 from gateway.hub import Hub
@@ -42,8 +42,8 @@ def make_llm(settings: Settings) -> LLMProvider:
 
 def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gateway:
     """Everything one process shares; `broker` replaces the one the settings select (tests)."""
-    store = make_store(settings.database_url)
-    broker = broker or make_broker(settings.redis_url, replay_window=settings.replay_window)
+    backends = make_backends(settings, broker=broker)
+    store, broker = backends.store, backends.broker
     llm = make_llm(settings)
     metrics = Metrics()
     conversations = ConversationService(
@@ -66,8 +66,7 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
         hub=Hub(broker),
         tokens=TokenIssuer(settings.secret, ttl=settings.token_ttl),
         metrics=metrics,
-        store_backend="memory" if not settings.database_url else "postgres",
-        broker_backend="memory" if not settings.redis_url else "redis",
+        checks=backends.checks,
     )
 
 
@@ -86,7 +85,11 @@ def create_app(
             log.warning(
                 "CHATGW_SECRET is not set: tokens are signed with a random key and die with this process"
             )
-        log.info("starting: store=%s broker=%s model=%s", gw.store_backend, gw.broker_backend, gw.llm.name)
+        log.info(
+            "starting: %s, model=%s",
+            ", ".join(f"{name}={backend}" for name, (backend, _) in gw.checks.items()),
+            gw.llm.name,
+        )
         await gw.store.connect()
         await gw.broker.connect()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
 import uvicorn
@@ -19,6 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default $PORT or 8000)")
+    migrate = commands.add_parser("migrate", help="apply or undo database migrations (needs DATABASE_URL)")
+    steps = migrate.add_subparsers(dest="action", required=True)
+    up = steps.add_parser("up", help="apply pending migrations")
+    up.add_argument("steps", nargs="?", type=_steps, default=None, help="how many (default: all)")
+    down = steps.add_parser("down", help="undo applied migrations, newest first")
+    down.add_argument("steps", nargs="?", type=_steps, default=1, help="how many, or 'all' (default: 1)")
+    steps.add_parser("status", help="list migrations and whether each is applied")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -27,7 +35,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve_command(settings, host=args.host or settings.host, port=args.port or settings.port)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    return migrate_command(settings, args.action, args.steps if args.action != "status" else None)
+
+
+def _steps(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        steps = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number or 'all'") from None
+    if steps < 1:
+        raise argparse.ArgumentTypeError("expected a number >= 1 or 'all'")
+    return steps
+
+
+def migrate_command(settings: Settings, action: str, steps: int | None) -> int:
+    if not settings.database_url:
+        print(
+            "chatgw migrate: DATABASE_URL is not set (the embedded default keeps no schema)", file=sys.stderr
+        )
+        return 2
+    import asyncpg
+
+    from gateway.migrate import MigrationError, Migrator
+
+    try:
+        migrator = Migrator(settings.database_url)
+        if action == "status":
+            for state in asyncio.run(migrator.status()):
+                when = state.applied_at.isoformat(timespec="seconds") if state.applied_at else "pending"
+                print(f"{state.version:04d} {state.name:<32} {when}")
+            return 0
+        if action == "up":
+            done = asyncio.run(migrator.up(steps))
+            verb = "applied"
+        else:
+            done = asyncio.run(migrator.down(steps))
+            verb = "undid"
+    except (MigrationError, OSError, asyncpg.PostgresError) as exc:
+        print(f"chatgw migrate: {exc}", file=sys.stderr)
+        return 1
+    for migration in done:
+        print(f"{verb} {migration.version:04d} {migration.name}")
+    if not done:
+        print("nothing to do")
+    return 0
 
 
 def serve_command(settings: Settings, *, host: str, port: int) -> int:

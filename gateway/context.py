@@ -9,6 +9,7 @@ from core.conversation import ConversationService
 from core.llm import LLMProvider
 from core.store import Store
 from gateway.auth import TokenIssuer
+from gateway.backends import Check
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.settings import Settings
@@ -24,5 +25,5 @@ class Gateway:
     hub: Hub
     tokens: TokenIssuer
     metrics: Metrics
-    store_backend: str
-    broker_backend: str
+    checks: dict[str, tuple[str, Check]]
+    """Dependency name -> (backend name, readiness check), for /readyz and the start log."""

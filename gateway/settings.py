@@ -43,6 +43,9 @@ class Settings:
     delta_max_chars: int = 512
     ws_ping_interval: float = 20.0
     graceful_shutdown: float = 10.0
+    db_pool_size: int = 10
+    state_ttl: int = 3600
+    redis_prefix: str = "chatgw:"
     log_level: str = "INFO"
     log_format: str = "json"
 
@@ -80,6 +83,9 @@ class Settings:
             delta_max_chars=e.integer("CHATGW_DELTA_MAX_CHARS", 512, low=1),
             ws_ping_interval=e.number("CHATGW_WS_PING_INTERVAL_S", 20.0, low=1),
             graceful_shutdown=e.number("CHATGW_GRACEFUL_SHUTDOWN_S", 10.0, low=0),
+            db_pool_size=e.integer("CHATGW_DB_POOL_SIZE", 10, low=1, high=1000),
+            state_ttl=e.integer("CHATGW_STATE_TTL_S", 3600, low=1),
+            redis_prefix=e.get("CHATGW_REDIS_PREFIX") or "chatgw:",
             log_level=(e.get("CHATGW_LOG_LEVEL") or "INFO").upper(),
             log_format=log_format,
         )

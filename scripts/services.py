@@ -410,6 +410,11 @@ def _pg_temp_parent(account: pwd.struct_passwd | None) -> Path:
 
 def start_postgres(initdb: Path, pg_ctl: Path) -> str:
     """initdb + pg_ctl start a throwaway cluster on a free port; return its URL once it answers."""
+    return start_postgres_cluster(initdb, pg_ctl)[0]
+
+
+def start_postgres_cluster(initdb: Path, pg_ctl: Path) -> tuple[str, Path]:
+    """Like start_postgres, and also return the cluster's base directory (for stop/restart)."""
     account = _postgres_os_user()
     base = Path(tempfile.mkdtemp(prefix="chatgw-test-pg-", dir=_pg_temp_parent(account)))
     if account is not None:
@@ -472,23 +477,42 @@ def start_postgres(initdb: Path, pg_ctl: Path) -> str:
         f"(data directory {data}, log {log_path})"
     )
     log(f"started postgresql port={port} dir={base}")
-    return url
+    return url, base
 
 
-def stop_postgres(base: Path) -> None:
+def stop_postgres(base: Path, mode: str = "immediate") -> None:
     """Stop a throwaway server started by start_postgres; base is the dir= of its "started" line."""
+    _pg_ctl(base, "-m", mode, "-w", "stop")
+
+
+def restart_stopped_postgres(base: Path) -> None:
+    """Start a stopped throwaway server again, on its old port and options (postmaster.opts)."""
+    opts = (base / "data" / "postmaster.opts").read_text().split(None, 1)
+    options = opts[1].strip() if len(opts) > 1 else ""
+    _pg_ctl(
+        base,
+        "-o",
+        options.replace('"-D" "' + str(base / "data") + '"', ""),
+        "-l",
+        str(base / "postgresql.log"),
+        "-w",
+        "start",
+    )
+
+
+def _pg_ctl(base: Path, *args: str) -> None:
     binaries = find_postgres_binaries()
     if binaries is None:
         raise ServiceError("no pg_ctl found on PATH or under /usr/lib/postgresql/*/bin")
     result = _run_as(
         _postgres_os_user(),
-        [str(binaries[1]), "-D", str(base / "data"), "-m", "immediate", "-w", "stop"],
+        [str(binaries[1]), "-D", str(base / "data"), *args],
         cwd=base,
         timeout=60,
     )
     if result.returncode != 0:
         raise ServiceError(
-            f"pg_ctl stop in {base} failed with status {result.returncode}: {_output_tail(result)}"
+            f"pg_ctl {' '.join(args)} in {base} failed with status {result.returncode}: {_output_tail(result)}"
         )
 
 

@@ -1,21 +1,55 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
+from tests.databases import delete_redis_keys, drop_database, migrated_database, redis_url, sync
 from tests.servers import GatewayProcess, start_gateway
 
 
 @pytest.fixture(scope="session")
-def gateway_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., GatewayProcess]]:
-    """Start gateway processes with extra environment; all are stopped at the end of the run."""
+def database_url() -> Iterator[str]:
+    """A migrated PostgreSQL database of this test run's own, dropped at the end."""
+    url = sync(migrated_database())
+    yield url
+    sync(drop_database(url))
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix of this test run's own; its keys are deleted at the end."""
+    prefix = f"chatgw-test-{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    delete_redis_keys(prefix)
+
+
+@pytest.fixture(scope="session", params=["memory", "postgres+redis"])
+def backend_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment that selects the backends every end-to-end test runs against: the embedded
+    default, then PostgreSQL with the Redis state cache."""
+    if request.param == "memory":
+        return {}
+    return {
+        "DATABASE_URL": request.getfixturevalue("database_url"),
+        "REDIS_URL": redis_url(),
+        "CHATGW_REDIS_PREFIX": request.getfixturevalue("redis_prefix"),
+    }
+
+
+@pytest.fixture(scope="session")
+def gateway_factory(
+    tmp_path_factory: pytest.TempPathFactory, backend_env: dict[str, str]
+) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start gateway processes on the selected backends, with extra environment; all are stopped at
+    the end of the run."""
     started: list[GatewayProcess] = []
     log_dir = tmp_path_factory.mktemp("gateways")
 
     def start(env: Mapping[str, str] | None = None) -> GatewayProcess:
-        gw = start_gateway(log_dir, env)
+        gw = start_gateway(log_dir, {**backend_env, **(env or {})})
         started.append(gw)
         return gw
 

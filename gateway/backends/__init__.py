@@ -2,23 +2,66 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
 from core.broker import Broker
 from core.store import Store
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], Awaitable[None]]
 
 
-def make_store(database_url: str | None) -> Store:
-    """MemoryStore without a URL; the PostgreSQL store arrives with the persistence work."""
-    if not database_url:
-        from gateway.backends.memory_store import MemoryStore
+@dataclass(slots=True)
+class Backends:
+    store: Store
+    broker: Broker
+    checks: dict[str, tuple[str, Check]] = field(default_factory=dict)
+    """Dependency name -> (backend name, readiness check) for /readyz."""
 
-        return MemoryStore()
-    raise ValueError(f"unsupported DATABASE_URL scheme: {database_url.split(':', 1)[0]!r}")
+
+def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backends:
+    """The store (memory, or PostgreSQL with a Redis state cache when REDIS_URL is set) and the broker."""
+    store = _make_store(settings)
+    checks: dict[str, tuple[str, Check]] = {}
+    if settings.database_url:
+        from gateway.backends.postgres_store import PostgresStore
+
+        pg = PostgresStore(settings.database_url, pool_size=settings.db_pool_size)
+        checks["store"] = ("postgres", pg.ping)
+        store = pg
+        if settings.redis_url:
+            from gateway.backends.redis_state import CachedStore, RedisStateCache
+
+            cache = RedisStateCache(settings.redis_url, prefix=settings.redis_prefix, ttl=settings.state_ttl)
+            checks["state_cache"] = ("redis", cache.ping)
+            store = CachedStore(pg, cache)
+    else:
+        checks["store"] = ("memory", store.ping)
+        if settings.redis_url:
+            log.warning(
+                "REDIS_URL is set without DATABASE_URL: the memory store keeps state, Redis is not used"
+            )
+    if broker is None:
+        broker = _make_broker(settings)
+    checks["broker"] = ("memory", broker.ping)
+    return Backends(store, broker, checks)
 
 
-def make_broker(redis_url: str | None, *, replay_window: int) -> Broker:
-    """MemoryBroker without a URL; the Redis broker arrives with the scale-out work."""
-    if not redis_url:
-        from gateway.backends.memory_broker import MemoryBroker
+def _make_store(settings: Settings) -> Store:
+    if settings.database_url and settings.database_url.split(":", 1)[0] not in ("postgres", "postgresql"):
+        raise ValueError(f"unsupported DATABASE_URL scheme: {settings.database_url.split(':', 1)[0]!r}")
+    from gateway.backends.memory_store import MemoryStore
 
-        return MemoryBroker(replay_window=replay_window)
-    raise ValueError(f"unsupported REDIS_URL scheme: {redis_url.split(':', 1)[0]!r}")
+    return MemoryStore()
+
+
+def _make_broker(settings: Settings) -> Broker:
+    """MemoryBroker: fan-out within this process. Fan-out across instances (RedisBroker) is not in
+    this version; with REDIS_URL set, Redis holds the conversation-state cache only."""
+    from gateway.backends.memory_broker import MemoryBroker
+
+    return MemoryBroker(replay_window=settings.replay_window)

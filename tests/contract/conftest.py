@@ -1,5 +1,6 @@
-"""Backends under contract. Each parameter is one implementation; the persistence and scale-out
-work adds "postgres" and "redis" here, and every contract test then runs against them too."""
+"""Backends under contract. Each parameter is one implementation (the PostgreSQL store also behind
+the Redis state cache); every contract test runs against each. The Redis broker joins the broker
+parameters with the scale-out work."""
 
 from __future__ import annotations
 
@@ -11,13 +12,23 @@ from core.broker import Broker
 from core.store import Store
 from gateway.backends.memory_broker import MemoryBroker
 from gateway.backends.memory_store import MemoryStore
+from gateway.backends.postgres_store import PostgresStore
+from gateway.backends.redis_state import CachedStore, RedisStateCache
+from tests.databases import redis_url
 
 REPLAY_WINDOW = 8
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "postgres", "postgres+redis"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    backend: Store = MemoryStore()
+    backend: Store
+    if request.param == "memory":
+        backend = MemoryStore()
+    else:
+        backend = PostgresStore(request.getfixturevalue("database_url"), pool_size=4)
+        if request.param == "postgres+redis":
+            prefix = request.getfixturevalue("redis_prefix")
+            backend = CachedStore(backend, RedisStateCache(redis_url(), prefix=prefix, ttl=60))
     await backend.connect()
     yield backend
     await backend.close()

@@ -94,12 +94,18 @@ def test_history_of_another_conversation_is_refused(gateway: GatewayProcess) -> 
     assert "limit" in bad.json()["error"]["message"]
 
 
-def test_health_readiness_and_metrics(gateway: GatewayProcess) -> None:
+def test_health_and_readiness_report_each_dependency(gateway: GatewayProcess) -> None:
     assert httpx.get(f"{gateway.http}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{gateway.http}/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"]["store"] == {"backend": "memory", "ok": True}
-    assert ready.json()["checks"]["broker"] == {"backend": "memory", "ok": True}
+    checks = ready.json()["checks"]
+    assert checks["broker"] == {"backend": "memory", "ok": True}
+    if "DATABASE_URL" in gateway.env:
+        assert checks["store"] == {"backend": "postgres", "ok": True}
+        assert checks["state_cache"] == {"backend": "redis", "ok": True}
+    else:
+        assert checks["store"] == {"backend": "memory", "ok": True}
+        assert "state_cache" not in checks
 
 
 async def test_metrics_count_sockets_frames_messages_and_first_tokens(gateway: GatewayProcess) -> None:

@@ -162,3 +162,26 @@ async def test_typing_reaches_other_sockets_of_the_conversation_only(gateway: Ga
     await asyncio.gather(sender.until_ai_end(), watcher.until_ai_end())
     await sender.close()
     await watcher.close()
+
+
+async def test_duplicates_sent_at_once_from_many_sockets_make_one_message(gateway: GatewayProcess) -> None:
+    """Ten sockets of one conversation send the same client_msg_id at the same moment: every one
+    gets the same ack, the conversation has one such message, and it is answered once."""
+    widget = new_widget(gateway)
+    clients = [await Client.open(gateway) for _ in range(10)]
+    for client in clients:
+        await client.hello(widget)
+    frame = {"type": "message", "client_msg_id": "everyone", "text": "same words"}
+    await asyncio.gather(*(client.send(frame) for client in clients))
+    acks = await asyncio.gather(*(client.recv_type("ack") for client in clients))
+    assert len({(a["message_id"], a["seq"]) for a in acks}) == 1
+    ends = await asyncio.gather(*(client.recv_type("ai_end") for client in clients))
+    assert len({e["response_id"] for e in ends}) == 1
+
+    history = httpx.get(
+        f"{gateway.http}/v1/conversations/{widget.conversation_id}/messages",
+        headers={"Authorization": f"Bearer {widget.token}"},
+    ).json()["messages"]
+    assert [(m["role"], m["client_msg_id"]) for m in history] == [("user", "everyone"), ("assistant", None)]
+    for client in clients:
+        await client.close()

@@ -1,0 +1,497 @@
+"""PostgresStore: the Store on PostgreSQL, through an asyncpg pool.
+
+Implements the Store contract (core.store). Connection management, after the message-handling
+guide's ConnectionManager: a pool sized from settings; transient failures (a connection killed,
+the server restarting, too many connections, serialisation failures) are retried with capped,
+jittered backoff on a fresh connection, which is how a restarted PostgreSQL is reconnected without
+restarting the gateway; when the retries run out the caller gets `Unavailable` with a retry hint.
+Every statement is parameterised and filtered by the caller's business id. asyncpg types and
+exceptions stop here: SQLSTATEs become the core's errors.
+
+Retrying a write is safe because every write here is idempotent (keyed inserts, set-once
+updates) or harmless when repeated (a new end user or conversation that nobody will reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+
+from core.errors import Conflict, CoreError, NotFound, Unavailable
+from core.models import Business, Conversation, Message
+from core.types import (
+    AnswerStatus,
+    BusinessId,
+    ConversationId,
+    EndUserId,
+    MessageId,
+    Mode,
+    ResponseId,
+    Role,
+    StageName,
+    new_id,
+)
+from gateway.migrate import Migrator, schema_version
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Failures after which the same statement may succeed on another connection or a moment later.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up or shutting down
+    asyncpg.exceptions.AdminShutdownError,  # 57P01: terminated (pg_terminate_backend, restart)
+    asyncpg.exceptions.CrashShutdownError,  # 57P02
+    asyncpg.exceptions.TooManyConnectionsError,  # 53300
+    asyncpg.exceptions.SerializationError,  # 40001
+    asyncpg.exceptions.DeadlockDetectedError,  # 40P01
+    asyncpg.exceptions.InterfaceError,  # "connection is closed" and similar client-side states
+    # Releasing a connection the server killed mid-query can fail with "cannot switch to state";
+    # the pool discards that connection, so another attempt runs on a fresh one.
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+_MESSAGE_COLUMNS = (
+    "message_id, conversation_id, role, text, created_at, seq, client_msg_id, status, response_id"
+)
+_CONVERSATION_COLUMNS = (
+    "conversation_id, business_id, end_user_id, mode, current_stage, created_at, extracted_data,"
+    " active_response_id, last_seq, epoch"
+)
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 10,
+        attempts: int = 4,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 10.0,
+    ) -> None:
+        if pool_size < 1 or attempts < 1:
+            raise ValueError("pool_size and attempts must be >= 1")
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._attempts = attempts
+        self._connect_timeout = connect_timeout
+        self._statement_timeout = statement_timeout
+        self._pool: asyncpg.Pool | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the pool and check that the schema is migrated; fail with what to do if not."""
+        self._pool = await self._retrying(
+            lambda: asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._connect_timeout,
+                command_timeout=self._statement_timeout,
+                init=_init_connection,
+            ),
+            what="connect",
+        )
+        need = Migrator(self._dsn).latest
+        have = await self._run(schema_version)
+        if have < need:
+            await self.close()
+            raise Unavailable(
+                f"the database schema is at version {have}, this gateway needs {need}: run 'chatgw migrate up'"
+            )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:
+                pool.terminate()
+
+    async def ping(self) -> None:
+        await self._run(lambda c: c.fetchval("SELECT 1"))
+
+    @property
+    def pool_stats(self) -> tuple[int, int]:
+        """(connections open, connections idle), for metrics."""
+        if self._pool is None:
+            return (0, 0)
+        return (self._pool.get_size(), self._pool.get_idle_size())
+
+    # -- businesses and people ----------------------------------------------------------------
+
+    async def ensure_business(self, business: Business) -> Business:
+        settings = {
+            "response_template": business.response_template,
+            "system_prompt": business.system_prompt,
+            "entry_stage": business.entry_stage,
+        }
+
+        async def run(c: asyncpg.Connection) -> asyncpg.Record:
+            await c.execute(
+                "INSERT INTO businesses (business_id, public_id, name, info, allowed_origins, settings)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (public_id) DO NOTHING",
+                _uuid(business.business_id),
+                business.public_id,
+                business.name,
+                business.info,
+                list(business.allowed_origins),
+                settings,
+            )
+            return await c.fetchrow(_BUSINESS_SELECT + " WHERE public_id = $1", business.public_id)
+
+        return _business(await self._run(run))
+
+    async def get_business(self, business_id: BusinessId) -> Business:
+        row = await self._run(
+            lambda c: c.fetchrow(_BUSINESS_SELECT + " WHERE business_id = $1", _uuid(business_id))
+        )
+        if row is None:
+            raise NotFound("business not found")
+        return _business(row)
+
+    async def get_business_by_public_id(self, public_id: str) -> Business:
+        row = await self._run(lambda c: c.fetchrow(_BUSINESS_SELECT + " WHERE public_id = $1", public_id))
+        if row is None:
+            raise NotFound(f"no business with public id {public_id!r}")
+        return _business(row)
+
+    async def create_end_user(self, business_id: BusinessId, external_id: str | None) -> EndUserId:
+        end_user_id = new_id()
+        try:
+            await self._run(
+                lambda c: c.execute(
+                    "INSERT INTO end_users (end_user_id, business_id, external_id) VALUES ($1, $2, $3)",
+                    uuid.UUID(end_user_id),
+                    _uuid(business_id),
+                    external_id,
+                )
+            )
+        except NotFound:
+            raise NotFound("business not found") from None
+        return EndUserId(end_user_id)
+
+    # -- conversations ------------------------------------------------------------------------
+
+    async def create_conversation(
+        self, business_id: BusinessId, end_user_id: EndUserId, stage: StageName
+    ) -> Conversation:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "INSERT INTO conversations (conversation_id, business_id, end_user_id, current_stage)"
+                " SELECT $1, business_id, end_user_id, $4 FROM end_users"
+                " WHERE end_user_id = $3 AND business_id = $2"
+                f" RETURNING {_CONVERSATION_COLUMNS}",
+                uuid.UUID(new_id()),
+                _uuid(business_id),
+                _uuid(end_user_id),
+                stage,
+            )
+        )
+        if row is None:
+            raise NotFound("end user not found")
+        return _conversation(row)
+
+    async def get_conversation(
+        self, business_id: BusinessId, conversation_id: ConversationId
+    ) -> Conversation:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE conversation_id = $1 AND business_id = $2",
+                _uuid(conversation_id),
+                _uuid(business_id),
+            )
+        )
+        if row is None:
+            raise NotFound("conversation not found")
+        return _conversation(row)
+
+    async def set_active_response(
+        self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
+    ) -> None:
+        await self._update_conversation(
+            "active_response_id = $3",
+            business_id,
+            conversation_id,
+            _uuid(response_id) if response_id else None,
+        )
+
+    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
+        await self._update_conversation("epoch = $3", business_id, conversation_id, epoch)
+
+    async def _update_conversation(
+        self, assignment: str, business_id: BusinessId, conversation_id: ConversationId, value: Any
+    ) -> None:
+        status = await self._run(
+            lambda c: c.execute(
+                f"UPDATE conversations SET {assignment}, updated_at = now()"
+                " WHERE conversation_id = $1 AND business_id = $2",
+                _uuid(conversation_id),
+                _uuid(business_id),
+                value,
+            )
+        )
+        if status == "UPDATE 0":
+            raise NotFound("conversation not found")
+
+    # -- messages -----------------------------------------------------------------------------
+
+    async def add_user_message(
+        self, business_id: BusinessId, conversation_id: ConversationId, client_msg_id: str, text: str
+    ) -> tuple[Message, bool]:
+        return await self._insert_once(
+            business_id,
+            conversation_id,
+            key_column="client_msg_id",
+            key=client_msg_id,
+            values={"role": Role.USER.value, "text": text, "client_msg_id": client_msg_id},
+        )
+
+    async def add_assistant_message(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+    ) -> Message:
+        message, _created = await self._insert_once(
+            business_id,
+            conversation_id,
+            key_column="response_id",
+            key=_uuid(response_id),
+            values={
+                "role": Role.ASSISTANT.value,
+                "text": text,
+                "status": status.value,
+                "response_id": _uuid(response_id),
+            },
+        )
+        return message
+
+    async def _insert_once(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        *,
+        key_column: str,
+        key: Any,
+        values: Mapping[str, Any],
+    ) -> tuple[Message, bool]:
+        """Insert a message unless one with the same key exists; return it and whether it is new.
+
+        Two statements on purpose: under READ COMMITTED, the SELECT after an INSERT that lost a race
+        (ON CONFLICT DO NOTHING) takes a new snapshot and sees the winner's committed row; one
+        statement with a CTE would not."""
+        columns = ["message_id", "business_id", "conversation_id", *values]
+        params = [uuid.UUID(new_id()), _uuid(business_id), _uuid(conversation_id), *values.values()]
+        placeholders = ", ".join(f"${i}" for i in range(4, len(columns) + 1))
+        insert = (
+            f"INSERT INTO messages ({', '.join(columns)})"
+            f" SELECT $1, business_id, conversation_id, {placeholders} FROM conversations"
+            " WHERE conversation_id = $3 AND business_id = $2"
+            f" ON CONFLICT (conversation_id, {key_column}) DO NOTHING RETURNING {_MESSAGE_COLUMNS}"
+        )
+        select = (
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            f" WHERE conversation_id = $1 AND business_id = $2 AND {key_column} = $3"
+        )
+
+        async def run(c: asyncpg.Connection) -> tuple[asyncpg.Record | None, bool]:
+            row = await c.fetchrow(insert, *params)
+            if row is not None:
+                return row, True
+            return await c.fetchrow(select, _uuid(conversation_id), _uuid(business_id), key), False
+
+        row, created = await self._run(run)
+        if row is None:
+            raise NotFound("conversation not found")
+        return _message(row), created
+
+    async def set_message_seq(self, business_id: BusinessId, message_id: MessageId, seq: int) -> None:
+        async def run(c: asyncpg.Connection) -> asyncpg.Record | None:
+            async with c.transaction():
+                row = await c.fetchrow(
+                    "UPDATE messages SET seq = $3 WHERE message_id = $1 AND business_id = $2"
+                    " AND (seq IS NULL OR seq = $3) RETURNING conversation_id",
+                    _uuid(message_id),
+                    _uuid(business_id),
+                    seq,
+                )
+                if row is not None:
+                    await c.execute(
+                        "UPDATE conversations SET last_seq = GREATEST(last_seq, $2), updated_at = now()"
+                        " WHERE conversation_id = $1",
+                        row["conversation_id"],
+                        seq,
+                    )
+                return row
+
+        try:
+            row = await self._run(run)
+        except Conflict:
+            raise Conflict(f"seq {seq} is already taken in this conversation") from None
+        if row is None:
+            existing = await self._run(
+                lambda c: c.fetchval(
+                    "SELECT seq FROM messages WHERE message_id = $1 AND business_id = $2",
+                    _uuid(message_id),
+                    _uuid(business_id),
+                )
+            )
+            if existing is None:
+                raise NotFound("message not found")
+            raise Conflict(f"message already has seq {existing}")
+
+    async def list_messages(
+        self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
+    ) -> list[Message]:
+        return await self._messages(
+            business_id,
+            conversation_id,
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND business_id = $2"
+            " AND seq > $3 ORDER BY seq LIMIT $4",
+            after_seq,
+            max(limit, 0),
+        )
+
+    async def recent_messages(
+        self, business_id: BusinessId, conversation_id: ConversationId, *, limit: int
+    ) -> list[Message]:
+        return await self._messages(
+            business_id,
+            conversation_id,
+            f"SELECT * FROM (SELECT id, {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE conversation_id = $1 AND business_id = $2 ORDER BY id DESC LIMIT $3) AS recent ORDER BY id",
+            max(limit, 0),
+        )
+
+    async def _messages(
+        self, business_id: BusinessId, conversation_id: ConversationId, query: str, *args: Any
+    ) -> list[Message]:
+        async def run(c: asyncpg.Connection) -> list[asyncpg.Record] | None:
+            exists = await c.fetchval(
+                "SELECT 1 FROM conversations WHERE conversation_id = $1 AND business_id = $2",
+                _uuid(conversation_id),
+                _uuid(business_id),
+            )
+            if exists is None:
+                return None
+            return list(await c.fetch(query, _uuid(conversation_id), _uuid(business_id), *args))
+
+        rows = await self._run(run)
+        if rows is None:
+            raise NotFound("conversation not found")
+        return [_message(r) for r in rows]
+
+    # -- connection management ----------------------------------------------------------------
+
+    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `work` on a pooled connection, retrying transient failures on a fresh one."""
+        pool = self._pool
+        if pool is None:
+            raise Unavailable("the database is not connected")
+
+        async def attempt() -> T:
+            async with pool.acquire() as conn:
+                return await work(conn)
+
+        return await self._retrying(attempt, what="query")
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]], *, what: str) -> T:
+        delay = 0.05
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return await operation()
+            except CoreError:
+                raise
+            except asyncpg.exceptions.UniqueViolationError as exc:
+                raise Conflict(f"already exists ({exc.constraint_name})") from exc
+            except asyncpg.exceptions.ForeignKeyViolationError as exc:
+                raise NotFound(f"a referenced row does not exist ({exc.constraint_name})") from exc
+            except _TRANSIENT as exc:
+                if attempt == self._attempts:
+                    log.warning("database %s failed %d times: %r", what, attempt, exc)
+                    raise Unavailable("the database is unavailable", retry_after_ms=1000) from exc
+                log.info("database %s failed (attempt %d), retrying: %r", what, attempt, exc)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 3, 1.0)
+            except asyncpg.PostgresError as exc:
+                log.error("database %s failed: %s (SQLSTATE %s)", what, exc, exc.sqlstate)
+                raise CoreError(f"database error {exc.sqlstate}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+_BUSINESS_SELECT = "SELECT business_id, public_id, name, info, allowed_origins, settings FROM businesses"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+    )
+
+
+def _uuid(value: str) -> uuid.UUID:
+    """Our ids are UUIDs in text; anything else names nothing here."""
+    try:
+        return uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        raise NotFound(f"no such id: {value!r}") from None
+
+
+def _business(row: asyncpg.Record) -> Business:
+    settings = row["settings"] or {}
+    defaults = Business(business_id=BusinessId(""), public_id="", name="")
+    return Business(
+        business_id=BusinessId(str(row["business_id"])),
+        public_id=row["public_id"],
+        name=row["name"],
+        info=row["info"],
+        allowed_origins=tuple(row["allowed_origins"]),
+        response_template=settings.get("response_template", defaults.response_template),
+        system_prompt=settings.get("system_prompt", defaults.system_prompt),
+        entry_stage=settings.get("entry_stage", defaults.entry_stage),
+    )
+
+
+def _conversation(row: asyncpg.Record) -> Conversation:
+    return Conversation(
+        conversation_id=ConversationId(str(row["conversation_id"])),
+        business_id=BusinessId(str(row["business_id"])),
+        end_user_id=EndUserId(str(row["end_user_id"])),
+        mode=Mode(row["mode"]),
+        stage=StageName(row["current_stage"]),
+        created_at=row["created_at"],
+        data=row["extracted_data"] or {},
+        active_response_id=ResponseId(str(row["active_response_id"])) if row["active_response_id"] else None,
+        last_seq=row["last_seq"],
+        epoch=row["epoch"],
+    )
+
+
+def _message(row: asyncpg.Record) -> Message:
+    return Message(
+        message_id=MessageId(str(row["message_id"])),
+        conversation_id=ConversationId(str(row["conversation_id"])),
+        role=Role(row["role"]),
+        text=row["text"],
+        created_at=row["created_at"],
+        seq=row["seq"],
+        client_msg_id=row["client_msg_id"],
+        status=AnswerStatus(row["status"]) if row["status"] else None,
+        response_id=ResponseId(str(row["response_id"])) if row["response_id"] else None,
+    )

@@ -1,0 +1,580 @@
+"""The conversation-state cache (the message-handling guide's RedisStateManager).
+
+`RedisStateCache` keeps copies of `Conversation` records in Redis with a TTL; `CachedStore` puts it
+in front of any Store: reads go through it, writes go to the Store and then refresh it. The Store
+stays the source of truth and Redis never holds the only copy of anything, so losing Redis (or
+flushing it) costs latency, never data. Redis types and exceptions stop in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, Final, TypeVar
+
+import orjson
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+
+from core.errors import Conflict, CoreError, Forbidden, InvalidInput, NotFound, Unavailable
+from core.models import Business, Conversation, Message
+from core.store import Store
+from core.types import (
+    AnswerStatus,
+    BusinessId,
+    ConversationId,
+    EndUserId,
+    MessageId,
+    Mode,
+    ResponseId,
+    StageName,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_TTL: Final = 3600
+_FORMAT: Final = 1  # stored in every value: a value of another format is a miss, not a wrong state
+_REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
+# Store errors after which the write certainly did not happen (the contract's definite failures).
+_NOT_WRITTEN: Final = (NotFound, Forbidden, Conflict, InvalidInput)
+
+
+class RedisStateCache:
+    """Copies of conversation state in Redis, one key a conversation, each with a TTL.
+
+    Guarantees:
+
+    - `get` returns a `Conversation` equal to the one last `put` for that id, or None (never
+      stored, expired, dropped, or unreadable: a value that does not parse is dropped and is a
+      miss). `put` refuses (`InvalidInput`) a conversation it could not read back equal.
+    - Every stored value expires after `ttl` seconds; nothing here is the only copy of anything.
+    - Redis failures (errors, refused connections, timeouts) are `Unavailable`; no redis type leaks.
+      Operations fail fast: short socket timeouts and a single reconnect attempt.
+
+    Key: ``{prefix}conv:{conversation_id}:state``; the value is JSON (orjson).
+    """
+
+    def __init__(self, url: str, *, prefix: str, ttl: int = DEFAULT_TTL) -> None:
+        if not url:
+            raise ValueError("the state cache needs a Redis URL")
+        if ttl < 1:
+            raise ValueError("the state cache TTL must be >= 1 second")
+        self._url = url
+        self._prefix = prefix
+        self._ttl = ttl
+        self._client: redis.asyncio.Redis | None = None
+
+    @property
+    def ttl(self) -> int:
+        return self._ttl
+
+    def key(self, conversation_id: ConversationId) -> str:
+        return f"{self._prefix}conv:{conversation_id}:state"
+
+    async def connect(self) -> None:
+        """Create the client. Does not contact Redis: a cache that is down must not stop a start."""
+        if self._client is None:
+            self._client = redis.asyncio.Redis.from_url(
+                self._url,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+                health_check_interval=30,
+                # One reconnect (a pooled connection the server closed), not the default ten: a
+                # cache that does not answer at once is bypassed, not waited for.
+                retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
+            )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def ping(self) -> None:
+        await self._call(lambda client: client.ping())
+
+    async def get(self, conversation_id: ConversationId) -> Conversation | None:
+        key = self.key(conversation_id)
+        raw = await self._call(lambda client: client.get(key))
+        if raw is None:
+            return None
+        try:
+            return _decode(raw)
+        except ValueError:
+            log.warning(
+                "unreadable conversation state dropped from the cache",
+                extra={"conversation_id": conversation_id},
+            )
+            await self.drop(conversation_id)
+            return None
+
+    async def put(self, conversation: Conversation, *, only_if_absent: bool = False) -> None:
+        """Store the state for `ttl` seconds. `only_if_absent` leaves a value already there in place
+        (a read that fills a miss must not overwrite the fresher state a write put meanwhile)."""
+        raw = _encode(conversation)
+        key = self.key(conversation.conversation_id)
+        await self._call(lambda client: client.set(key, raw, ex=self._ttl, nx=only_if_absent))
+
+    async def drop(self, conversation_id: ConversationId) -> None:
+        key = self.key(conversation_id)
+        await self._call(lambda client: client.unlink(key))
+
+    async def drop_all(self) -> int:
+        """Delete every conversation state under this prefix; return how many keys went. Scans the
+        keyspace: for the rare case where the caller cannot tell which conversation changed."""
+        pattern = f"{_glob_escape(self._prefix)}conv:*:state"
+
+        async def scan_and_unlink(client: redis.asyncio.Redis) -> int:
+            dropped = 0
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    dropped += await client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                dropped += await client.unlink(*batch)
+            return dropped
+
+        return await self._call(scan_and_unlink)
+
+    async def _call(self, operation: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
+        client = self._client
+        if client is None:
+            raise Unavailable("the state cache is not connected")
+        try:
+            return await operation(client)
+        except _REDIS_FAILURES as exc:
+            raise Unavailable(f"the state cache failed: {exc!r}") from exc
+
+
+class CachedStore:
+    """A Store whose conversation state is read through and written through a `RedisStateCache`.
+
+    It keeps the whole Store contract (core.store): `inner` does every write and enforces it; only
+    `get_conversation` may be answered from the cache. Guarantees on top:
+
+    - Source of truth: the cache only ever receives a state `inner` returned. After a successful
+      `create_conversation`, `set_active_response`, `set_epoch` or `set_message_seq`, the state is
+      re-read from `inner` (after the write) and stored, so the next read here returns the write.
+    - Tenancy holds with a warm cache: a cached state is returned only to its own business; any
+      other business's read goes to `inner`, which answers `NotFound` as it always does.
+    - The cache is never a point of failure: when Redis fails, calls are served by `inner` alone,
+      one warning is logged per outage ("state cache recovered" when it works again), and Redis is
+      not tried again for `retry_after` seconds, so an outage costs no timeouts per request.
+    - No stale state is trusted after a write from this process. A refresh that cannot store the
+      new state deletes the key; if that fails too, the conversation becomes *suspect*: its reads
+      bypass the cache until one of them has stored a fresh state. A write that fails in a way that
+      leaves its outcome unknown (`Unavailable`, a timeout, a cancellation) also makes it suspect.
+      The same happens if more than `max_suspects` are pending: the whole cache is then distrusted
+      until a flush of the prefix (`drop_all`) succeeds.
+    - Ordering in this process: refreshes and miss-fills of one conversation run under a lock, so a
+      later one always stores a later read; a miss-fill never overwrites a value already there.
+
+    `set_message_seq` takes a message id, and the Store interface cannot map it to a conversation.
+    So the conversation of every message this store returned (`add_*_message`, `list_messages`,
+    `recent_messages`) is remembered (the last `max_tracked_messages`), which covers the gateway's
+    calls (it sequences a message it has just added). For an id not remembered the whole cache is
+    distrusted and flushed, as above: correct, slow, rare.
+
+    Limits: the suspect set and the locks are per process. Two processes writing the same
+    conversation at once may leave the older of their two refreshes in Redis until the next write
+    or the TTL; a process that could not reach Redis during a write protects only its own reads.
+    """
+
+    def __init__(
+        self,
+        inner: Store,
+        cache: RedisStateCache,
+        *,
+        retry_after: float = 5.0,
+        max_suspects: int = 10_000,
+        max_tracked_messages: int = 10_000,
+    ) -> None:
+        self._inner = inner
+        self._cache = cache
+        self._retry_after = retry_after
+        self._max_suspects = max_suspects
+        self._max_tracked_messages = max_tracked_messages
+        self._cache_down = False
+        self._retry_at = 0.0
+        # A logical clock orders suspect marks, distrust requests and flushes (see _flush).
+        self._clock = 0
+        self._suspects: dict[ConversationId, int] = {}
+        self._distrusted: int | None = None  # clock of the newest full-flush request not yet done
+        self._last_distrust = 0  # clock of the newest full-flush request, done or not
+        self._messages: OrderedDict[MessageId, ConversationId] = OrderedDict()
+        self._locks: dict[ConversationId, tuple[asyncio.Lock, int]] = {}
+
+    @property
+    def cache(self) -> RedisStateCache:
+        return self._cache
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self._inner.connect()
+        await self._cache.connect()
+
+    async def close(self) -> None:
+        try:
+            await self._inner.close()
+        finally:
+            await self._cache.close()
+
+    async def ping(self) -> None:
+        """Ping the store (the source of truth); see `cache_ping` for the cache."""
+        await self._inner.ping()
+
+    async def cache_ping(self) -> None:
+        """Return when Redis answers; raise `Unavailable` otherwise (a readiness detail: the
+        store works without it)."""
+        await self._cache.ping()
+
+    # -- delegated unchanged --------------------------------------------------------------------
+
+    async def ensure_business(self, business: Business) -> Business:
+        return await self._inner.ensure_business(business)
+
+    async def get_business(self, business_id: BusinessId) -> Business:
+        return await self._inner.get_business(business_id)
+
+    async def get_business_by_public_id(self, public_id: str) -> Business:
+        return await self._inner.get_business_by_public_id(public_id)
+
+    async def create_end_user(self, business_id: BusinessId, external_id: str | None) -> EndUserId:
+        return await self._inner.create_end_user(business_id, external_id)
+
+    async def add_user_message(
+        self, business_id: BusinessId, conversation_id: ConversationId, client_msg_id: str, text: str
+    ) -> tuple[Message, bool]:
+        message, created = await self._inner.add_user_message(
+            business_id, conversation_id, client_msg_id, text
+        )
+        self._track(message)
+        return message, created
+
+    async def add_assistant_message(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+    ) -> Message:
+        message = await self._inner.add_assistant_message(
+            business_id, conversation_id, response_id, text, status
+        )
+        self._track(message)
+        return message
+
+    async def list_messages(
+        self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
+    ) -> list[Message]:
+        messages = await self._inner.list_messages(
+            business_id, conversation_id, after_seq=after_seq, limit=limit
+        )
+        for message in messages:
+            self._track(message)
+        return messages
+
+    async def recent_messages(
+        self, business_id: BusinessId, conversation_id: ConversationId, *, limit: int
+    ) -> list[Message]:
+        messages = await self._inner.recent_messages(business_id, conversation_id, limit=limit)
+        for message in messages:
+            self._track(message)
+        return messages
+
+    # -- conversation state ---------------------------------------------------------------------
+
+    async def get_conversation(
+        self, business_id: BusinessId, conversation_id: ConversationId
+    ) -> Conversation:
+        if self._distrusted is not None:
+            await self._flush()
+        if self._distrusted is None and conversation_id not in self._suspects:
+            try:
+                cached = await self._cache_call(lambda: self._cache.get(conversation_id))
+            except Unavailable:
+                cached = None
+            if cached is not None:
+                if cached.business_id == business_id:
+                    return cached
+                # Another business: answer exactly as the store does (NotFound), from the store.
+                return await self._inner.get_conversation(business_id, conversation_id)
+        return await self._load(business_id, conversation_id)
+
+    async def create_conversation(
+        self, business_id: BusinessId, end_user_id: EndUserId, stage: StageName
+    ) -> Conversation:
+        conversation = await self._inner.create_conversation(business_id, end_user_id, stage)
+        # The id is new: nobody else can have written the conversation yet, so the returned
+        # state is the stored one and needs no re-read.
+        await self._refresh(business_id, conversation.conversation_id, conversation)
+        return conversation
+
+    async def set_active_response(
+        self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
+    ) -> None:
+        await self._write(
+            business_id,
+            conversation_id,
+            lambda: self._inner.set_active_response(business_id, conversation_id, response_id),
+        )
+
+    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
+        await self._write(
+            business_id, conversation_id, lambda: self._inner.set_epoch(business_id, conversation_id, epoch)
+        )
+
+    async def set_message_seq(self, business_id: BusinessId, message_id: MessageId, seq: int) -> None:
+        conversation_id = self._messages.get(message_id)
+        write = functools.partial(self._inner.set_message_seq, business_id, message_id, seq)
+        if conversation_id is not None:
+            await self._write(business_id, conversation_id, write)
+            return
+        # Unknown message: its conversation's last_seq may rise and we cannot tell which one.
+        # Distrust before the write (no read fills the cache meanwhile) and after it (a read that
+        # raced the write cannot leave its older state behind), then flush the prefix.
+        self._distrust()
+        try:
+            await write()
+        finally:
+            self._distrust()
+        await self._flush()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    async def _write(
+        self, business_id: BusinessId, conversation_id: ConversationId, write: Callable[[], Awaitable[None]]
+    ) -> None:
+        try:
+            await write()
+        except _NOT_WRITTEN:
+            raise
+        except BaseException:
+            self._suspect(conversation_id)  # it may have been written all the same
+            raise
+        await self._refresh(business_id, conversation_id)
+
+    async def _refresh(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        conversation: Conversation | None = None,
+    ) -> None:
+        """After a write: make the cached state the one `inner` holds now, or invalidate it."""
+        try:
+            async with self._locked(conversation_id):
+                mark, seen = self._suspects.get(conversation_id), self._clock
+                if conversation is None:
+                    try:
+                        conversation = await self._inner.get_conversation(business_id, conversation_id)
+                    except CoreError as exc:
+                        # The write is durable; only its result cannot be read now. Not the
+                        # caller's failure: invalidate instead of raising.
+                        log.warning(
+                            "state re-read after a write failed: %s",
+                            exc.message,
+                            extra={"conversation_id": conversation_id},
+                        )
+                        await self._invalidate(conversation_id)
+                        return
+                if self._distrusted is not None or self._distrusted_since(seen):
+                    await self._invalidate(conversation_id)
+                    return
+                state = conversation
+                try:
+                    await self._cache_call(lambda: self._cache.put(state))
+                except (Unavailable, InvalidInput):
+                    await self._invalidate(conversation_id)
+                    return
+                self._clear_suspect(conversation_id, mark)
+        except BaseException:
+            self._suspect(conversation_id)  # cancelled or broken half-way: the key may be stale
+            raise
+
+    async def _load(self, business_id: BusinessId, conversation_id: ConversationId) -> Conversation:
+        """A read the cache could not answer: from `inner`, then fill the cache if it may be."""
+        async with self._locked(conversation_id):
+            mark, seen = self._suspects.get(conversation_id), self._clock
+            conversation = await self._inner.get_conversation(business_id, conversation_id)
+            if self._distrusted is not None or self._distrusted_since(seen):
+                return conversation
+            try:
+                # A suspect key may hold a stale value: overwrite it. Otherwise it was a miss, and a
+                # value there now can only be a fresher one.
+                await self._cache_call(lambda: self._cache.put(conversation, only_if_absent=mark is None))
+            except (Unavailable, InvalidInput):
+                return conversation
+            self._clear_suspect(conversation_id, mark)
+            return conversation
+
+    async def _invalidate(self, conversation_id: ConversationId) -> None:
+        try:
+            await self._cache_call(lambda: self._cache.drop(conversation_id))
+        except Unavailable:
+            self._suspect(conversation_id)
+
+    def _suspect(self, conversation_id: ConversationId) -> None:
+        if len(self._suspects) >= self._max_suspects and conversation_id not in self._suspects:
+            if self._distrusted is None:
+                log.warning(
+                    "too many conversations with a possibly stale cached state: distrusting the cache"
+                )
+            self._distrust()
+            return
+        self._clock += 1
+        self._suspects[conversation_id] = self._clock
+
+    def _clear_suspect(self, conversation_id: ConversationId, mark: int | None) -> None:
+        # Only the mark seen before the read: a newer one came from a write the read may have missed.
+        if mark is not None and self._suspects.get(conversation_id) == mark:
+            del self._suspects[conversation_id]
+
+    def _distrust(self) -> None:
+        self._clock += 1
+        self._distrusted = self._last_distrust = self._clock
+
+    def _distrusted_since(self, seen: int) -> bool:
+        # Also when that flush is already done: a read begun before it may have missed the write.
+        return self._last_distrust > seen
+
+    async def _flush(self) -> None:
+        """Drop every cached state; on success forget what was distrusted before the flush began."""
+        self._clock += 1
+        started = self._clock
+        try:
+            dropped = await self._cache_call(self._cache.drop_all)
+        except Unavailable:
+            return
+        log.info("state cache flushed (%d conversations)", dropped)
+        self._suspects = {cid: mark for cid, mark in self._suspects.items() if mark > started}
+        if self._distrusted is not None and self._distrusted < started:
+            self._distrusted = None
+
+    def _track(self, message: Message) -> None:
+        self._messages[message.message_id] = message.conversation_id
+        self._messages.move_to_end(message.message_id)
+        while len(self._messages) > self._max_tracked_messages:
+            self._messages.popitem(last=False)
+
+    def _cache_paused(self) -> bool:
+        return self._cache_down and time.monotonic() < self._retry_at
+
+    async def _cache_call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """One cache operation, with the outage bookkeeping; `Unavailable` when it cannot be done."""
+        if self._cache_paused():
+            raise Unavailable("the state cache is paused after a failure")
+        if self._cache_down:
+            self._retry_at = time.monotonic() + self._retry_after  # one probe at a time
+        try:
+            result = await operation()
+        except Unavailable as exc:
+            if not self._cache_down:
+                log.warning("state cache unavailable, serving from the store: %s", exc.message)
+                self._cache_down = True
+            self._retry_at = time.monotonic() + self._retry_after
+            raise
+        if self._cache_down:
+            self._cache_down = False
+            log.warning("state cache recovered")
+        return result
+
+    @asynccontextmanager
+    async def _locked(self, conversation_id: ConversationId) -> AsyncIterator[None]:
+        """A lock per conversation, dropped when nobody holds or waits for it."""
+        lock, users = self._locks.get(conversation_id, (asyncio.Lock(), 0))
+        self._locks[conversation_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[conversation_id]
+            if users == 1:
+                del self._locks[conversation_id]
+            else:
+                self._locks[conversation_id] = (lock, users - 1)
+
+
+# -- the stored form ------------------------------------------------------------------------------
+
+
+def _encode(conversation: Conversation) -> bytes:
+    try:
+        raw = orjson.dumps(
+            {
+                "v": _FORMAT,
+                "conversation_id": conversation.conversation_id,
+                "business_id": conversation.business_id,
+                "end_user_id": conversation.end_user_id,
+                "mode": conversation.mode.value,
+                "stage": conversation.stage,
+                "created_at": conversation.created_at.isoformat(),
+                "data": dict(conversation.data),
+                "active_response_id": conversation.active_response_id,
+                "last_seq": conversation.last_seq,
+                "epoch": conversation.epoch,
+            }
+        )
+        # JSON cannot carry every Python value (tuples, non-string keys, ...): cache only what
+        # reads back equal, so that a hit is always the state that was put.
+        if _decode(raw) == conversation:
+            return raw
+    except (TypeError, ValueError):
+        pass
+    raise InvalidInput("the conversation state is not representable as JSON")
+
+
+def _decode(raw: bytes | str) -> Conversation:
+    """The stored conversation, or ValueError when `raw` is not one."""
+    value = orjson.loads(raw)
+    if not isinstance(value, dict) or value.get("v") != _FORMAT:
+        raise ValueError("not a conversation state of this format")
+    data = value.get("data")
+    if not isinstance(data, dict):
+        raise ValueError("data is not an object")
+    last_seq = value.get("last_seq")
+    if not isinstance(last_seq, int) or isinstance(last_seq, bool):
+        raise ValueError("last_seq is not an integer")
+    active = _optional_text(value, "active_response_id")
+    return Conversation(
+        conversation_id=ConversationId(_text(value, "conversation_id")),
+        business_id=BusinessId(_text(value, "business_id")),
+        end_user_id=EndUserId(_text(value, "end_user_id")),
+        mode=Mode(_text(value, "mode")),
+        stage=StageName(_text(value, "stage")),
+        created_at=datetime.fromisoformat(_text(value, "created_at")),
+        data=data,
+        active_response_id=ResponseId(active) if active is not None else None,
+        last_seq=last_seq,
+        epoch=_optional_text(value, "epoch"),
+    )
+
+
+def _text(value: Mapping[str, Any], name: str) -> str:
+    field = value.get(name)
+    if not isinstance(field, str):
+        raise ValueError(f"{name} is not a string")
+    return field
+
+
+def _optional_text(value: Mapping[str, Any], name: str) -> str | None:
+    field = value.get(name)
+    if field is not None and not isinstance(field, str):
+        raise ValueError(f"{name} is not a string or null")
+    return field
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
