@@ -225,7 +225,7 @@ class ConversationService:
             business_id, message.conversation_id, EventType.MESSAGE, message_payload(message)
         )
         assert event.seq is not None
-        await self.store.set_message_seq(business_id, message.message_id, event.seq)
+        await self.store.set_message_seq(business_id, message.conversation_id, message.message_id, event.seq)
         return event.seq
 
     def _schedule_answer(self, business: Business, conversation: Conversation) -> None:
@@ -347,7 +347,9 @@ class ConversationService:
         try:
             if message is not None:
                 assert event.seq is not None
-                await self.store.set_message_seq(business_id, message.message_id, event.seq)
+                await self.store.set_message_seq(
+                    business_id, message.conversation_id, message.message_id, event.seq
+                )
             await self.store.set_active_response(business_id, cid, None)
         except CoreError as exc:
             log.error("recording an answer's end failed: %s", exc.message, extra={"conversation_id": cid})

@@ -74,7 +74,9 @@ class Store(Protocol):
     ) -> Message:
         """Store a finished answer; idempotent on `response_id` (returns the existing row)."""
 
-    async def set_message_seq(self, business_id: BusinessId, message_id: MessageId, seq: int) -> None:
+    async def set_message_seq(
+        self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int
+    ) -> None:
         """Record the seq of the message's event once its publish returned. Written once (the same
         value again is accepted; another value is `Conflict`). Raises the conversation's
         `last_seq` to `seq` if it is lower."""

@@ -144,11 +144,13 @@ class MemoryStore:
         rows.by_response_id[response_id] = self._append(rows, message)
         return message
 
-    async def set_message_seq(self, business_id: BusinessId, message_id: MessageId, seq: int) -> None:
+    async def set_message_seq(
+        self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int
+    ) -> None:
+        rows = self._rows(business_id, conversation_id)
         where = self._message_index.get(message_id)
-        if where is None:
+        if where is None or where[0] != conversation_id:
             raise NotFound("message not found")
-        rows = self._rows(business_id, where[0])
         message = rows.messages[where[1]]
         if message.seq is not None and message.seq != seq:
             raise Conflict(f"message already has seq {message.seq}")

@@ -322,13 +322,16 @@ class PostgresStore:
             raise NotFound("conversation not found")
         return _message(row), created
 
-    async def set_message_seq(self, business_id: BusinessId, message_id: MessageId, seq: int) -> None:
+    async def set_message_seq(
+        self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int
+    ) -> None:
         async def run(c: asyncpg.Connection) -> asyncpg.Record | None:
             async with c.transaction():
                 row = await c.fetchrow(
-                    "UPDATE messages SET seq = $3 WHERE message_id = $1 AND business_id = $2"
-                    " AND (seq IS NULL OR seq = $3) RETURNING conversation_id",
+                    "UPDATE messages SET seq = $4 WHERE message_id = $1 AND conversation_id = $2"
+                    " AND business_id = $3 AND (seq IS NULL OR seq = $4) RETURNING conversation_id",
                     _uuid(message_id),
+                    _uuid(conversation_id),
                     _uuid(business_id),
                     seq,
                 )
@@ -348,8 +351,9 @@ class PostgresStore:
         if row is None:
             existing = await self._run(
                 lambda c: c.fetchval(
-                    "SELECT seq FROM messages WHERE message_id = $1 AND business_id = $2",
+                    "SELECT seq FROM messages WHERE message_id = $1 AND conversation_id = $2 AND business_id = $3",
                     _uuid(message_id),
+                    _uuid(conversation_id),
                     _uuid(business_id),
                 )
             )

@@ -9,10 +9,9 @@ flushing it) costs latency, never data. Redis types and exceptions stop in this 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -165,54 +164,34 @@ class CachedStore:
 
     - Source of truth: the cache only ever receives a state `inner` returned. After a successful
       `create_conversation`, `set_active_response`, `set_epoch` or `set_message_seq`, the state is
-      re-read from `inner` (after the write) and stored, so the next read here returns the write.
+      re-read from `inner` and stored, so the next read here returns the write.
     - Tenancy holds with a warm cache: a cached state is returned only to its own business; any
       other business's read goes to `inner`, which answers `NotFound` as it always does.
     - The cache is never a point of failure: when Redis fails, calls are served by `inner` alone,
       one warning is logged per outage ("state cache recovered" when it works again), and Redis is
       not tried again for `retry_after` seconds, so an outage costs no timeouts per request.
-    - No stale state is trusted after a write from this process. A refresh that cannot store the
-      new state deletes the key; if that fails too, the conversation becomes *suspect*: its reads
-      bypass the cache until one of them has stored a fresh state. A write that fails in a way that
-      leaves its outcome unknown (`Unavailable`, a timeout, a cancellation) also makes it suspect.
-      The same happens if more than `max_suspects` are pending: the whole cache is then distrusted
-      until a flush of the prefix (`drop_all`) succeeds.
-    - Ordering in this process: refreshes and miss-fills of one conversation run under a lock, so a
-      later one always stores a later read; a miss-fill never overwrites a value already there.
+    - No stale state is trusted after a write from this process. When a write's new state cannot
+      be stored and the old one cannot be deleted either (Redis down), or a write ends in a way that
+      leaves its outcome unknown (`Unavailable`, a timeout, a cancellation), the whole cache is
+      distrusted: reads bypass it and fill nothing, until a flush of the prefix has succeeded
+      (tried again on reads once Redis answers). Outages are rare; a flush after one is cheap.
+    - Ordering in this process: refreshes and miss-fills of one conversation run under a lock, and
+      a miss-fill never overwrites a value already there (a write's refresh may have put it).
 
-    `set_message_seq` takes a message id, and the Store interface cannot map it to a conversation.
-    So the conversation of every message this store returned (`add_*_message`, `list_messages`,
-    `recent_messages`) is remembered (the last `max_tracked_messages`), which covers the gateway's
-    calls (it sequences a message it has just added). For an id not remembered the whole cache is
-    distrusted and flushed, as above: correct, slow, rare.
-
-    Limits: the suspect set and the locks are per process. Two processes writing the same
+    Limits: the distrust and the locks are per process. Two processes writing the same
     conversation at once may leave the older of their two refreshes in Redis until the next write
     or the TTL; a process that could not reach Redis during a write protects only its own reads.
     """
 
-    def __init__(
-        self,
-        inner: Store,
-        cache: RedisStateCache,
-        *,
-        retry_after: float = 5.0,
-        max_suspects: int = 10_000,
-        max_tracked_messages: int = 10_000,
-    ) -> None:
+    def __init__(self, inner: Store, cache: RedisStateCache, *, retry_after: float = 5.0) -> None:
         self._inner = inner
         self._cache = cache
         self._retry_after = retry_after
-        self._max_suspects = max_suspects
-        self._max_tracked_messages = max_tracked_messages
         self._cache_down = False
         self._retry_at = 0.0
-        # A logical clock orders suspect marks, distrust requests and flushes (see _flush).
-        self._clock = 0
-        self._suspects: dict[ConversationId, int] = {}
-        self._distrusted: int | None = None  # clock of the newest full-flush request not yet done
-        self._last_distrust = 0  # clock of the newest full-flush request, done or not
-        self._messages: OrderedDict[MessageId, ConversationId] = OrderedDict()
+        # Times the cache may have been left stale, and how many of those a flush has covered.
+        self._stale_marks = 0
+        self._flushed_marks = 0
         self._locks: dict[ConversationId, tuple[asyncio.Lock, int]] = {}
 
     @property
@@ -257,11 +236,7 @@ class CachedStore:
     async def add_user_message(
         self, business_id: BusinessId, conversation_id: ConversationId, client_msg_id: str, text: str
     ) -> tuple[Message, bool]:
-        message, created = await self._inner.add_user_message(
-            business_id, conversation_id, client_msg_id, text
-        )
-        self._track(message)
-        return message, created
+        return await self._inner.add_user_message(business_id, conversation_id, client_msg_id, text)
 
     async def add_assistant_message(
         self,
@@ -271,38 +246,28 @@ class CachedStore:
         text: str,
         status: AnswerStatus,
     ) -> Message:
-        message = await self._inner.add_assistant_message(
+        return await self._inner.add_assistant_message(
             business_id, conversation_id, response_id, text, status
         )
-        self._track(message)
-        return message
 
     async def list_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
     ) -> list[Message]:
-        messages = await self._inner.list_messages(
-            business_id, conversation_id, after_seq=after_seq, limit=limit
-        )
-        for message in messages:
-            self._track(message)
-        return messages
+        return await self._inner.list_messages(business_id, conversation_id, after_seq=after_seq, limit=limit)
 
     async def recent_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, limit: int
     ) -> list[Message]:
-        messages = await self._inner.recent_messages(business_id, conversation_id, limit=limit)
-        for message in messages:
-            self._track(message)
-        return messages
+        return await self._inner.recent_messages(business_id, conversation_id, limit=limit)
 
     # -- conversation state ---------------------------------------------------------------------
 
     async def get_conversation(
         self, business_id: BusinessId, conversation_id: ConversationId
     ) -> Conversation:
-        if self._distrusted is not None:
+        if not self._trusted:
             await self._flush()
-        if self._distrusted is None and conversation_id not in self._suspects:
+        if self._trusted:
             try:
                 cached = await self._cache_call(lambda: self._cache.get(conversation_id))
             except Unavailable:
@@ -337,23 +302,26 @@ class CachedStore:
             business_id, conversation_id, lambda: self._inner.set_epoch(business_id, conversation_id, epoch)
         )
 
-    async def set_message_seq(self, business_id: BusinessId, message_id: MessageId, seq: int) -> None:
-        conversation_id = self._messages.get(message_id)
-        write = functools.partial(self._inner.set_message_seq, business_id, message_id, seq)
-        if conversation_id is not None:
-            await self._write(business_id, conversation_id, write)
-            return
-        # Unknown message: its conversation's last_seq may rise and we cannot tell which one.
-        # Distrust before the write (no read fills the cache meanwhile) and after it (a read that
-        # raced the write cannot leave its older state behind), then flush the prefix.
-        self._distrust()
-        try:
-            await write()
-        finally:
-            self._distrust()
-        await self._flush()
+    async def set_message_seq(
+        self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int
+    ) -> None:
+        # It may raise the conversation's last_seq: a state write like the others.
+        await self._write(
+            business_id,
+            conversation_id,
+            lambda: self._inner.set_message_seq(business_id, conversation_id, message_id, seq),
+        )
 
     # -- internals ------------------------------------------------------------------------------
+
+    @property
+    def _trusted(self) -> bool:
+        return self._stale_marks == self._flushed_marks
+
+    def _mark_stale(self) -> None:
+        if self._trusted:
+            log.warning("the state cache may hold stale state: distrusting it until it is flushed")
+        self._stale_marks += 1
 
     async def _write(
         self, business_id: BusinessId, conversation_id: ConversationId, write: Callable[[], Awaitable[None]]
@@ -363,7 +331,7 @@ class CachedStore:
         except _NOT_WRITTEN:
             raise
         except BaseException:
-            self._suspect(conversation_id)  # it may have been written all the same
+            self._mark_stale()  # it may have been written all the same
             raise
         await self._refresh(business_id, conversation_id)
 
@@ -373,10 +341,9 @@ class CachedStore:
         conversation_id: ConversationId,
         conversation: Conversation | None = None,
     ) -> None:
-        """After a write: make the cached state the one `inner` holds now, or invalidate it."""
+        """After a write: make the cached state the one `inner` holds now, or delete it."""
         try:
             async with self._locked(conversation_id):
-                mark, seen = self._suspects.get(conversation_id), self._clock
                 if conversation is None:
                     try:
                         conversation = await self._inner.get_conversation(business_id, conversation_id)
@@ -390,84 +357,41 @@ class CachedStore:
                         )
                         await self._invalidate(conversation_id)
                         return
-                if self._distrusted is not None or self._distrusted_since(seen):
-                    await self._invalidate(conversation_id)
-                    return
                 state = conversation
                 try:
                     await self._cache_call(lambda: self._cache.put(state))
                 except (Unavailable, InvalidInput):
                     await self._invalidate(conversation_id)
-                    return
-                self._clear_suspect(conversation_id, mark)
         except BaseException:
-            self._suspect(conversation_id)  # cancelled or broken half-way: the key may be stale
+            self._mark_stale()  # cancelled or broken half-way: the key may hold the old state
             raise
 
     async def _load(self, business_id: BusinessId, conversation_id: ConversationId) -> Conversation:
         """A read the cache could not answer: from `inner`, then fill the cache if it may be."""
         async with self._locked(conversation_id):
-            mark, seen = self._suspects.get(conversation_id), self._clock
+            marks = self._stale_marks
             conversation = await self._inner.get_conversation(business_id, conversation_id)
-            if self._distrusted is not None or self._distrusted_since(seen):
-                return conversation
-            try:
-                # A suspect key may hold a stale value: overwrite it. Otherwise it was a miss, and a
-                # value there now can only be a fresher one.
-                await self._cache_call(lambda: self._cache.put(conversation, only_if_absent=mark is None))
-            except (Unavailable, InvalidInput):
-                return conversation
-            self._clear_suspect(conversation_id, mark)
+            if self._trusted and marks == self._stale_marks:
+                # A value there now can only come from a write's refresh: fresher, keep it.
+                with contextlib.suppress(Unavailable, InvalidInput):
+                    await self._cache_call(lambda: self._cache.put(conversation, only_if_absent=True))
             return conversation
 
     async def _invalidate(self, conversation_id: ConversationId) -> None:
         try:
             await self._cache_call(lambda: self._cache.drop(conversation_id))
         except Unavailable:
-            self._suspect(conversation_id)
-
-    def _suspect(self, conversation_id: ConversationId) -> None:
-        if len(self._suspects) >= self._max_suspects and conversation_id not in self._suspects:
-            if self._distrusted is None:
-                log.warning(
-                    "too many conversations with a possibly stale cached state: distrusting the cache"
-                )
-            self._distrust()
-            return
-        self._clock += 1
-        self._suspects[conversation_id] = self._clock
-
-    def _clear_suspect(self, conversation_id: ConversationId, mark: int | None) -> None:
-        # Only the mark seen before the read: a newer one came from a write the read may have missed.
-        if mark is not None and self._suspects.get(conversation_id) == mark:
-            del self._suspects[conversation_id]
-
-    def _distrust(self) -> None:
-        self._clock += 1
-        self._distrusted = self._last_distrust = self._clock
-
-    def _distrusted_since(self, seen: int) -> bool:
-        # Also when that flush is already done: a read begun before it may have missed the write.
-        return self._last_distrust > seen
+            self._mark_stale()
 
     async def _flush(self) -> None:
-        """Drop every cached state; on success forget what was distrusted before the flush began."""
-        self._clock += 1
-        started = self._clock
+        """Drop every cached state; trust the cache again if nothing went stale meanwhile."""
+        marks = self._stale_marks
         try:
             dropped = await self._cache_call(self._cache.drop_all)
         except Unavailable:
             return
-        log.info("state cache flushed (%d conversations)", dropped)
-        self._suspects = {cid: mark for cid, mark in self._suspects.items() if mark > started}
-        if self._distrusted is not None and self._distrusted < started:
-            self._distrusted = None
-
-    def _track(self, message: Message) -> None:
-        self._messages[message.message_id] = message.conversation_id
-        self._messages.move_to_end(message.message_id)
-        while len(self._messages) > self._max_tracked_messages:
-            self._messages.popitem(last=False)
+        log.warning("state cache flushed (%d conversations); trusting it again", dropped)
+        self._flushed_marks = marks
 
     def _cache_paused(self) -> bool:
         return self._cache_down and time.monotonic() < self._retry_at

@@ -89,8 +89,8 @@ async def test_listing_is_by_seq_and_skips_unsequenced_rows(store: Store) -> Non
     m1, _ = await store.add_user_message(bid, cid, "1", "one")
     m2, _ = await store.add_user_message(bid, cid, "2", "two")
     m3, _ = await store.add_user_message(bid, cid, "3", "three")
-    await store.set_message_seq(bid, m2.message_id, 5)
-    await store.set_message_seq(bid, m1.message_id, 9)
+    await store.set_message_seq(bid, m2.conversation_id, m2.message_id, 5)
+    await store.set_message_seq(bid, m1.conversation_id, m1.message_id, 9)
     listed = await store.list_messages(bid, cid, after_seq=0, limit=10)
     assert [(m.message_id, m.seq) for m in listed] == [(m2.message_id, 5), (m1.message_id, 9)]
     assert [m.seq for m in await store.list_messages(bid, cid, after_seq=5, limit=10)] == [9]
@@ -138,14 +138,14 @@ async def test_seqs_raise_last_seq_and_are_unique(store: Store) -> None:
     assert conv.last_seq == 0
     m1, _ = await store.add_user_message(bid, cid, "1", "one")
     m2, _ = await store.add_user_message(bid, cid, "2", "two")
-    await store.set_message_seq(bid, m1.message_id, 7)
-    await store.set_message_seq(bid, m1.message_id, 7)  # the same value again is fine
+    await store.set_message_seq(bid, m1.conversation_id, m1.message_id, 7)
+    await store.set_message_seq(bid, m1.conversation_id, m1.message_id, 7)  # the same value again is fine
     assert (await store.get_conversation(bid, cid)).last_seq == 7
     with pytest.raises(Conflict):
-        await store.set_message_seq(bid, m1.message_id, 8)
+        await store.set_message_seq(bid, m1.conversation_id, m1.message_id, 8)
     with pytest.raises(Conflict):
-        await store.set_message_seq(bid, m2.message_id, 7)
-    await store.set_message_seq(bid, m2.message_id, 3)
+        await store.set_message_seq(bid, m2.conversation_id, m2.message_id, 7)
+    await store.set_message_seq(bid, m2.conversation_id, m2.message_id, 3)
     assert (await store.get_conversation(bid, cid)).last_seq == 7
 
 

@@ -177,7 +177,7 @@ async def test_every_state_write_is_in_redis_and_read_from_it(
     assert (await store.get_conversation(bid, cid)).epoch == "e-7"
 
     message, _ = await store.add_user_message(bid, cid, "m-1", "hello")
-    await store.set_message_seq(bid, message.message_id, 12)
+    await store.set_message_seq(bid, message.conversation_id, message.message_id, 12)
     assert (await raw_state(client, prefix, cid))["last_seq"] == 12
     assert (await store.get_conversation(bid, cid)).last_seq == 12
 
@@ -198,7 +198,7 @@ async def test_a_failed_write_leaves_the_cached_state_alone(
     conv = await new_conversation(store)
     bid, cid = conv.business_id, conv.conversation_id
     message, _ = await store.add_user_message(bid, cid, "m-1", "hello")
-    await store.set_message_seq(bid, message.message_id, 4)
+    await store.set_message_seq(bid, message.conversation_id, message.message_id, 4)
     with pytest.raises(NotFound):
         await store.set_epoch(BusinessId(new_id()), cid, "hijack")
     assert (await raw_state(client, prefix, cid))["epoch"] is None
@@ -213,7 +213,10 @@ async def test_concurrent_writes_leave_the_latest_state_cached(
         bid, cid = conv.business_id, conv.conversation_id
         messages = [(await store.add_user_message(bid, cid, f"m-{n}", "x"))[0] for n in range(20)]
         await asyncio.gather(
-            *(store.set_message_seq(bid, m.message_id, n + 1) for n, m in enumerate(messages)),
+            *(
+                store.set_message_seq(bid, m.conversation_id, m.message_id, n + 1)
+                for n, m in enumerate(messages)
+            ),
             *(store.set_epoch(bid, cid, f"e-{n}") for n in range(5)),
             *(store.get_conversation(bid, cid) for _ in range(10)),
         )
@@ -295,18 +298,32 @@ async def test_a_slow_miss_never_overwrites_a_later_write_of_another_process(
         await second.close()
 
 
-async def test_set_message_seq_of_a_message_it_never_saw_flushes_the_cache(
-    store: CachedStore, memory: MemoryStore, client: redis.asyncio.Redis, prefix: str
+class LostAnswerStore(MemoryStore):
+    """Simulates a database whose answer to a committed write is lost: `set_epoch` commits, then
+    reports `Unavailable` (as a connection dropped between the commit and its reply would)."""
+
+    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
+        await super().set_epoch(business_id, conversation_id, epoch)
+        raise Unavailable("connection lost after the commit")
+
+
+async def test_a_write_with_an_unknown_outcome_is_never_read_stale(
+    prefix: str, client: redis.asyncio.Redis
 ) -> None:
-    """The Store interface cannot map a message id to its conversation: for a message added behind
-    this store's back, the cached states are all dropped, so no stale last_seq is ever read."""
-    conv, other = await new_conversation(store), await new_conversation(store)
-    bid, cid = conv.business_id, conv.conversation_id
-    message, _ = await memory.add_user_message(bid, cid, "m-1", "hello")  # not through the cache
-    await store.set_message_seq(bid, message.message_id, 9)
-    assert await client.exists(state_key(prefix, cid), state_key(prefix, other.conversation_id)) == 0
-    assert (await store.get_conversation(bid, cid)).last_seq == 9
-    assert (await raw_state(client, prefix, cid))["last_seq"] == 9
+    """A write that may have committed although it failed makes the cache untrusted: the next read
+    flushes it and answers from the store, not from the state cached before the write."""
+    store = CachedStore(LostAnswerStore(), RedisStateCache(redis_url(), prefix=prefix, ttl=TTL))
+    await store.connect()
+    try:
+        conv = await new_conversation(store)
+        bid, cid = conv.business_id, conv.conversation_id
+        assert (await raw_state(client, prefix, cid))["epoch"] is None
+        with pytest.raises(Unavailable):
+            await store.set_epoch(bid, cid, "e-committed")
+        assert (await store.get_conversation(bid, cid)).epoch == "e-committed"
+        assert (await raw_state(client, prefix, cid))["epoch"] == "e-committed"
+    finally:
+        await store.close()
 
 
 # -- rebuilding ---------------------------------------------------------------------------------
@@ -319,7 +336,7 @@ async def test_state_is_rebuilt_from_the_store_after_a_flush(
     bid, cid = conv.business_id, conv.conversation_id
     await store.set_epoch(bid, cid, "e-1")
     message, _ = await store.add_user_message(bid, cid, "m-1", "hello")
-    await store.set_message_seq(bid, message.message_id, 3)
+    await store.set_message_seq(bid, message.conversation_id, message.message_id, 3)
     before = await store.get_conversation(bid, cid)
 
     await delete_keys(client, prefix)
@@ -389,7 +406,7 @@ async def test_with_redis_down_the_store_serves_alone(
         await store.set_epoch(bid, cid, "e-1")
         message, created = await store.add_user_message(bid, cid, "m-1", "hello")
         assert created
-        await store.set_message_seq(bid, message.message_id, 5)
+        await store.set_message_seq(bid, message.conversation_id, message.message_id, 5)
         read = await store.get_conversation(bid, cid)
         assert (read.active_response_id, read.epoch, read.last_seq) == ("r-1", "e-1", 5)
         assert read == await memory.get_conversation(bid, cid)
@@ -474,8 +491,8 @@ class Outage:
 async def test_a_write_during_an_outage_is_never_read_stale_afterwards(
     memory: MemoryStore, client: redis.asyncio.Redis, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The cached state predates a write that could not reach Redis: after Redis is back, the read
-    goes to the store (the conversation is suspect) and puts the right state back."""
+    """The cached state predates a write that could not reach Redis: after Redis is back, the cache
+    is flushed before it is trusted again, and the read puts the right state back."""
     caplog.set_level(logging.INFO, logger=LOGGER)
     outage = Outage(redis_url())
     await outage.start()
