@@ -16,6 +16,11 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
   the highest seq the store has durably recorded (`floor_seq`). `publish`, `replay` and
   `position` on a conversation whose log does not exist raise `StreamMissing`; the caller opens
   it (with the store's floor) and tries again.
+- An answer ends once, and nothing of it follows its end. `ai_start` makes its `response_id` the
+  conversation's active answer; a `delta` or `ai_end` whose `response_id` is not the active answer
+  is refused with `AnswerEnded`, in the same atomic step that would assign its seq; `ai_end` clears
+  it. Whoever ends an answer first (its owner, a stop, a takeover, a lease sweep) wins; every later
+  delta or ai_end of it is refused, on every instance.
 - Ephemeral events (`publish_ephemeral`) have no seq, are not logged and may be dropped.
 - The listener is called from the broker's own task and must not block: hand events on at once.
 """
@@ -30,6 +35,12 @@ from core.models import Event, Replay, StreamPosition
 from core.types import ConversationId, EventType
 
 Listener = Callable[[Event], None]
+
+
+class AnswerEnded(CoreError):
+    """The answer this event belongs to is not (any more) the conversation's active answer."""
+
+    code = "conflict"
 
 
 class StreamMissing(CoreError):

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.broker import Broker, StreamMissing
+from core.broker import AnswerEnded, Broker, StreamMissing
 from core.delta_pump import DeltaPump
 from core.errors import CoreError
 from core.llm import ChatMessage, LLMProvider
@@ -325,34 +325,44 @@ class ConversationService:
         text: str,
         status: AnswerStatus,
     ) -> None:
-        """Store the answer and publish its ai_end. The ai_end goes out even when the store fails
-        (with `message_id` null), so that no client is left waiting for an answer that ended."""
-        message: Message | None = None
-        try:
-            # Shielded: the partial answer must be stored even when this task is being cancelled.
-            message = await asyncio.shield(
-                self.store.add_assistant_message(business_id, cid, response_id, text, status)
-            )
-        except CoreError as exc:
-            log.error("storing an answer failed: %s", exc.message, extra={"conversation_id": cid})
-            self.observer.error(exc.code)
+        """Publish the answer's ai_end, then store it. The publish comes first because it is the
+        one atomic claim on the answer's end (see `Broker`): if a stop, a takeover or a lease sweep
+        ended it first, this instance stores nothing and the winner's end stands."""
         payload = {
             "response_id": response_id,
-            "message_id": message.message_id if message else None,
+            "message_id": answer_message_id(response_id),
             "status": status.value,
             "text": text,
         }
-        event = await self.publish(business_id, cid, EventType.AI_END, payload)
-        self.observer.answer_ended(status)
         try:
-            if message is not None:
-                assert event.seq is not None
-                await self.store.set_message_seq(
-                    business_id, message.conversation_id, message.message_id, event.seq
-                )
+            event = await self.publish(business_id, cid, EventType.AI_END, payload)
+        except AnswerEnded:
+            log.info("answer %s was ended elsewhere", response_id, extra={"conversation_id": cid})
+            return
+        self.observer.answer_ended(status)
+        await self.store_answer(business_id, cid, response_id, text, status, event.seq)
+
+    async def store_answer(
+        self,
+        business_id: BusinessId,
+        cid: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+        seq: int | None,
+    ) -> None:
+        """Store an ended answer with the seq of its ai_end and clear the active answer. Failures
+        are logged and counted: the ai_end is out already, and the store retried on its own."""
+        try:
+            # Shielded: the answer must be stored even when this task is being cancelled.
+            message = await asyncio.shield(
+                self.store.add_assistant_message(business_id, cid, response_id, text, status)
+            )
+            if seq is not None:
+                await self.store.set_message_seq(business_id, cid, message.message_id, seq)
             await self.store.set_active_response(business_id, cid, None)
         except CoreError as exc:
-            log.error("recording an answer's end failed: %s", exc.message, extra={"conversation_id": cid})
+            log.error("storing an answer failed: %s", exc.message, extra={"conversation_id": cid})
             self.observer.error(exc.code)
 
     async def _prompt(self, business: Business, conversation: Conversation) -> list[ChatMessage]:
@@ -374,6 +384,11 @@ class ConversationService:
         prompt += [ChatMessage(_PROMPT_ROLES[m.role], m.text) for m in earlier]
         prompt.append(ChatMessage("user", render(business.response_template, variables)))
         return prompt
+
+
+def answer_message_id(response_id: ResponseId) -> MessageId:
+    """An answer's stored message has its response's id: known before the answer is stored."""
+    return MessageId(response_id)
 
 
 def message_payload(message: Message) -> dict[str, Any]:

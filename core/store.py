@@ -72,7 +72,8 @@ class Store(Protocol):
         text: str,
         status: AnswerStatus,
     ) -> Message:
-        """Store a finished answer; idempotent on `response_id` (returns the existing row)."""
+        """Store a finished answer; idempotent on `response_id` (returns the existing row). The
+        message's id is the response id."""
 
     async def set_message_seq(
         self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.broker import Listener, StreamMissing
+from core.broker import AnswerEnded, Listener, StreamMissing
 from core.models import Event, Replay, StreamPosition
 from core.types import ConversationId, EventType, new_id
 
@@ -30,6 +30,7 @@ class _Log:
     epoch: str
     window: int
     seq: int = 0
+    active: str | None = None  # response_id of the answer being streamed
     events: deque[Event] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,7 @@ class MemoryBroker:
         self, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
     ) -> Event:
         stream = self._existing(conversation_id)
+        stream.active = answer_guard(type, payload, stream.active)
         stream.seq += 1
         event = Event(conversation_id, type, stream.seq, dict(payload))
         stream.events.append(event)
@@ -116,3 +118,14 @@ class MemoryBroker:
             self._listener(event)
         except Exception:  # a listener bug must not fail the publisher
             log.exception("event listener failed", extra={"conversation_id": event.conversation_id})
+
+
+def answer_guard(type: EventType, payload: Mapping[str, Any], active: str | None) -> str | None:
+    """The active answer after this event, or `AnswerEnded` if the event must be refused."""
+    if type is EventType.AI_START:
+        return str(payload["response_id"])
+    if type in (EventType.DELTA, EventType.AI_END):
+        if payload.get("response_id") != active:
+            raise AnswerEnded(f"answer {payload.get('response_id')} has ended")
+        return active if type is EventType.DELTA else None
+    return active

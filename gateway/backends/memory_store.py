@@ -133,7 +133,7 @@ class MemoryStore:
         if index is not None:
             return rows.messages[index]
         message = Message(
-            message_id=MessageId(new_id()),
+            message_id=MessageId(response_id),  # an answer's message id is its response id
             conversation_id=conversation_id,
             role=Role.ASSISTANT,
             text=text,

@@ -272,6 +272,7 @@ class PostgresStore:
         message, _created = await self._insert_once(
             business_id,
             conversation_id,
+            message_id=_uuid(response_id),  # an answer's message id is its response id
             key_column="response_id",
             key=_uuid(response_id),
             values={
@@ -291,6 +292,7 @@ class PostgresStore:
         key_column: str,
         key: Any,
         values: Mapping[str, Any],
+        message_id: uuid.UUID | None = None,
     ) -> tuple[Message, bool]:
         """Insert a message unless one with the same key exists; return it and whether it is new.
 
@@ -298,7 +300,12 @@ class PostgresStore:
         (ON CONFLICT DO NOTHING) takes a new snapshot and sees the winner's committed row; one
         statement with a CTE would not."""
         columns = ["message_id", "business_id", "conversation_id", *values]
-        params = [uuid.UUID(new_id()), _uuid(business_id), _uuid(conversation_id), *values.values()]
+        params = [
+            message_id or uuid.UUID(new_id()),
+            _uuid(business_id),
+            _uuid(conversation_id),
+            *values.values(),
+        ]
         placeholders = ", ".join(f"${i}" for i in range(4, len(columns) + 1))
         insert = (
             f"INSERT INTO messages ({', '.join(columns)})"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from core.broker import Broker, StreamMissing
+from core.broker import AnswerEnded, Broker, StreamMissing
 from core.models import Event
 from core.types import ConversationId, EventType, new_id
 from tests.contract.conftest import REPLAY_WINDOW
@@ -149,3 +149,29 @@ async def test_a_log_must_be_opened_and_starts_after_the_floor(broker: Broker) -
     assert replay.events is not None
     assert [e.seq for e in replay.events] == [42]
     assert (await broker.replay(c, 40)).events is None
+
+
+async def test_an_answer_ends_once_and_nothing_of_it_follows_its_end(broker: Broker) -> None:
+    """ai_start makes the answer active; deltas and ai_end of another or an ended answer are refused."""
+    c = await opened(broker)
+    await broker.publish(c, EventType.AI_START, {"response_id": "r1"})
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "a"})
+    with pytest.raises(AnswerEnded):
+        await broker.publish(c, EventType.DELTA, {"response_id": "other", "text": "x"})
+    await broker.publish(c, EventType.AI_END, {"response_id": "r1", "text": "a"})
+    with pytest.raises(AnswerEnded):
+        await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "late"})
+    with pytest.raises(AnswerEnded):
+        await broker.publish(c, EventType.AI_END, {"response_id": "r1", "text": "again"})
+    await broker.publish(c, EventType.AI_START, {"response_id": "r2"})
+    with pytest.raises(AnswerEnded):
+        await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "zombie"})
+    replay = await broker.replay(c, 0)
+    assert replay.events is not None
+    assert [(e.type.value, e.payload.get("text")) for e in replay.events] == [
+        ("ai_start", None),
+        ("delta", "a"),
+        ("ai_end", "a"),
+        ("ai_start", None),
+    ]
+    assert [e.seq for e in replay.events] == [1, 2, 3, 4]

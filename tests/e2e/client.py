@@ -90,3 +90,21 @@ def assert_contiguous(frames: list[dict[str, Any]], start: int) -> None:
 
 def joined_deltas(frames: list[dict[str, Any]], response_id: str) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "delta" and f["response_id"] == response_id)
+
+
+async def stored_history(gw: GatewayProcess, widget: Widget, count: int) -> list[dict[str, Any]]:
+    """The conversation's history once it holds `count` messages. An answer is stored just after
+    its ai_end goes out, so a client that saw the ai_end may have to wait a moment for it."""
+    async with httpx.AsyncClient() as http:
+        for _ in range(500):
+            r = await http.get(
+                f"{gw.http}/v1/conversations/{widget.conversation_id}/messages",
+                params={"limit": 500},
+                headers={"Authorization": f"Bearer {widget.token}"},
+            )
+            assert r.status_code == 200, r.text
+            messages: list[dict[str, Any]] = r.json()["messages"]
+            if len(messages) >= count:
+                return messages
+            await asyncio.sleep(0.01)
+    raise AssertionError(f"history did not reach {count} messages: {messages}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import jwt
 
-from tests.e2e.client import Client, new_widget
+from tests.e2e.client import Client, new_widget, stored_history
 from tests.servers import GatewayProcess
 
 
@@ -65,6 +65,7 @@ async def test_history_in_seq_order_with_position(gateway: GatewayProcess) -> No
     await client.close()
     last = seen[-1]["seq"]
 
+    await stored_history(gateway, widget, 4)
     r = history(gateway, widget.conversation_id, widget.token)
     assert r.status_code == 200
     body = r.json()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import httpx
-
-from tests.e2e.client import Client, assert_contiguous, joined_deltas, new_widget
+from tests.e2e.client import Client, assert_contiguous, joined_deltas, new_widget, stored_history
 from tests.servers import GatewayProcess
 
 
@@ -80,10 +78,7 @@ async def test_resend_gets_the_same_ack_and_no_second_answer(gateway: GatewayPro
     assert [f["type"] for f in second].count("ai_start") == 1
     assert second[-1]["text"].startswith("You said: second")
 
-    history = httpx.get(
-        f"{gateway.http}/v1/conversations/{widget.conversation_id}/messages",
-        headers={"Authorization": f"Bearer {widget.token}"},
-    ).json()["messages"]
+    history = await stored_history(gateway, widget, 4)
     assert [(m["role"], m["client_msg_id"]) for m in history] == [
         ("user", "dup"),
         ("assistant", None),
@@ -135,10 +130,7 @@ async def test_stop_mid_answer_keeps_the_partial_text(slow_gateway: GatewayProce
     await client.send({"type": "stop"})
     await client.until_ai_end()
 
-    history = httpx.get(
-        f"{slow_gateway.http}/v1/conversations/{widget.conversation_id}/messages",
-        headers={"Authorization": f"Bearer {widget.token}"},
-    ).json()["messages"]
+    history = await stored_history(slow_gateway, widget, 4)
     stored = next(m for m in history if m.get("response_id") == start["response_id"])
     assert stored["status"] == "stopped"
     assert stored["text"] == end["text"]
@@ -178,10 +170,7 @@ async def test_duplicates_sent_at_once_from_many_sockets_make_one_message(gatewa
     ends = await asyncio.gather(*(client.recv_type("ai_end") for client in clients))
     assert len({e["response_id"] for e in ends}) == 1
 
-    history = httpx.get(
-        f"{gateway.http}/v1/conversations/{widget.conversation_id}/messages",
-        headers={"Authorization": f"Bearer {widget.token}"},
-    ).json()["messages"]
+    history = await stored_history(gateway, widget, 2)
     assert [(m["role"], m["client_msg_id"]) for m in history] == [("user", "everyone"), ("assistant", None)]
     for client in clients:
         await client.close()

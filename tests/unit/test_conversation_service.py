@@ -113,6 +113,9 @@ async def test_a_provider_failure_ends_the_answer_failed_with_the_partial_text()
     assert end.payload["status"] == "failed"
     assert end.payload["text"] == "p0 p1 p2 "
     assert "".join(e.payload["text"] for e in recorder.of(EventType.DELTA)) == "p0 p1 p2 "
+    async with asyncio.timeout(5):  # the answer is stored right after its ai_end went out
+        while service.answering(cid):
+            await asyncio.sleep(0.005)
     stored = await store.list_messages(BUSINESS.business_id, cid, after_seq=0, limit=10)
     assert stored[-1].text == "p0 p1 p2 "
     assert stored[-1].seq == end.seq
