@@ -23,18 +23,28 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
   delta or ai_end of it is refused, on every instance.
 - Ephemeral events (`publish_ephemeral`) have no seq, are not logged and may be dropped.
 - The listener is called from the broker's own task and must not block: hand events on at once.
+  After a loss of connection, the listener is told (`on_gap`) for every subscribed conversation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from core.errors import CoreError
 from core.models import Event, Replay, StreamPosition
 from core.types import ConversationId, EventType
 
-Listener = Callable[[Event], None]
+
+class Listener(Protocol):
+    """Receives the events of the conversations this instance subscribed to. Called from the
+    broker's own task: must not block (hand events on at once)."""
+
+    def on_event(self, event: Event) -> None: ...
+
+    def on_gap(self, conversation_id: ConversationId) -> None:
+        """Events of this conversation may have been missed (this instance was cut off from the
+        broker and is back): whoever delivers them must check against the log (`replay`)."""
 
 
 class AnswerEnded(CoreError):
@@ -60,7 +70,7 @@ class Broker(Protocol):
         """Return when the broker answers; raise `Unavailable` otherwise."""
 
     def set_listener(self, listener: Listener) -> None:
-        """Set the one callback that receives events of subscribed conversations."""
+        """Set the one listener that receives events of subscribed conversations."""
 
     async def subscribe(self, conversation_id: ConversationId) -> None:
         """Start receiving the conversation's events. Returns once delivery is in force."""

@@ -22,6 +22,9 @@ class Member(Protocol):
     def deliver(self, event: Event, frame: str) -> None:
         """Take one event; must not block (queue it)."""
 
+    def resync(self) -> None:
+        """Events may have been missed: check against the log. Must not block."""
+
 
 class Hub:
     def __init__(self, broker: Broker) -> None:
@@ -29,7 +32,7 @@ class Hub:
         self._members: dict[ConversationId, set[Member]] = {}
         self._subscribed: set[ConversationId] = set()
         self._locks: dict[ConversationId, asyncio.Lock] = {}
-        broker.set_listener(self.on_event)
+        broker.set_listener(self)
 
     @property
     def conversations(self) -> int:
@@ -67,6 +70,10 @@ class Hub:
             if event.origin is not None and member.session_id == event.origin:
                 continue
             member.deliver(event, frame)
+
+    def on_gap(self, conversation_id: ConversationId) -> None:
+        for member in tuple(self._members.get(conversation_id, ())):
+            member.resync()
 
     def _lock(self, conversation_id: ConversationId) -> asyncio.Lock:
         lock = self._locks.get(conversation_id)

@@ -138,6 +138,12 @@ class Session:
             return
         self._admit(event, frame)
 
+    def resync(self) -> None:
+        """Called by the hub when events may have been missed: fill from the log."""
+        if self.state is State.LIVE:
+            self.state = State.SYNCING
+            self._filling = asyncio.create_task(self._fill_gap())
+
     def _admit(self, event: Event, frame: str) -> None:
         if event.seq is None:  # ephemeral
             self._enqueue(event.type.value, frame)

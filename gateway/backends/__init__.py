@@ -24,7 +24,8 @@ class Backends:
 
 
 def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backends:
-    """The store (memory, or PostgreSQL with a Redis state cache when REDIS_URL is set) and the broker."""
+    """The store (memory, or PostgreSQL with a Redis state cache when REDIS_URL is set) and the
+    broker (Redis with REDIS_URL, else memory)."""
     store = _make_store(settings)
     checks: dict[str, tuple[str, Check]] = {}
     if settings.database_url:
@@ -47,7 +48,7 @@ def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backen
             )
     if broker is None:
         broker = _make_broker(settings)
-    checks["broker"] = ("memory", broker.ping)
+    checks["broker"] = ("redis" if settings.redis_url else "memory", broker.ping)
     return Backends(store, broker, checks)
 
 
@@ -60,8 +61,16 @@ def _make_store(settings: Settings) -> Store:
 
 
 def _make_broker(settings: Settings) -> Broker:
-    """MemoryBroker: fan-out within this process. Fan-out across instances (RedisBroker) is not in
-    this version; with REDIS_URL set, Redis holds the conversation-state cache only."""
+    """RedisBroker (fan-out across instances) with REDIS_URL, MemoryBroker (this process) without."""
+    if settings.redis_url:
+        from gateway.backends.redis_broker import RedisBroker
+
+        return RedisBroker(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            replay_window=settings.replay_window,
+            ttl=settings.stream_ttl,
+        )
     from gateway.backends.memory_broker import MemoryBroker
 
     return MemoryBroker(replay_window=settings.replay_window)

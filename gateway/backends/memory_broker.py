@@ -115,7 +115,7 @@ class MemoryBroker:
         if self._listener is None or event.conversation_id not in self._subscribed:
             return
         try:
-            self._listener(event)
+            self._listener.on_event(event)
         except Exception:  # a listener bug must not fail the publisher
             log.exception("event listener failed", extra={"conversation_id": event.conversation_id})
 
@@ -125,7 +125,7 @@ def answer_guard(type: EventType, payload: Mapping[str, Any], active: str | None
     if type is EventType.AI_START:
         return str(payload["response_id"])
     if type in (EventType.DELTA, EventType.AI_END):
-        if payload.get("response_id") != active:
+        if active is None or payload.get("response_id") != active:
             raise AnswerEnded(f"answer {payload.get('response_id')} has ended")
         return active if type is EventType.DELTA else None
     return active

@@ -1,9 +1,9 @@
 """Backends under contract. Each parameter is one implementation (the PostgreSQL store also behind
-the Redis state cache); every contract test runs against each. The Redis broker joins the broker
-parameters with the scale-out work."""
+the Redis state cache); every contract test runs against each."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,6 +13,7 @@ from core.store import Store
 from gateway.backends.memory_broker import MemoryBroker
 from gateway.backends.memory_store import MemoryStore
 from gateway.backends.postgres_store import PostgresStore
+from gateway.backends.redis_broker import RedisBroker
 from gateway.backends.redis_state import CachedStore, RedisStateCache
 from tests.databases import redis_url
 
@@ -34,9 +35,14 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     await backend.close()
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "redis"])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    backend: Broker = MemoryBroker(replay_window=REPLAY_WINDOW)
+    backend: Broker
+    if request.param == "memory":
+        backend = MemoryBroker(replay_window=REPLAY_WINDOW)
+    else:
+        prefix = f"{request.getfixturevalue('redis_prefix')}{uuid.uuid4().hex[:6]}:"
+        backend = RedisBroker(redis_url(), prefix=prefix, replay_window=REPLAY_WINDOW, ttl=600)
     await backend.connect()
     yield backend
     await backend.close()

@@ -27,11 +27,15 @@ class Inbox:
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.gaps: list[ConversationId] = []
         self.arrived = asyncio.Event()
 
-    def __call__(self, event: Event) -> None:
+    def on_event(self, event: Event) -> None:
         self.events.append(event)
         self.arrived.set()
+
+    def on_gap(self, conversation_id: ConversationId) -> None:
+        self.gaps.append(conversation_id)
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> list[Event]:
         async with asyncio.timeout(timeout):
@@ -43,8 +47,8 @@ class Inbox:
 
 async def test_seq_counts_up_by_one_per_conversation(broker: Broker) -> None:
     a, b = await opened(broker), await opened(broker)
-    seqs_a = [(await broker.publish(a, EventType.DELTA, {"text": str(n)})).seq for n in range(3)]
-    seqs_b = [(await broker.publish(b, EventType.DELTA, {"text": "x"})).seq for _ in range(2)]
+    seqs_a = [(await broker.publish(a, EventType.MESSAGE, {"text": str(n)})).seq for n in range(3)]
+    seqs_b = [(await broker.publish(b, EventType.MESSAGE, {"text": "x"})).seq for _ in range(2)]
     assert seqs_a == [1, 2, 3]
     assert seqs_b == [1, 2]
     position = await broker.open(a, floor_seq=0)
@@ -54,7 +58,7 @@ async def test_seq_counts_up_by_one_per_conversation(broker: Broker) -> None:
 
 async def test_concurrent_publishes_get_distinct_consecutive_seqs(broker: Broker) -> None:
     c = await opened(broker)
-    events = await asyncio.gather(*(broker.publish(c, EventType.DELTA, {"n": n}) for n in range(50)))
+    events = await asyncio.gather(*(broker.publish(c, EventType.MESSAGE, {"n": n}) for n in range(50)))
     assert sorted(e.seq or 0 for e in events) == list(range(1, 51))
 
 
@@ -64,8 +68,8 @@ async def test_subscribers_get_their_conversations_in_order(broker: Broker) -> N
     mine, other = await opened(broker), await opened(broker)
     await broker.subscribe(mine)
     for n in range(5):
-        await broker.publish(mine, EventType.DELTA, {"n": n})
-        await broker.publish(other, EventType.DELTA, {"n": n})
+        await broker.publish(mine, EventType.MESSAGE, {"n": n})
+        await broker.publish(other, EventType.MESSAGE, {"n": n})
     got = await inbox.wait_for(5)
     assert [e.conversation_id for e in got] == [mine] * 5
     assert [e.seq for e in got] == [1, 2, 3, 4, 5]
@@ -77,13 +81,13 @@ async def test_unsubscribe_stops_delivery(broker: Broker) -> None:
     broker.set_listener(inbox)
     c = await opened(broker)
     await broker.subscribe(c)
-    await broker.publish(c, EventType.DELTA, {"n": 1})
+    await broker.publish(c, EventType.MESSAGE, {"n": 1})
     await inbox.wait_for(1)
     await broker.unsubscribe(c)
-    await broker.publish(c, EventType.DELTA, {"n": 2})
+    await broker.publish(c, EventType.MESSAGE, {"n": 2})
     marker = await opened(broker)
     await broker.subscribe(marker)
-    await broker.publish(marker, EventType.DELTA, {"n": 3})
+    await broker.publish(marker, EventType.MESSAGE, {"n": 3})
     got = await inbox.wait_for(2)
     assert [e.payload["n"] for e in got] == [1, 3]
 
@@ -91,7 +95,7 @@ async def test_unsubscribe_stops_delivery(broker: Broker) -> None:
 async def test_replay_returns_what_followed_a_seq(broker: Broker) -> None:
     c = await opened(broker)
     for n in range(5):
-        await broker.publish(c, EventType.DELTA, {"n": n})
+        await broker.publish(c, EventType.MESSAGE, {"n": n})
     replay = await broker.replay(c, 2)
     assert replay.events is not None
     assert [e.seq for e in replay.events] == [3, 4, 5]
@@ -104,7 +108,7 @@ async def test_replay_returns_what_followed_a_seq(broker: Broker) -> None:
 async def test_replay_outside_the_window_says_reset(broker: Broker) -> None:
     c = await opened(broker)
     for n in range(REPLAY_WINDOW + 3):
-        await broker.publish(c, EventType.DELTA, {"n": n})
+        await broker.publish(c, EventType.MESSAGE, {"n": n})
     assert (await broker.replay(c, 0)).events is None
     assert (await broker.replay(c, 2)).events is None
     reachable = await broker.replay(c, 3)
@@ -128,7 +132,7 @@ async def test_ephemeral_events_have_no_seq_and_are_not_replayed(broker: Broker)
 
 async def test_each_conversation_has_an_epoch(broker: Broker) -> None:
     a, b = await opened(broker), await opened(broker)
-    await broker.publish(a, EventType.DELTA, {})
+    await broker.publish(a, EventType.MESSAGE, {})
     epoch_a = (await broker.open(a, floor_seq=0)).epoch
     assert epoch_a
     assert (await broker.replay(a, 0)).position.epoch == epoch_a
@@ -139,12 +143,12 @@ async def test_a_log_must_be_opened_and_starts_after_the_floor(broker: Broker) -
     """publish and replay refuse a conversation without a log; open starts it after floor_seq."""
     c = conv()
     with pytest.raises(StreamMissing):
-        await broker.publish(c, EventType.DELTA, {})
+        await broker.publish(c, EventType.MESSAGE, {})
     with pytest.raises(StreamMissing):
         await broker.replay(c, 0)
     position = await broker.open(c, floor_seq=41)
     assert position.seq == 41
-    assert (await broker.publish(c, EventType.DELTA, {})).seq == 42
+    assert (await broker.publish(c, EventType.MESSAGE, {})).seq == 42
     replay = await broker.replay(c, 41)
     assert replay.events is not None
     assert [e.seq for e in replay.events] == [42]

@@ -62,10 +62,13 @@ class Recorder:
         self.events: list[Event] = []
         self.ended = asyncio.Event()
 
-    def __call__(self, event: Event) -> None:
+    def on_event(self, event: Event) -> None:
         self.events.append(event)
         if event.type is EventType.AI_END:
             self.ended.set()
+
+    def on_gap(self, conversation_id: ConversationId) -> None:
+        raise AssertionError("the memory broker never loses events")
 
     def of(self, kind: EventType) -> list[Event]:
         return [e for e in self.events if e.type is kind]

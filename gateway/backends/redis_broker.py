@@ -1,0 +1,351 @@
+"""RedisBroker: conversation events across instances, through Redis.
+
+Implements the Broker contract (core.broker). Per conversation: a hash (`seq`, `epoch`, the active
+answer), a capped stream (the replay window; entry ids are the seqs) and a pub/sub channel. A
+publish is one server-side script: it checks the answer guard, assigns the seq, appends to the
+stream and publishes, so every instance sees one order. Keys expire `ttl` seconds after the last
+publish; a conversation whose log expired or was lost (Redis restarted empty) is opened again with a
+new epoch, after the store's seq floor.
+
+One pub/sub connection per instance, read by one task that never dies: on a failure it logs, backs
+off (capped), reconnects, resubscribes, logs the recovery, and tells the listener `on_gap` for
+every subscribed conversation so that their sessions fill what they missed from the streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio
+from redis.exceptions import RedisError, ResponseError
+
+from core.broker import AnswerEnded, Listener, StreamMissing
+from core.errors import Unavailable
+from core.models import Event, Replay, StreamPosition
+from core.types import ConversationId, EventType, new_id
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+
+# KEYS: meta, log. ARGV: channel, type, payload, window, ttl, guard (start|delta|end|none), response_id
+_PUBLISH = """
+if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then return redis.error_reply('MISSING') end
+local guard = ARGV[6]
+if guard == 'start' then
+  redis.call('HSET', KEYS[1], 'active', ARGV[7])
+elseif guard == 'delta' or guard == 'end' then
+  if redis.call('HGET', KEYS[1], 'active') ~= ARGV[7] then return redis.error_reply('ENDED') end
+  if guard == 'end' then redis.call('HDEL', KEYS[1], 'active') end
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-1', 't', ARGV[2], 'p', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. ARGV[2] .. '\\n\\n' .. ARGV[3])
+return seq
+"""
+
+# KEYS: meta, log. ARGV: floor, new epoch, ttl. Returns {epoch, seq}.
+_OPEN = """
+if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'epoch', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+"""
+
+# KEYS: meta, log. ARGV: after_seq. Returns {epoch, seq, complete (0|1), entries...}.
+_REPLAY = """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+if not meta[2] then return redis.error_reply('MISSING') end
+local seq = tonumber(meta[2])
+local after = tonumber(ARGV[1])
+if after > seq then return {meta[1], seq, 0} end
+if after == seq then return {meta[1], seq, 1} end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local oldest = seq + 1
+if first[1] then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+if after + 1 < oldest then return {meta[1], seq, 0} end
+return {meta[1], seq, 1, redis.call('XRANGE', KEYS[2], (after + 1) .. '-1', '+')}
+"""
+
+_GUARDS = {EventType.AI_START: "start", EventType.DELTA: "delta", EventType.AI_END: "end"}
+
+
+class RedisBroker:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "chatgw:",
+        replay_window: int = 1000,
+        ttl: int = 86_400,
+        max_backoff: float = 5.0,
+    ) -> None:
+        if replay_window < 1 or ttl < 1:
+            raise ValueError("replay_window and ttl must be >= 1")
+        self._url = url
+        self._prefix = prefix
+        self._window = replay_window
+        self._ttl = ttl
+        self._max_backoff = max_backoff
+        self._instance_channel = f"{prefix}instance:{new_id()}"
+        self._client: redis.asyncio.Redis | None = None
+        self._listener: Listener | None = None
+        self._channels: set[str] = set()
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._scripts: dict[str, Any] = {}
+        self.reconnects = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self._client = redis.asyncio.Redis.from_url(
+            self._url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+        )
+        for name, source in (("publish", _PUBLISH), ("open", _OPEN), ("replay", _REPLAY)):
+            self._scripts[name] = self._client.register_script(source)
+        await self.ping()
+        self._reader = asyncio.create_task(self._read_loop(), name="redis-broker-reader")
+        async with asyncio.timeout(10):
+            await self._connected.wait()
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        await self._close_pubsub()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def ping(self) -> None:
+        await self._call(lambda c: c.ping())
+
+    def set_listener(self, listener: Listener) -> None:
+        self._listener = listener
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    async def subscribe(self, conversation_id: ConversationId) -> None:
+        channel = self._channel(conversation_id)
+        self._channels.add(channel)
+        confirmed = self._confirmed.setdefault(channel, asyncio.Event())
+        if self._pubsub is None or not self._connected.is_set():
+            return  # the reader subscribes everything when it reconnects, and reports a gap
+        try:
+            await self._pubsub.subscribe(channel)
+            async with asyncio.timeout(5):
+                await confirmed.wait()
+        except (*_REDIS_FAILURES, TimeoutError) as exc:
+            log.warning("subscribe to %s not confirmed: %r", channel, exc)
+
+    async def unsubscribe(self, conversation_id: ConversationId) -> None:
+        channel = self._channel(conversation_id)
+        self._channels.discard(channel)
+        self._confirmed.pop(channel, None)
+        if self._pubsub is not None and self._connected.is_set():
+            try:
+                await self._pubsub.unsubscribe(channel)
+            except _REDIS_FAILURES as exc:
+                log.warning("unsubscribe from %s failed: %r", channel, exc)
+
+    # -- publishing and replay ------------------------------------------------------------------
+
+    async def publish(
+        self, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
+    ) -> Event:
+        guard = _GUARDS.get(type, "none")
+        encoded = orjson.dumps(dict(payload)).decode()
+        try:
+            seq = await self._call(
+                lambda c: self._scripts["publish"](
+                    keys=self._keys(conversation_id),
+                    args=[
+                        self._channel(conversation_id),
+                        type.value,
+                        encoded,
+                        self._window,
+                        self._ttl,
+                        guard,
+                        str(payload.get("response_id", "")),
+                    ],
+                    client=c,
+                )
+            )
+        except ResponseError as exc:
+            raise _script_error(exc, conversation_id) from None
+        return Event(conversation_id, type, int(seq), dict(payload))
+
+    async def publish_ephemeral(
+        self,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+        *,
+        origin: str | None = None,
+    ) -> None:
+        message = f"\n{type.value}\n{origin or ''}\n{orjson.dumps(dict(payload)).decode()}"
+        await self._call(lambda c: c.publish(self._channel(conversation_id), message))
+
+    async def open(self, conversation_id: ConversationId, *, floor_seq: int) -> StreamPosition:
+        epoch, seq = await self._call(
+            lambda c: self._scripts["open"](
+                keys=self._keys(conversation_id), args=[max(floor_seq, 0), new_id()[:8], self._ttl], client=c
+            )
+        )
+        return StreamPosition(_text(epoch), int(seq))
+
+    async def replay(self, conversation_id: ConversationId, after_seq: int) -> Replay:
+        try:
+            result = await self._call(
+                lambda c: self._scripts["replay"](
+                    keys=self._keys(conversation_id), args=[after_seq], client=c
+                )
+            )
+        except ResponseError as exc:
+            raise _script_error(exc, conversation_id) from None
+        position = StreamPosition(_text(result[0]), int(result[1]))
+        if int(result[2]) == 0:
+            return Replay(position, None)
+        entries = result[3] if len(result) > 3 else []
+        return Replay(position, tuple(_entry_event(conversation_id, entry) for entry in entries))
+
+    # -- the reader -----------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        """Read the pub/sub connection forever; on a failure reconnect and report gaps."""
+        backoff = 0.1
+        first = True
+        while True:
+            try:
+                await self._open_pubsub()
+                if not first:
+                    self.reconnects += 1
+                    log.warning("redis pub/sub reconnected: resubscribed to %d channels", len(self._channels))
+                    self._report_gaps()
+                first = False
+                backoff = 0.1
+                await self._pump()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._connected.clear()
+                log.warning("redis pub/sub failed, retrying in %.1f s: %r", backoff, exc)
+                await self._close_pubsub()
+                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+                backoff = min(backoff * 2, self._max_backoff)
+
+    async def _open_pubsub(self) -> None:
+        assert self._client is not None
+        pubsub = self._client.pubsub()
+        # The instance channel keeps at least one subscription, so reading never returns at once.
+        await pubsub.subscribe(self._instance_channel, *self._channels)
+        self._pubsub = pubsub
+        self._connected.set()
+
+    async def _pump(self) -> None:
+        pubsub = self._pubsub
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+            if message is None:
+                continue
+            channel = _text(message["channel"])
+            if message["type"] == "subscribe":
+                confirmed = self._confirmed.get(channel)
+                if confirmed is not None:
+                    confirmed.set()
+            elif message["type"] == "message" and channel != self._instance_channel:
+                self._dispatch(channel, message["data"])
+
+    def _dispatch(self, channel: str, data: bytes) -> None:
+        if self._listener is None:
+            return
+        try:
+            seq, type_, origin, payload = _text(data).split("\n", 3)
+            event = Event(
+                ConversationId(channel[len(self._prefix) + len("conv:") :]),
+                EventType(type_),
+                int(seq) if seq else None,
+                orjson.loads(payload),
+                origin or None,
+            )
+        except (ValueError, orjson.JSONDecodeError):
+            log.warning("unreadable event on %s dropped", channel)
+            return
+        try:
+            self._listener.on_event(event)
+        except Exception:  # a listener bug must not stop the reader
+            log.exception("event listener failed", extra={"conversation_id": event.conversation_id})
+
+    def _report_gaps(self) -> None:
+        if self._listener is None:
+            return
+        for channel in tuple(self._channels):
+            self._listener.on_gap(ConversationId(channel[len(self._prefix) + len("conv:") :]))
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(*_REDIS_FAILURES):
+                await pubsub.aclose()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _channel(self, conversation_id: ConversationId) -> str:
+        return f"{self._prefix}conv:{conversation_id}"
+
+    def _keys(self, conversation_id: ConversationId) -> list[str]:
+        # One hash tag per conversation: a cluster keeps a conversation's keys on one node.
+        base = f"{self._prefix}{{conv:{conversation_id}}}"
+        return [f"{base}:meta", f"{base}:log"]
+
+    async def _call(self, operation: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
+        client = self._client
+        if client is None:
+            raise Unavailable("the broker is not connected")
+        try:
+            return await operation(client)
+        except ResponseError:
+            raise
+        except _REDIS_FAILURES as exc:
+            raise Unavailable(f"redis is unavailable: {exc!r}", retry_after_ms=1000) from exc
+
+
+def _script_error(exc: ResponseError, conversation_id: ConversationId) -> Exception:
+    text = str(exc)
+    if "MISSING" in text:
+        return StreamMissing(f"no event log for conversation {conversation_id}")
+    if "ENDED" in text:
+        return AnswerEnded(f"the answer in conversation {conversation_id} has ended")
+    return Unavailable(f"redis refused the script: {text}")
+
+
+def _entry_event(conversation_id: ConversationId, entry: Any) -> Event:
+    entry_id, fields = entry
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    return Event(
+        conversation_id,
+        EventType(_text(values[b"t"])),
+        int(_text(entry_id).split("-", 1)[0]),
+        orjson.loads(values[b"p"]),
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
