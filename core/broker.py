@@ -21,6 +21,12 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
   is refused with `AnswerEnded`, in the same atomic step that would assign its seq; `ai_end` clears
   it. Whoever ends an answer first (its owner, a stop, a takeover, a lease sweep) wins; every later
   delta or ai_end of it is refused, on every instance.
+- The broker keeps the text of the active answer (its deltas joined), so that anyone can end it:
+  `end_answer` publishes the answer's `ai_end` with that text, atomically with the claim. The
+  owner ends its answers this way too, so `ai_end.text` is always exactly the deltas joined.
+- Answer leases: the instance generating an answer holds a lease on it and renews it; a lease not
+  renewed in time expires, and `claim_expired_leases` hands each expired lease to exactly one
+  caller (across instances), who ends the answer as `interrupted`.
 - Ephemeral events (`publish_ephemeral`) have no seq, are not logged and may be dropped.
 - The listener is called from the broker's own task and must not block: hand events on at once.
   After a loss of connection, the listener is told (`on_gap`) for every subscribed conversation.
@@ -29,11 +35,12 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from core.errors import CoreError
 from core.models import Event, Replay, StreamPosition
-from core.types import ConversationId, EventType
+from core.types import AnswerStatus, BusinessId, ConversationId, EventType, ResponseId
 
 
 class Listener(Protocol):
@@ -45,6 +52,15 @@ class Listener(Protocol):
     def on_gap(self, conversation_id: ConversationId) -> None:
         """Events of this conversation may have been missed (this instance was cut off from the
         broker and is back): whoever delivers them must check against the log (`replay`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerLease:
+    """Which answer a lease is on, and whose (the business, for storing it when it is swept)."""
+
+    business_id: BusinessId
+    conversation_id: ConversationId
+    response_id: ResponseId
 
 
 class AnswerEnded(CoreError):
@@ -96,6 +112,22 @@ class Broker(Protocol):
     async def open(self, conversation_id: ConversationId, *, floor_seq: int) -> StreamPosition:
         """Make sure the conversation's log exists, creating it (new epoch, seq = floor_seq) if it
         does not; return its position. Idempotent: an existing log is left as it is."""
+
+    async def end_answer(
+        self, conversation_id: ConversationId, status: AnswerStatus, *, response_id: ResponseId | None = None
+    ) -> Event | None:
+        """End the active answer (`response_id`, or whichever is active): publish its `ai_end`
+        (`response_id`, `message_id` = the response id, `status`, `text` = its deltas joined) as
+        one atomic step with the claim. None when there is no such active answer any more."""
+
+    async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
+        """Take or renew the lease on an answer for `ttl` seconds from now."""
+
+    async def drop_lease(self, lease: AnswerLease) -> None:
+        """Give the lease up (the answer ended)."""
+
+    async def claim_expired_leases(self, limit: int) -> list[AnswerLease]:
+        """Remove and return up to `limit` expired leases; each goes to exactly one caller."""
 
     async def replay(self, conversation_id: ConversationId, after_seq: int) -> Replay:
         """The events after `after_seq` still in the window, in order (see `Replay`).

@@ -9,6 +9,7 @@ with any other message that arrived meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.broker import AnswerEnded, Broker, StreamMissing
+from core.broker import AnswerEnded, AnswerLease, Broker, StreamMissing
 from core.delta_pump import DeltaPump
 from core.errors import CoreError
 from core.llm import ChatMessage, LLMProvider
@@ -52,6 +53,9 @@ class CoreSettings:
     delta_flush_seconds: float = 0.015
     delta_max_chars: int = 512
     history_limit: int = 20
+    lease_seconds: float = 5.0
+    """An answer whose owner stops renewing its lease for this long is ended as interrupted."""
+    sweep_seconds: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,7 @@ class ConversationService:
         self.settings = settings or CoreSettings()
         self._turns: dict[ConversationId, _Turns] = {}
         self._locks: dict[ConversationId, tuple[asyncio.Lock, int]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- user actions -------------------------------------------------------------------------
 
@@ -138,10 +143,29 @@ class ConversationService:
             self.observer.message_processed("stored")
         return Ack(client_msg_id, message.message_id, seq, duplicate=False)
 
+    async def stop(self, business: Business, conversation_id: ConversationId) -> bool:
+        """The user's stop: end the conversation's answer with status `stopped`, wherever it is
+        being generated. Returns False when no answer was streaming.
+
+        Here, the model is cancelled at once and the answer ends itself. Elsewhere, the answer is
+        ended through the broker; its owner finds its next delta refused and closes its model
+        stream (see `Broker`: an answer ends once)."""
+        if self.stop_answer(conversation_id):
+            return True
+        try:
+            event = await self.broker.end_answer(conversation_id, AnswerStatus.STOPPED)
+        except StreamMissing:
+            return False
+        if event is None:
+            return False
+        self.observer.answer_ended(AnswerStatus.STOPPED)
+        await self._store_ended(business.business_id, event)
+        return True
+
     def stop_answer(self, conversation_id: ConversationId) -> bool:
         """End the answer streaming for this conversation on this instance with status `stopped`.
 
-        Messages queued behind it are not answered. Returns False when no answer was running.
+        Messages queued behind it are not answered. Returns False when no answer was running here.
         """
         turns = self._turns.get(conversation_id)
         if turns is None or turns.answer is None:
@@ -157,8 +181,17 @@ class ConversationService:
             conversation_id, EventType.TYPING, {"role": role.value, "state": state}, origin=origin
         )
 
+    def start(self) -> None:
+        """Start the background sweep that ends the answers of instances that died."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="answer-lease-sweeper")
+
     async def aclose(self, *, grace: float = 5.0) -> None:
         """End every running answer as `interrupted` and wait for them to be stored."""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
         tasks = []
         for turns in list(self._turns.values()):
             turns.pending = False
@@ -256,10 +289,14 @@ class ConversationService:
         cid = conversation.conversation_id
         bid = conversation.business_id
         answer = _Answer(ResponseId(new_id()))
+        lease = AnswerLease(bid, cid, answer.response_id)
         turns.answer = answer
+        heartbeat: asyncio.Task[None] | None = None
         try:
             await self.store.set_active_response(bid, cid, answer.response_id)
             await self.publish(bid, cid, EventType.AI_START, {"response_id": answer.response_id})
+            await self.broker.hold_lease(lease, self.settings.lease_seconds)
+            heartbeat = asyncio.create_task(self._renew_lease(lease), name=f"lease-{answer.response_id}")
             pump = DeltaPump(
                 lambda chunk: self.publish(
                     bid, cid, EventType.DELTA, {"response_id": answer.response_id, "text": chunk}
@@ -268,9 +305,15 @@ class ConversationService:
                 max_chars=self.settings.delta_max_chars,
             )
             status = await self._generate(turns, conversation, answer, pump)
+            if isinstance(pump.error, AnswerEnded):
+                turns.pending = False  # stopped or taken over elsewhere: nothing more to answer
+            await self._finish(bid, cid, answer.response_id, pump.text, status)
         finally:
             turns.answer = None
-        await self._finish(turns.business.business_id, cid, answer.response_id, pump.text, status)
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(CoreError):
+                    await self.broker.drop_lease(lease)
 
     async def _generate(
         self, turns: _Turns, conversation: Conversation, answer: _Answer, pump: DeltaPump
@@ -325,22 +368,69 @@ class ConversationService:
         text: str,
         status: AnswerStatus,
     ) -> None:
-        """Publish the answer's ai_end, then store it. The publish comes first because it is the
-        one atomic claim on the answer's end (see `Broker`): if a stop, a takeover or a lease sweep
-        ended it first, this instance stores nothing and the winner's end stands."""
-        payload = {
-            "response_id": response_id,
-            "message_id": answer_message_id(response_id),
-            "status": status.value,
-            "text": text,
-        }
+        """End the answer through the broker, then store it. Ending it is the one atomic claim
+        (see `Broker`): if a stop, a takeover or a lease sweep ended it first, this instance stores
+        nothing and the winner's end stands."""
         try:
-            event = await self.publish(business_id, cid, EventType.AI_END, payload)
-        except AnswerEnded:
+            event = await self.broker.end_answer(cid, status, response_id=response_id)
+        except StreamMissing:  # the log was lost mid-answer: clients reset; the store keeps it
+            await self.store_answer(business_id, cid, response_id, text, status, None)
+            return
+        if event is None:
             log.info("answer %s was ended elsewhere", response_id, extra={"conversation_id": cid})
             return
         self.observer.answer_ended(status)
-        await self.store_answer(business_id, cid, response_id, text, status, event.seq)
+        await self._store_ended(business_id, event)
+
+    async def _store_ended(self, business_id: BusinessId, event: Event) -> None:
+        """Store the answer an ai_end event ended, as that event says."""
+        payload = event.payload
+        await self.store_answer(
+            business_id,
+            event.conversation_id,
+            ResponseId(payload["response_id"]),
+            payload["text"],
+            AnswerStatus(payload["status"]),
+            event.seq,
+        )
+
+    async def _renew_lease(self, lease: AnswerLease) -> None:
+        """Renew the answer's lease three times per lease period until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            try:
+                await self.broker.hold_lease(lease, self.settings.lease_seconds)
+            except CoreError as exc:
+                log.warning("renewing an answer lease failed: %s", exc.message)
+
+    async def _sweep_forever(self) -> None:
+        """End, as interrupted, the answers whose owner stopped renewing their lease (it died)."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_seconds)
+            try:
+                for lease in await self.broker.claim_expired_leases(50):
+                    await self._interrupt(lease)
+            except CoreError as exc:
+                log.warning("sweeping answer leases failed: %s", exc.message)
+            except Exception:
+                log.exception("sweeping answer leases failed")
+
+    async def _interrupt(self, lease: AnswerLease) -> None:
+        try:
+            event = await self.broker.end_answer(
+                lease.conversation_id, AnswerStatus.INTERRUPTED, response_id=lease.response_id
+            )
+        except StreamMissing:
+            event = None
+        if event is None:
+            return
+        log.warning(
+            "answer %s lost its owner: ended as interrupted",
+            lease.response_id,
+            extra={"conversation_id": lease.conversation_id},
+        )
+        self.observer.answer_ended(AnswerStatus.INTERRUPTED)
+        await self._store_ended(lease.business_id, event)
 
     async def store_answer(
         self,

@@ -55,6 +55,8 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             max_message_chars=settings.max_message_chars,
             delta_flush_seconds=settings.delta_flush_ms / 1000,
             delta_max_chars=settings.delta_max_chars,
+            lease_seconds=settings.answer_lease,
+            sweep_seconds=min(1.0, settings.answer_lease / 5),
         ),
     )
     return Gateway(
@@ -94,6 +96,7 @@ def create_app(
         await gw.broker.connect()
         try:
             await gw.store.ensure_business(DEMO_BUSINESS)
+            gw.conversations.start()
             app.state.gateway = gw
             if on_ready is not None:
                 on_ready()

@@ -375,7 +375,7 @@ class Session:
             elif isinstance(frame, Typing):
                 await conversations.set_typing(cid, Role.USER, frame.state, origin=self.session_id)
             elif isinstance(frame, Stop):
-                conversations.stop_answer(cid)
+                await conversations.stop(self.business, cid)
         except FrameError as exc:
             exc.client_msg_id = exc.client_msg_id or client_msg_id
             self._frame_error(exc)

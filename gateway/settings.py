@@ -46,6 +46,7 @@ class Settings:
     db_pool_size: int = 10
     state_ttl: int = 3600
     stream_ttl: int = 86_400
+    answer_lease: float = 5.0
     redis_prefix: str = "chatgw:"
     log_level: str = "INFO"
     log_format: str = "json"
@@ -87,6 +88,7 @@ class Settings:
             db_pool_size=e.integer("CHATGW_DB_POOL_SIZE", 10, low=1, high=1000),
             state_ttl=e.integer("CHATGW_STATE_TTL_S", 3600, low=1),
             stream_ttl=e.integer("CHATGW_STREAM_TTL_S", 86_400, low=60),
+            answer_lease=e.number("CHATGW_ANSWER_LEASE_S", 5.0, low=0.5, high=60),
             redis_prefix=e.get("CHATGW_REDIS_PREFIX") or "chatgw:",
             log_level=(e.get("CHATGW_LOG_LEVEL") or "INFO").upper(),
             log_format=log_format,

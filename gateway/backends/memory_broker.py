@@ -13,14 +13,15 @@ reset rather than shown a gap).
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.broker import AnswerEnded, Listener, StreamMissing
+from core.broker import AnswerEnded, AnswerLease, Listener, StreamMissing
 from core.models import Event, Replay, StreamPosition
-from core.types import ConversationId, EventType, new_id
+from core.types import AnswerStatus, ConversationId, EventType, ResponseId, new_id
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class _Log:
     window: int
     seq: int = 0
     active: str | None = None  # response_id of the answer being streamed
+    answer: list[str] = field(default_factory=list)  # its deltas' texts
     events: deque[Event] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +48,7 @@ class MemoryBroker:
         self._logs: OrderedDict[ConversationId, _Log] = OrderedDict()
         self._subscribed: set[ConversationId] = set()
         self._listener: Listener | None = None
+        self._leases: dict[AnswerLease, float] = {}
 
     async def connect(self) -> None:
         pass
@@ -70,6 +73,39 @@ class MemoryBroker:
     ) -> Event:
         stream = self._existing(conversation_id)
         stream.active = answer_guard(type, payload, stream.active)
+        if type is EventType.AI_START:
+            stream.answer = []
+        elif type is EventType.DELTA:
+            stream.answer.append(str(payload["text"]))
+        return self._append(stream, conversation_id, type, payload)
+
+    async def end_answer(
+        self, conversation_id: ConversationId, status: AnswerStatus, *, response_id: ResponseId | None = None
+    ) -> Event | None:
+        stream = self._existing(conversation_id)
+        active = stream.active
+        if active is None or (response_id is not None and response_id != active):
+            return None
+        text, stream.active, stream.answer = "".join(stream.answer), None, []
+        payload = {"response_id": active, "message_id": active, "status": status.value, "text": text}
+        return self._append(stream, conversation_id, EventType.AI_END, payload)
+
+    async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
+        self._leases[lease] = time.monotonic() + ttl
+
+    async def drop_lease(self, lease: AnswerLease) -> None:
+        self._leases.pop(lease, None)
+
+    async def claim_expired_leases(self, limit: int) -> list[AnswerLease]:
+        now = time.monotonic()
+        expired = [lease for lease, deadline in self._leases.items() if deadline <= now][:limit]
+        for lease in expired:
+            del self._leases[lease]
+        return expired
+
+    def _append(
+        self, stream: _Log, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
+    ) -> Event:
         stream.seq += 1
         event = Event(conversation_id, type, stream.seq, dict(payload))
         stream.events.append(event)

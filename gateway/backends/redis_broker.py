@@ -25,10 +25,10 @@ import orjson
 import redis.asyncio
 from redis.exceptions import RedisError, ResponseError
 
-from core.broker import AnswerEnded, Listener, StreamMissing
+from core.broker import AnswerEnded, AnswerLease, Listener, StreamMissing
 from core.errors import Unavailable
 from core.models import Event, Replay, StreamPosition
-from core.types import ConversationId, EventType, new_id
+from core.types import AnswerStatus, BusinessId, ConversationId, EventType, ResponseId, new_id
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +36,76 @@ T = TypeVar("T")
 
 _REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 
-# KEYS: meta, log. ARGV: channel, type, payload, window, ttl, guard (start|delta|end|none), response_id
-_PUBLISH = """
+# Appends one event (the caller checked the log exists): seq, capped stream, TTLs, publish.
+# KEYS: meta, log, answer. ARGV: channel, type, payload, window, ttl.
+_APPEND = """
+local function append(kind, payload)
+  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-1', 't', kind, 'p', payload)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+  redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. kind .. '\\n\\n' .. payload)
+  return seq
+end
+"""
+
+# ARGV (after the five above): guard (start|delta|end|none), response_id, delta text.
+_PUBLISH = (
+    _APPEND
+    + """
 if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then return redis.error_reply('MISSING') end
 local guard = ARGV[6]
 if guard == 'start' then
   redis.call('HSET', KEYS[1], 'active', ARGV[7])
+  redis.call('DEL', KEYS[3])
 elseif guard == 'delta' or guard == 'end' then
   if redis.call('HGET', KEYS[1], 'active') ~= ARGV[7] then return redis.error_reply('ENDED') end
-  if guard == 'end' then redis.call('HDEL', KEYS[1], 'active') end
+  if guard == 'end' then
+    redis.call('HDEL', KEYS[1], 'active')
+    redis.call('DEL', KEYS[3])
+  else
+    redis.call('APPEND', KEYS[3], ARGV[8])
+  end
 end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-1', 't', ARGV[2], 'p', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. ARGV[2] .. '\\n\\n' .. ARGV[3])
-return seq
+return append(ARGV[2], ARGV[3])
+"""
+)
+
+# ARGV (after the first five; ARGV[2] and ARGV[3] unused): status, response_id or ''.
+# Returns {seq, payload}, or nil when there is no such active answer.
+_END_ANSWER = (
+    _APPEND
+    + """
+if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then return redis.error_reply('MISSING') end
+local active = redis.call('HGET', KEYS[1], 'active')
+if not active or (ARGV[7] ~= '' and ARGV[7] ~= active) then return nil end
+local text = redis.call('GET', KEYS[3]) or ''
+redis.call('HDEL', KEYS[1], 'active')
+redis.call('DEL', KEYS[3])
+local payload = cjson.encode({response_id = active, message_id = active, status = ARGV[6], text = text})
+return {append('ai_end', payload), payload}
+"""
+)
+
+# KEYS: leases. ARGV: member, ttl in ms. Scores are Redis server time, the same for every instance.
+_HOLD_LEASE = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+# KEYS: leases. ARGV: limit. Removes and returns expired members.
+_CLAIM_LEASES = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+if #expired > 0 then redis.call('ZREM', KEYS[1], unpack(expired)) end
+return expired
 """
 
 # KEYS: meta, log. ARGV: floor, new epoch, ttl. Returns {epoch, seq}.
 _OPEN = """
 if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'epoch', ARGV[2])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -101,6 +149,7 @@ class RedisBroker:
         self._ttl = ttl
         self._max_backoff = max_backoff
         self._instance_channel = f"{prefix}instance:{new_id()}"
+        self._leases_key = f"{prefix}answer-leases"
         self._client: redis.asyncio.Redis | None = None
         self._listener: Listener | None = None
         self._channels: set[str] = set()
@@ -117,7 +166,14 @@ class RedisBroker:
         self._client = redis.asyncio.Redis.from_url(
             self._url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
         )
-        for name, source in (("publish", _PUBLISH), ("open", _OPEN), ("replay", _REPLAY)):
+        for name, source in (
+            ("publish", _PUBLISH),
+            ("end_answer", _END_ANSWER),
+            ("open", _OPEN),
+            ("replay", _REPLAY),
+            ("hold_lease", _HOLD_LEASE),
+            ("claim_leases", _CLAIM_LEASES),
+        ):
             self._scripts[name] = self._client.register_script(source)
         await self.ping()
         self._reader = asyncio.create_task(self._read_loop(), name="redis-broker-reader")
@@ -184,6 +240,7 @@ class RedisBroker:
                         self._ttl,
                         guard,
                         str(payload.get("response_id", "")),
+                        str(payload.get("text", "")) if type is EventType.DELTA else "",
                     ],
                     client=c,
                 )
@@ -191,6 +248,55 @@ class RedisBroker:
         except ResponseError as exc:
             raise _script_error(exc, conversation_id) from None
         return Event(conversation_id, type, int(seq), dict(payload))
+
+    async def end_answer(
+        self, conversation_id: ConversationId, status: AnswerStatus, *, response_id: ResponseId | None = None
+    ) -> Event | None:
+        try:
+            result = await self._call(
+                lambda c: self._scripts["end_answer"](
+                    keys=self._keys(conversation_id),
+                    args=[
+                        self._channel(conversation_id),
+                        "",
+                        "",
+                        self._window,
+                        self._ttl,
+                        status.value,
+                        response_id or "",
+                    ],
+                    client=c,
+                )
+            )
+        except ResponseError as exc:
+            raise _script_error(exc, conversation_id) from None
+        if result is None:
+            return None
+        return Event(conversation_id, EventType.AI_END, int(result[0]), orjson.loads(result[1]))
+
+    async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
+        await self._call(
+            lambda c: self._scripts["hold_lease"](
+                keys=[self._leases_key], args=[_lease_member(lease), int(ttl * 1000)], client=c
+            )
+        )
+
+    async def drop_lease(self, lease: AnswerLease) -> None:
+        await self._call(lambda c: c.zrem(self._leases_key, _lease_member(lease)))
+
+    async def claim_expired_leases(self, limit: int) -> list[AnswerLease]:
+        members = await self._call(
+            lambda c: self._scripts["claim_leases"](keys=[self._leases_key], args=[limit], client=c)
+        )
+        leases = []
+        for member in members:
+            try:
+                bid, cid, rid = _text(member).split("|")
+            except ValueError:
+                log.warning("unreadable answer lease dropped: %r", member)
+                continue
+            leases.append(AnswerLease(BusinessId(bid), ConversationId(cid), ResponseId(rid)))
+        return leases
 
     async def publish_ephemeral(
         self,
@@ -313,7 +419,7 @@ class RedisBroker:
     def _keys(self, conversation_id: ConversationId) -> list[str]:
         # One hash tag per conversation: a cluster keeps a conversation's keys on one node.
         base = f"{self._prefix}{{conv:{conversation_id}}}"
-        return [f"{base}:meta", f"{base}:log"]
+        return [f"{base}:meta", f"{base}:log", f"{base}:answer"]
 
     async def _call(self, operation: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
         client = self._client
@@ -334,6 +440,10 @@ def _script_error(exc: ResponseError, conversation_id: ConversationId) -> Except
     if "ENDED" in text:
         return AnswerEnded(f"the answer in conversation {conversation_id} has ended")
     return Unavailable(f"redis refused the script: {text}")
+
+
+def _lease_member(lease: AnswerLease) -> str:
+    return f"{lease.business_id}|{lease.conversation_id}|{lease.response_id}"
 
 
 def _entry_event(conversation_id: ConversationId, entry: Any) -> Event:

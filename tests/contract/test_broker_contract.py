@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from core.broker import AnswerEnded, Broker, StreamMissing
+from core.broker import AnswerEnded, AnswerLease, Broker, StreamMissing
 from core.models import Event
-from core.types import ConversationId, EventType, new_id
+from core.types import AnswerStatus, BusinessId, ConversationId, EventType, ResponseId, new_id
 from tests.contract.conftest import REPLAY_WINDOW
 
 
@@ -179,3 +179,47 @@ async def test_an_answer_ends_once_and_nothing_of_it_follows_its_end(broker: Bro
         ("ai_start", None),
     ]
     assert [e.seq for e in replay.events] == [1, 2, 3, 4]
+
+
+async def test_end_answer_publishes_the_text_streamed_so_far_once(broker: Broker) -> None:
+    """Anyone may end the active answer; its ai_end carries the deltas joined; a second end gets None."""
+    c = await opened(broker)
+    await broker.publish(c, EventType.AI_START, {"response_id": "r1"})
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "Hel"})
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "lo"})
+    assert await broker.end_answer(c, AnswerStatus.STOPPED, response_id=ResponseId("other")) is None
+    event = await broker.end_answer(c, AnswerStatus.STOPPED)
+    assert event is not None
+    assert event.type is EventType.AI_END
+    assert event.seq == 4
+    assert event.payload == {"response_id": "r1", "message_id": "r1", "status": "stopped", "text": "Hello"}
+    assert await broker.end_answer(c, AnswerStatus.INTERRUPTED) is None
+    with pytest.raises(AnswerEnded):
+        await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "late"})
+    replay = await broker.replay(c, 3)
+    assert replay.events is not None
+    assert [e.payload for e in replay.events] == [event.payload]
+    # The next answer starts with an empty text.
+    await broker.publish(c, EventType.AI_START, {"response_id": "r2"})
+    second = await broker.end_answer(c, AnswerStatus.COMPLETE, response_id=ResponseId("r2"))
+    assert second is not None
+    assert second.payload["text"] == ""
+
+
+async def test_leases_expire_and_go_to_one_claimer(broker: Broker) -> None:
+    """A lease not renewed expires; concurrent claimers get each expired lease exactly once."""
+    c = await opened(broker)
+    short = AnswerLease(BusinessId("b"), c, ResponseId("r-short"))
+    held = AnswerLease(BusinessId("b"), c, ResponseId("r-held"))
+    dropped = AnswerLease(BusinessId("b"), c, ResponseId("r-dropped"))
+    await broker.hold_lease(short, 0.05)
+    await broker.hold_lease(held, 30)
+    await broker.hold_lease(dropped, 0.05)
+    await broker.drop_lease(dropped)
+    assert await broker.claim_expired_leases(10) == []
+    await asyncio.sleep(0.15)
+    claims = await asyncio.gather(*(broker.claim_expired_leases(10) for _ in range(5)))
+    assert [lease for claim in claims for lease in claim] == [short]
+    await broker.hold_lease(held, 0.01)  # renewing moves the deadline, either way
+    await asyncio.sleep(0.1)
+    assert await broker.claim_expired_leases(10) == [held]
