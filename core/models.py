@@ -74,9 +74,9 @@ class Message:
 class Event:
     """One event on a conversation's channel.
 
-    `seq` is assigned by the broker at publish and is None for ephemeral events (typing).
-    `payload` holds the type-specific fields of the wire frame; `origin` names the session that
-    caused an ephemeral event so that it is not echoed back.
+    `seq` is assigned by the broker at publish and is None for ephemeral events (typing); `epoch`
+    names the log the seq belongs to. `payload` holds the type-specific fields of the wire frame;
+    `origin` names the session that caused an ephemeral event so that it is not echoed back.
     """
 
     conversation_id: ConversationId
@@ -84,6 +84,7 @@ class Event:
     seq: int | None
     payload: Mapping[str, Any]
     origin: str | None = None
+    epoch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

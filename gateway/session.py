@@ -22,7 +22,7 @@ from starlette.websockets import WebSocket
 
 from core.broker import StreamMissing
 from core.errors import CoreError, InvalidInput, TooLarge, Unavailable
-from core.models import Business, Conversation, Event
+from core.models import Business, Conversation, Event, Replay, StreamPosition
 from core.rules import GateVerdict, ResumeAction, ResumeDecision, SeqGate, decide_resume
 from core.types import ConversationId, Role, new_id
 from gateway.context import Gateway
@@ -73,6 +73,9 @@ class _Refused(Exception):
 
 _Item = tuple[str, str] | _Close
 
+# A gap fill tries this many times (0.2 s, 0.4 s, ... apart) before closing the socket with 1011.
+_FILL_ATTEMPTS = 5
+
 
 class Session:
     def __init__(self, websocket: WebSocket, gateway: Gateway) -> None:
@@ -86,6 +89,7 @@ class Session:
         self._limit = gateway.settings.outbox_frames
         self._wake = asyncio.Event()
         self._gate = SeqGate(0)
+        self._epoch = ""  # the epoch of the seqs this client holds
         self._held: list[tuple[Event, str]] = []
         self._filling: asyncio.Task[None] | None = None
 
@@ -147,6 +151,12 @@ class Session:
     def _admit(self, event: Event, frame: str) -> None:
         if event.seq is None:  # ephemeral
             self._enqueue(event.type.value, frame)
+            return
+        if event.epoch is not None and event.epoch != self._epoch:
+            # The log was recreated (lost and opened again): its seqs are not comparable with ours.
+            self.state = State.SYNCING
+            self._held.append((event, frame))
+            self._filling = asyncio.create_task(self._fill_gap())
             return
         verdict = self._gate.admit(event.seq)
         if verdict is GateVerdict.DELIVER:
@@ -290,6 +300,7 @@ class Session:
             "resumed": False,
             "protocol": 1,
         }
+        self._epoch = position.epoch
         if hello.resume is None:
             self.send(welcome)
             self._go_live(position.seq, ())
@@ -305,10 +316,7 @@ class Session:
                 decision = ResumeDecision(ResumeAction.RESET, "window")
         if decision.action is ResumeAction.RESET:
             self.send(welcome)
-            self.send(
-                {"type": "reset", "reason": decision.reason, "epoch": position.epoch, "seq": position.seq}
-            )
-            self._go_live(position.seq, ())
+            self._reset(decision.reason, position)
             return
         self.send({**welcome, "resumed": True})
         self._go_live(hello.resume.last_seq, events or ())
@@ -327,23 +335,43 @@ class Session:
                 self._admit(event, frame)
 
     async def _fill_gap(self) -> None:
-        """Fetch the events the broker skipped for this session from the replay log."""
+        """Fetch the events the broker skipped for this session from the replay log; when the log
+        cannot supply them (trimmed, or lost and opened again with a new epoch), send `reset`."""
+        assert self.business is not None
         assert self.conversation_id is not None
-        try:
-            replay = await self.gw.broker.replay(self.conversation_id, self._gate.last_seq)
-        except CoreError as exc:
-            log.warning("gap fill failed: %s", exc.message, extra=self._log_extra())
+        for attempt in range(_FILL_ATTEMPTS):
+            try:
+                try:
+                    replay = await self.gw.broker.replay(self.conversation_id, self._gate.last_seq)
+                except StreamMissing:  # lost: open it again (new epoch, after the stored seqs)
+                    position = await self.gw.conversations.open_stream(
+                        self.business.business_id, self.conversation_id
+                    )
+                    replay = Replay(position, None)
+                break
+            except CoreError as exc:
+                log.warning("gap fill failed: %s", exc.message, extra=self._log_extra())
+                await asyncio.sleep(0.2 * 2**attempt)
+        else:
             self.close(CloseCode.INTERNAL_ERROR, "lost sync: reconnect and resume")
             return
         if self.state is not State.SYNCING:
             return
-        if replay.events is None:
-            position = replay.position
-            self.send({"type": "reset", "reason": "gap", "epoch": position.epoch, "seq": position.seq})
-            self._held = [(e, f) for e, f in self._held if (e.seq or 0) > position.seq]
-            self._go_live(position.seq, ())
+        position = replay.position
+        if replay.events is None or position.epoch != self._epoch:
+            reason = "gap" if position.epoch == self._epoch else "epoch_changed"
+            self._reset(reason, position)
             return
         self._go_live(self._gate.last_seq, replay.events)
+
+    def _reset(self, reason: str, position: StreamPosition) -> None:
+        """Tell the client to refetch history and continue live from `position`."""
+        self._epoch = position.epoch
+        self.send({"type": "reset", "reason": reason, "epoch": position.epoch, "seq": position.seq})
+        self._held = [
+            (e, f) for e, f in self._held if e.epoch == position.epoch and (e.seq or 0) > position.seq
+        ]
+        self._go_live(position.seq, ())
 
     # -- frame handlers -------------------------------------------------------------------------
 

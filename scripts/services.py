@@ -202,10 +202,10 @@ def find_redis_server() -> Path | None:
     return None
 
 
-def start_redis(redis_server: Path) -> str:
-    """Start a throwaway redis-server on a free port; return its URL once it answers."""
+def start_redis(redis_server: Path, port: int | None = None) -> str:
+    """Start a throwaway redis-server on a free port (or `port`); return its URL once it answers."""
     base = Path(tempfile.mkdtemp(prefix="chatgw-test-redis-"))
-    port = free_port()
+    port = port or free_port()
     log_path = base / "redis.log"
     command = [
         str(redis_server),

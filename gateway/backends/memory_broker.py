@@ -107,7 +107,7 @@ class MemoryBroker:
         self, stream: _Log, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
     ) -> Event:
         stream.seq += 1
-        event = Event(conversation_id, type, stream.seq, dict(payload))
+        event = Event(conversation_id, type, stream.seq, dict(payload), epoch=stream.epoch)
         stream.events.append(event)
         self._deliver(event)
         return event

@@ -43,8 +43,9 @@ local function append(kind, payload)
   local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-1', 't', kind, 'p', payload)
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
-  redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. kind .. '\\n\\n' .. payload)
-  return seq
+  local epoch = redis.call('HGET', KEYS[1], 'epoch')
+  redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. kind .. '\\n\\n' .. epoch .. '\\n' .. payload)
+  return {seq, epoch}
 end
 """
 
@@ -82,7 +83,8 @@ local text = redis.call('GET', KEYS[3]) or ''
 redis.call('HDEL', KEYS[1], 'active')
 redis.call('DEL', KEYS[3])
 local payload = cjson.encode({response_id = active, message_id = active, status = ARGV[6], text = text})
-return {append('ai_end', payload), payload}
+local appended = append('ai_end', payload)
+return {appended[1], appended[2], payload}
 """
 )
 
@@ -229,7 +231,7 @@ class RedisBroker:
         guard = _GUARDS.get(type, "none")
         encoded = orjson.dumps(dict(payload)).decode()
         try:
-            seq = await self._call(
+            result = await self._call(
                 lambda c: self._scripts["publish"](
                     keys=self._keys(conversation_id),
                     args=[
@@ -247,7 +249,7 @@ class RedisBroker:
             )
         except ResponseError as exc:
             raise _script_error(exc, conversation_id) from None
-        return Event(conversation_id, type, int(seq), dict(payload))
+        return Event(conversation_id, type, int(result[0]), dict(payload), epoch=_text(result[1]))
 
     async def end_answer(
         self, conversation_id: ConversationId, status: AnswerStatus, *, response_id: ResponseId | None = None
@@ -272,7 +274,9 @@ class RedisBroker:
             raise _script_error(exc, conversation_id) from None
         if result is None:
             return None
-        return Event(conversation_id, EventType.AI_END, int(result[0]), orjson.loads(result[1]))
+        return Event(
+            conversation_id, EventType.AI_END, int(result[0]), orjson.loads(result[2]), epoch=_text(result[1])
+        )
 
     async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
         await self._call(
@@ -306,7 +310,7 @@ class RedisBroker:
         *,
         origin: str | None = None,
     ) -> None:
-        message = f"\n{type.value}\n{origin or ''}\n{orjson.dumps(dict(payload)).decode()}"
+        message = f"\n{type.value}\n{origin or ''}\n\n{orjson.dumps(dict(payload)).decode()}"
         await self._call(lambda c: c.publish(self._channel(conversation_id), message))
 
     async def open(self, conversation_id: ConversationId, *, floor_seq: int) -> StreamPosition:
@@ -330,7 +334,9 @@ class RedisBroker:
         if int(result[2]) == 0:
             return Replay(position, None)
         entries = result[3] if len(result) > 3 else []
-        return Replay(position, tuple(_entry_event(conversation_id, entry) for entry in entries))
+        return Replay(
+            position, tuple(_entry_event(conversation_id, entry, position.epoch) for entry in entries)
+        )
 
     # -- the reader -----------------------------------------------------------------------------
 
@@ -358,10 +364,21 @@ class RedisBroker:
                 backoff = min(backoff * 2, self._max_backoff)
 
     async def _open_pubsub(self) -> None:
+        """Subscribe everything on a new connection; return once Redis confirmed it."""
         assert self._client is not None
         pubsub = self._client.pubsub()
-        # The instance channel keeps at least one subscription, so reading never returns at once.
-        await pubsub.subscribe(self._instance_channel, *self._channels)
+        try:
+            # The instance channel keeps at least one subscription, so reading never returns at once.
+            await pubsub.subscribe(self._instance_channel, *self._channels)
+            async with asyncio.timeout(5):
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+                    if message is not None and _text(message["channel"]) == self._instance_channel:
+                        break
+        except BaseException:
+            with contextlib.suppress(*_REDIS_FAILURES):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise
         self._pubsub = pubsub
         self._connected.set()
 
@@ -383,13 +400,14 @@ class RedisBroker:
         if self._listener is None:
             return
         try:
-            seq, type_, origin, payload = _text(data).split("\n", 3)
+            seq, type_, origin, epoch, payload = _text(data).split("\n", 4)
             event = Event(
                 ConversationId(channel[len(self._prefix) + len("conv:") :]),
                 EventType(type_),
                 int(seq) if seq else None,
                 orjson.loads(payload),
                 origin or None,
+                epoch or None,
             )
         except (ValueError, orjson.JSONDecodeError):
             log.warning("unreadable event on %s dropped", channel)
@@ -446,7 +464,7 @@ def _lease_member(lease: AnswerLease) -> str:
     return f"{lease.business_id}|{lease.conversation_id}|{lease.response_id}"
 
 
-def _entry_event(conversation_id: ConversationId, entry: Any) -> Event:
+def _entry_event(conversation_id: ConversationId, entry: Any, epoch: str) -> Event:
     entry_id, fields = entry
     values = dict(zip(fields[::2], fields[1::2], strict=True))
     return Event(
@@ -454,6 +472,7 @@ def _entry_event(conversation_id: ConversationId, entry: Any) -> Event:
         EventType(_text(values[b"t"])),
         int(_text(entry_id).split("-", 1)[0]),
         orjson.loads(values[b"p"]),
+        epoch=epoch,
     )
 
 

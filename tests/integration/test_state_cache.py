@@ -8,16 +8,13 @@ The inner store is the MemoryStore, a real Store implementation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
-import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
@@ -30,13 +27,11 @@ from core.types import BusinessId, ConversationId, ResponseId, StageName, new_id
 from gateway.backends.memory_store import MemoryStore
 from gateway.backends.redis_state import CachedStore, RedisStateCache
 from tests.contract import test_store_contract as contract
+from tests.databases import redis_url
+from tests.proxy import Outage
 
 TTL = 600
 LOGGER = "gateway.backends.redis_state"
-
-
-def redis_url() -> str:
-    return os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
 def state_key(prefix: str, conversation_id: ConversationId) -> str:
@@ -417,75 +412,6 @@ async def test_with_redis_down_the_store_serves_alone(
         await store.close()  # safe twice
     warnings = [r for r in caplog.records if r.name == LOGGER and "unavailable" in r.getMessage()]
     assert len(warnings) == 1, "one warning per outage"
-
-
-class Outage:
-    """A TCP forwarder in front of Redis that a test can cut and restore: an outage on demand."""
-
-    def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        self._parts = parts
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        userinfo = self._parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
-        return urlunsplit(self._parts._replace(netloc=netloc))
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connected, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        """Stop listening and close every forwarded connection."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
-        for writer in list(self._writers):
-            writer.close()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
-
-    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            await self._close(writer)
-            self._tasks.discard(task)
-            return
-        self._writers.add(up_writer)
-        try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        finally:
-            await self._close(writer)
-            await self._close(up_writer)
-            self._tasks.discard(task)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def _close(self, writer: asyncio.StreamWriter) -> None:
-        self._writers.discard(writer)
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 async def test_a_write_during_an_outage_is_never_read_stale_afterwards(
