@@ -186,6 +186,14 @@ class ConversationService:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="answer-lease-sweeper")
 
+    async def drain(self, *, grace: float) -> None:
+        """Let running answers (and the ones queued behind them) finish for up to `grace`
+        seconds, then end what is left as `interrupted`."""
+        tasks = [turns.task for turns in self._turns.values() if turns.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        await self.aclose(grace=min(grace, 5.0) or 1.0)
+
     async def aclose(self, *, grace: float = 5.0) -> None:
         """End every running answer as `interrupted` and wait for them to be stored."""
         sweeper, self._sweeper = self._sweeper, None

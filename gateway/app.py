@@ -97,7 +97,6 @@ def create_app(
         try:
             await gw.store.ensure_business(DEMO_BUSINESS)
             gw.conversations.start()
-            app.state.gateway = gw
             if on_ready is not None:
                 on_ready()
             yield
@@ -127,4 +126,6 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
         )
     ]
-    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.gateway = gw
+    return app

@@ -10,6 +10,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.drain import DrainingServer
 from gateway.logs import configure_logging
 from gateway.settings import Settings, SettingsError
 
@@ -97,7 +98,7 @@ def serve_command(settings: Settings, *, host: str, port: int) -> int:
         print(f"chatgw: {exc}", file=sys.stderr)
         return 2
     config = uvicorn_config(app, settings, host=host, port=port)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.gateway)
     server.run()
     return 0 if server.started else 1
 

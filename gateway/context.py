@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from core.broker import Broker
 from core.conversation import ConversationService
@@ -17,6 +18,8 @@ from gateway.settings import Settings
 
 @dataclass(slots=True)
 class Gateway:
+    """Everything one process shares. `sessions` holds the open sockets' sessions (for the drain)."""
+
     settings: Settings
     store: Store
     broker: Broker
@@ -27,3 +30,5 @@ class Gateway:
     metrics: Metrics
     checks: dict[str, tuple[str, Check]]
     """Dependency name -> (backend name, readiness check), for /readyz and the start log."""
+    sessions: set[Any] = field(default_factory=set)
+    draining: bool = False

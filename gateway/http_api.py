@@ -187,8 +187,9 @@ async def readyz(request: Request) -> Response:
             checks[name] = {"backend": backend, "ok": True}
         except Exception as exc:
             checks[name] = {"backend": backend, "ok": False, "error": str(exc) or type(exc).__name__}
-    ok = all(c["ok"] for c in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+    ok = all(c["ok"] for c in checks.values()) and not gw.draining
+    status = "draining" if gw.draining else "ok" if ok else "unavailable"
+    return JSONResponse({"status": status, "checks": checks}, 200 if ok else 503)
 
 
 async def metrics(request: Request) -> Response:

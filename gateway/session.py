@@ -92,11 +92,16 @@ class Session:
         self._epoch = ""  # the epoch of the seqs this client holds
         self._held: list[tuple[Event, str]] = []
         self._filling: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> None:
         await self.ws.accept()
+        if self.gw.draining:
+            await self.ws.close(CloseCode.DRAINING, "this instance is draining: reconnect")
+            return
+        self.gw.sessions.add(self)
         self.gw.metrics.sockets.inc()
         reader = asyncio.create_task(self._read(), name=f"ws-read-{self.session_id}")
         writer = asyncio.create_task(self._write(), name=f"ws-write-{self.session_id}")
@@ -116,7 +121,14 @@ class Session:
             if self.conversation_id is not None:
                 await self.gw.hub.leave(self.conversation_id, self)
             self.gw.metrics.sockets.dec()
+            self.gw.sessions.discard(self)
+            self.closed.set()
             log.info("socket closed", extra=self._log_extra())
+
+    def reconnect(self, after_ms: int) -> None:
+        """The instance is draining: tell the client when to come back (elsewhere), and close."""
+        self.send({"type": "reconnect", "after_ms": after_ms})
+        self.close(CloseCode.DRAINING, "this instance is draining: reconnect")
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Queue a close after what is already queued; nothing is queued after it."""
