@@ -25,39 +25,32 @@ class Backends:
 
 def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backends:
     """The store (memory, or PostgreSQL with a Redis state cache when REDIS_URL is set) and the
-    broker (Redis with REDIS_URL, else memory)."""
-    store = _make_store(settings)
+    broker (Redis with REDIS_URL, else memory); `broker` replaces the latter (tests)."""
     checks: dict[str, tuple[str, Check]] = {}
+    store: Store
     if settings.database_url:
+        scheme = settings.database_url.split(":", 1)[0]
+        if scheme not in ("postgres", "postgresql"):
+            raise ValueError(f"unsupported DATABASE_URL scheme: {scheme!r}")
         from gateway.backends.postgres_store import PostgresStore
 
-        pg = PostgresStore(settings.database_url, pool_size=settings.db_pool_size)
-        checks["store"] = ("postgres", pg.ping)
-        store = pg
+        store = PostgresStore(settings.database_url, pool_size=settings.db_pool_size)
+        checks["store"] = ("postgres", store.ping)
         if settings.redis_url:
             from gateway.backends.redis_state import CachedStore, RedisStateCache
 
             cache = RedisStateCache(settings.redis_url, prefix=settings.redis_prefix, ttl=settings.state_ttl)
             checks["state_cache"] = ("redis", cache.ping)
-            store = CachedStore(pg, cache)
+            store = CachedStore(store, cache)
     else:
+        from gateway.backends.memory_store import MemoryStore
+
+        store = MemoryStore()
         checks["store"] = ("memory", store.ping)
-        if settings.redis_url:
-            log.warning(
-                "REDIS_URL is set without DATABASE_URL: the memory store keeps state, Redis is not used"
-            )
     if broker is None:
         broker = _make_broker(settings)
     checks["broker"] = ("redis" if settings.redis_url else "memory", broker.ping)
     return Backends(store, broker, checks)
-
-
-def _make_store(settings: Settings) -> Store:
-    if settings.database_url and settings.database_url.split(":", 1)[0] not in ("postgres", "postgresql"):
-        raise ValueError(f"unsupported DATABASE_URL scheme: {settings.database_url.split(':', 1)[0]!r}")
-    from gateway.backends.memory_store import MemoryStore
-
-    return MemoryStore()
 
 
 def _make_broker(settings: Settings) -> Broker:
