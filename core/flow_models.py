@@ -99,6 +99,16 @@ class Flow:
     rules: tuple[ExtractionRule, ...] = ()
     version: int = 1
 
+    def owners(self) -> set[BusinessId]:
+        """The businesses the records name (a consistent flow names only its own)."""
+        records: tuple[Stage | Transition | Template | ExtractionRule, ...] = (
+            *self.stages,
+            *self.transitions,
+            *self.templates,
+            *self.rules,
+        )
+        return {record.business_id for record in records}
+
 
 @dataclass(frozen=True, slots=True)
 class ExtractedField:

@@ -49,6 +49,10 @@ class Conversation:
     """The highest seq of the conversation's events the store has recorded on a message."""
     epoch: str | None = None
     """The epoch of the event log the conversation's seqs were last opened in."""
+    turns: int = 0
+    """User messages the pipeline has handled in this conversation."""
+    turns_in_stage: int = 0
+    """Of those, the ones since the conversation entered its current stage."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +109,21 @@ class Replay:
 
     position: StreamPosition
     events: tuple[Event, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """Who did what to a business's configuration or conversations."""
+
+    actor_type: str  # "admin", "agent" or "system"
+    action_type: str
+    action_data: Mapping[str, Any]
+    actor_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    log_id: str
+    business_id: BusinessId
+    entry: AuditEntry
+    created_at: datetime

@@ -13,9 +13,11 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-from core.models import Business, Conversation, Message
+from core.flow_models import Flow
+from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
 from core.types import (
     AnswerStatus,
     BusinessId,
@@ -94,6 +96,39 @@ class Store(Protocol):
         self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
     ) -> list[Message]:
         """Messages with seq > after_seq, in seq order, at most `limit`."""
+
+    async def record_turn(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        *,
+        stage: StageName,
+        data: Mapping[str, Any],
+    ) -> Conversation:
+        """Count one handled user message: `turns` + 1; `turns_in_stage` + 1, or 1 when `stage`
+        differs from the current one; then set the stage and the extracted data."""
+
+    async def set_api_key(self, business_id: BusinessId, key_hash: str) -> None:
+        """Set the business's admin API key (its SHA-256, hex; the key itself is never stored)."""
+
+    async def get_business_by_api_key(self, key_hash: str) -> Business:
+        """The business whose admin API key hashes to `key_hash`, or `NotFound`."""
+
+    async def get_flow(self, business_id: BusinessId) -> Flow:
+        """The business's whole flow configuration, with its version."""
+
+    async def save_flow(
+        self, business_id: BusinessId, flow: Flow, *, expected_version: int, audit: AuditEntry
+    ) -> Flow:
+        """Replace the business's flow by `flow` (records keep their ids) if its version is still
+        `expected_version` (else `Conflict`), and record `audit`, in one transaction; return the
+        flow as stored, with the version + 1."""
+
+    async def add_audit(self, business_id: BusinessId, entry: AuditEntry) -> None:
+        """Record an action in the audit log."""
+
+    async def list_audit(self, business_id: BusinessId, *, limit: int) -> list[AuditRecord]:
+        """The newest audit records first."""
 
     async def recent_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, limit: int

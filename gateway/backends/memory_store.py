@@ -8,10 +8,13 @@ in between, which makes each one atomic on the event loop. Nothing survives a re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from core.errors import Conflict, NotFound
-from core.models import Business, Conversation, Message
+from core.flow_models import Flow
+from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
 from core.types import (
     AnswerStatus,
     BusinessId,
@@ -42,6 +45,9 @@ class MemoryStore:
         self._end_users: dict[EndUserId, tuple[BusinessId, str | None]] = {}
         self._conversations: dict[ConversationId, _ConversationRows] = {}
         self._message_index: dict[MessageId, tuple[ConversationId, int]] = {}
+        self._api_keys: dict[str, BusinessId] = {}
+        self._flows: dict[BusinessId, Flow] = {}
+        self._audit: dict[BusinessId, list[AuditRecord]] = {}
 
     async def connect(self) -> None:
         pass
@@ -185,6 +191,62 @@ class MemoryStore:
     ) -> list[Message]:
         rows = self._rows(business_id, conversation_id)
         return rows.messages[-limit:] if limit > 0 else []
+
+    async def record_turn(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        *,
+        stage: StageName,
+        data: Mapping[str, Any],
+    ) -> Conversation:
+        rows = self._rows(business_id, conversation_id)
+        current = rows.conversation
+        in_stage = current.turns_in_stage + 1 if stage == current.stage else 1
+        rows.conversation = dataclasses.replace(
+            current, stage=stage, data=dict(data), turns=current.turns + 1, turns_in_stage=in_stage
+        )
+        return rows.conversation
+
+    async def set_api_key(self, business_id: BusinessId, key_hash: str) -> None:
+        await self.get_business(business_id)
+        for old in [h for h, b in self._api_keys.items() if b == business_id]:
+            del self._api_keys[old]
+        if self._api_keys.get(key_hash, business_id) != business_id:
+            raise Conflict("that API key belongs to another business")
+        self._api_keys[key_hash] = business_id
+
+    async def get_business_by_api_key(self, key_hash: str) -> Business:
+        business_id = self._api_keys.get(key_hash)
+        if business_id is None:
+            raise NotFound("no business has that API key")
+        return self._businesses[business_id]
+
+    async def get_flow(self, business_id: BusinessId) -> Flow:
+        await self.get_business(business_id)
+        return self._flows.get(business_id) or Flow(business_id=business_id)
+
+    async def save_flow(
+        self, business_id: BusinessId, flow: Flow, *, expected_version: int, audit: AuditEntry
+    ) -> Flow:
+        current = await self.get_flow(business_id)
+        if current.version != expected_version:
+            raise Conflict(f"the flow changed meanwhile (version {current.version}, not {expected_version})")
+        if flow.owners() - {business_id}:
+            raise Conflict("a flow record names another business")
+        saved = dataclasses.replace(flow, business_id=business_id, version=current.version + 1)
+        self._flows[business_id] = saved
+        await self.add_audit(business_id, audit)
+        return saved
+
+    async def add_audit(self, business_id: BusinessId, entry: AuditEntry) -> None:
+        await self.get_business(business_id)
+        record = AuditRecord(log_id=new_id(), business_id=business_id, entry=entry, created_at=_now())
+        self._audit.setdefault(business_id, []).append(record)
+
+    async def list_audit(self, business_id: BusinessId, *, limit: int) -> list[AuditRecord]:
+        await self.get_business(business_id)
+        return list(reversed(self._audit.get(business_id, [])))[: max(limit, 0)]
 
     def _rows(self, business_id: BusinessId, conversation_id: ConversationId) -> _ConversationRows:
         rows = self._conversations.get(conversation_id)

@@ -25,7 +25,17 @@ import asyncpg
 import orjson
 
 from core.errors import Conflict, CoreError, NotFound, Unavailable
-from core.models import Business, Conversation, Message
+from core.flow_models import (
+    ExtractionRule,
+    ExtractorKind,
+    FieldType,
+    Flow,
+    Stage,
+    Template,
+    TemplateType,
+    Transition,
+)
+from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
 from core.types import (
     AnswerStatus,
     BusinessId,
@@ -68,7 +78,7 @@ _MESSAGE_COLUMNS = (
 )
 _CONVERSATION_COLUMNS = (
     "conversation_id, business_id, end_user_id, mode, current_stage, created_at, extracted_data,"
-    " active_response_id, last_seq, epoch"
+    " active_response_id, last_seq, epoch, turns, turns_in_stage"
 )
 
 
@@ -247,6 +257,111 @@ class PostgresStore:
         )
         if status == "UPDATE 0":
             raise NotFound("conversation not found")
+
+    async def record_turn(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        *,
+        stage: StageName,
+        data: Mapping[str, Any],
+    ) -> Conversation:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "UPDATE conversations SET turns = turns + 1,"
+                " turns_in_stage = CASE WHEN current_stage = $3 THEN turns_in_stage + 1 ELSE 1 END,"
+                " current_stage = $3, extracted_data = $4, updated_at = now()"
+                f" WHERE conversation_id = $1 AND business_id = $2 RETURNING {_CONVERSATION_COLUMNS}",
+                _uuid(conversation_id),
+                _uuid(business_id),
+                stage,
+                dict(data),
+            )
+        )
+        if row is None:
+            raise NotFound("conversation not found")
+        return _conversation(row)
+
+    # -- admin: keys, flows, audit ------------------------------------------------------------
+
+    async def set_api_key(self, business_id: BusinessId, key_hash: str) -> None:
+        status = await self._run(
+            lambda c: c.execute(
+                "UPDATE businesses SET api_key_hash = $2 WHERE business_id = $1", _uuid(business_id), key_hash
+            )
+        )
+        if status == "UPDATE 0":
+            raise NotFound("business not found")
+
+    async def get_business_by_api_key(self, key_hash: str) -> Business:
+        row = await self._run(lambda c: c.fetchrow(_BUSINESS_SELECT + " WHERE api_key_hash = $1", key_hash))
+        if row is None:
+            raise NotFound("no business has that API key")
+        return _business(row)
+
+    async def get_flow(self, business_id: BusinessId) -> Flow:
+        async def run(c: asyncpg.Connection) -> Flow | None:
+            async with c.transaction(isolation="repeatable_read", readonly=True):
+                return await _read_flow(c, _uuid(business_id))
+
+        flow = await self._run(run)
+        if flow is None:
+            raise NotFound("business not found")
+        return flow
+
+    async def save_flow(
+        self, business_id: BusinessId, flow: Flow, *, expected_version: int, audit: AuditEntry
+    ) -> Flow:
+        bid = _uuid(business_id)
+        if flow.owners() - {business_id}:
+            raise Conflict("a flow record names another business")
+
+        async def run(c: asyncpg.Connection) -> Flow | None:
+            async with c.transaction():
+                version = await c.fetchval(
+                    "UPDATE businesses SET flow_version = flow_version + 1"
+                    " WHERE business_id = $1 AND flow_version = $2 RETURNING flow_version",
+                    bid,
+                    expected_version,
+                )
+                if version is None:
+                    return None
+                await _write_flow(c, bid, flow)
+                await _insert_audit(c, bid, audit)
+                return await _read_flow(c, bid)
+
+        saved = await self._run(run)
+        if saved is None:
+            current = await self.get_flow(business_id)
+            raise Conflict(f"the flow changed meanwhile (version {current.version}, not {expected_version})")
+        return saved
+
+    async def add_audit(self, business_id: BusinessId, entry: AuditEntry) -> None:
+        await self._run(lambda c: _insert_audit(c, _uuid(business_id), entry))
+
+    async def list_audit(self, business_id: BusinessId, *, limit: int) -> list[AuditRecord]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT log_id, business_id, user_id, actor_type, action_type, action_data, created_at"
+                " FROM audit_logs WHERE business_id = $1 ORDER BY created_at DESC, log_id LIMIT $2",
+                _uuid(business_id),
+                max(limit, 0),
+            )
+        )
+        return [
+            AuditRecord(
+                log_id=str(r["log_id"]),
+                business_id=BusinessId(str(r["business_id"])),
+                entry=AuditEntry(
+                    actor_type=r["actor_type"],
+                    action_type=r["action_type"],
+                    action_data=r["action_data"],
+                    actor_id=str(r["user_id"]) if r["user_id"] else None,
+                ),
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -491,6 +606,8 @@ def _conversation(row: asyncpg.Record) -> Conversation:
         active_response_id=ResponseId(str(row["active_response_id"])) if row["active_response_id"] else None,
         last_seq=row["last_seq"],
         epoch=row["epoch"],
+        turns=row["turns"],
+        turns_in_stage=row["turns_in_stage"],
     )
 
 
@@ -506,3 +623,194 @@ def _message(row: asyncpg.Record) -> Message:
         status=AnswerStatus(row["status"]) if row["status"] else None,
         response_id=ResponseId(str(row["response_id"])) if row["response_id"] else None,
     )
+
+
+async def _insert_audit(c: asyncpg.Connection, business_id: uuid.UUID, entry: AuditEntry) -> None:
+    await c.execute(
+        "INSERT INTO audit_logs (log_id, business_id, user_id, actor_type, action_type, action_data)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        uuid.UUID(new_id()),
+        business_id,
+        _uuid(entry.actor_id) if entry.actor_id else None,
+        entry.actor_type,
+        entry.action_type,
+        dict(entry.action_data),
+    )
+
+
+async def _read_flow(c: asyncpg.Connection, business_id: uuid.UUID) -> Flow | None:
+    version = await c.fetchval("SELECT flow_version FROM businesses WHERE business_id = $1", business_id)
+    if version is None:
+        return None
+    bid = BusinessId(str(business_id))
+    templates = await c.fetch(
+        "SELECT template_id, name, type, content, system_prompt, variables, version FROM templates"
+        " WHERE business_id = $1 ORDER BY position",
+        business_id,
+    )
+    stages = await c.fetch(
+        "SELECT stage_id, name, description, is_entry, selection_template_id, extraction_template_id,"
+        " response_template_id FROM stages WHERE business_id = $1 ORDER BY position",
+        business_id,
+    )
+    transitions = await c.fetch(
+        "SELECT transition_id, from_stage_id, to_stage_id, condition, priority FROM stage_transitions"
+        " WHERE business_id = $1 ORDER BY position",
+        business_id,
+    )
+    rules = await c.fetch(
+        "SELECT rule_id, stage_id, field, kind, pattern, field_type, validator FROM extraction_rules"
+        " WHERE business_id = $1 ORDER BY position",
+        business_id,
+    )
+    return Flow(
+        business_id=bid,
+        version=version,
+        templates=tuple(
+            Template(
+                template_id=str(r["template_id"]),
+                business_id=bid,
+                name=r["name"],
+                type=TemplateType(r["type"]),
+                content=r["content"],
+                system_prompt=r["system_prompt"],
+                variables=tuple(r["variables"]),
+                version=r["version"],
+            )
+            for r in templates
+        ),
+        stages=tuple(
+            Stage(
+                stage_id=str(r["stage_id"]),
+                business_id=bid,
+                name=r["name"],
+                description=r["description"],
+                is_entry=r["is_entry"],
+                selection_template_id=_opt_id(r["selection_template_id"]),
+                extraction_template_id=_opt_id(r["extraction_template_id"]),
+                response_template_id=_opt_id(r["response_template_id"]),
+            )
+            for r in stages
+        ),
+        transitions=tuple(
+            Transition(
+                transition_id=str(r["transition_id"]),
+                business_id=bid,
+                from_stage_id=str(r["from_stage_id"]),
+                to_stage_id=str(r["to_stage_id"]),
+                condition=r["condition"],
+                priority=r["priority"],
+            )
+            for r in transitions
+        ),
+        rules=tuple(
+            ExtractionRule(
+                rule_id=str(r["rule_id"]),
+                business_id=bid,
+                stage_id=_opt_id(r["stage_id"]),
+                field=r["field"],
+                kind=ExtractorKind(r["kind"]),
+                pattern=r["pattern"],
+                field_type=FieldType(r["field_type"]),
+                validator=r["validator"],
+            )
+            for r in rules
+        ),
+    )
+
+
+async def _write_flow(c: asyncpg.Connection, business_id: uuid.UUID, flow: Flow) -> None:
+    """Replace every flow row of the business (inside the caller's transaction). Templates bump
+    their version when their content changed."""
+    old_templates = {
+        str(r["template_id"]): (r["content"], r["system_prompt"], r["version"])
+        for r in await c.fetch(
+            "SELECT template_id, content, system_prompt, version FROM templates WHERE business_id = $1",
+            business_id,
+        )
+    }
+    await c.execute("DELETE FROM extraction_rules WHERE business_id = $1", business_id)
+    await c.execute("DELETE FROM stage_transitions WHERE business_id = $1", business_id)
+    await c.execute("DELETE FROM stages WHERE business_id = $1", business_id)
+    await c.execute("DELETE FROM templates WHERE business_id = $1", business_id)
+    await c.executemany(
+        "INSERT INTO templates (template_id, business_id, name, type, content, system_prompt, variables, version,"
+        " position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        [
+            (
+                _uuid(t.template_id),
+                business_id,
+                t.name,
+                t.type.value,
+                t.content,
+                t.system_prompt,
+                list(t.variables),
+                _template_version(t, old_templates.get(t.template_id)),
+                position,
+            )
+            for position, t in enumerate(flow.templates)
+        ],
+    )
+    await c.executemany(
+        "INSERT INTO stages (stage_id, business_id, name, description, is_entry, selection_template_id,"
+        " extraction_template_id, response_template_id, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        [
+            (
+                _uuid(s.stage_id),
+                business_id,
+                s.name,
+                s.description,
+                s.is_entry,
+                _uuid(s.selection_template_id) if s.selection_template_id else None,
+                _uuid(s.extraction_template_id) if s.extraction_template_id else None,
+                _uuid(s.response_template_id) if s.response_template_id else None,
+                position,
+            )
+            for position, s in enumerate(flow.stages)
+        ],
+    )
+    await c.executemany(
+        "INSERT INTO stage_transitions (transition_id, business_id, from_stage_id, to_stage_id, condition,"
+        " priority, position) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        [
+            (
+                _uuid(t.transition_id),
+                business_id,
+                _uuid(t.from_stage_id),
+                _uuid(t.to_stage_id),
+                t.condition,
+                t.priority,
+                position,
+            )
+            for position, t in enumerate(flow.transitions)
+        ],
+    )
+    await c.executemany(
+        "INSERT INTO extraction_rules (rule_id, business_id, stage_id, field, kind, pattern, field_type,"
+        " validator, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        [
+            (
+                _uuid(r.rule_id),
+                business_id,
+                _uuid(r.stage_id) if r.stage_id else None,
+                r.field,
+                r.kind.value,
+                r.pattern,
+                r.field_type.value,
+                r.validator,
+                position,
+            )
+            for position, r in enumerate(flow.rules)
+        ],
+    )
+
+
+def _template_version(template: Template, old: tuple[str, str, int] | None) -> int:
+    if old is None:
+        return 1
+    content, system_prompt, version = old
+    return version if (content, system_prompt) == (template.content, template.system_prompt) else version + 1
+
+
+def _opt_id(value: uuid.UUID | None) -> str | None:
+    return str(value) if value is not None else None

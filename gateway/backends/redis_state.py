@@ -24,7 +24,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from core.errors import Conflict, CoreError, Forbidden, InvalidInput, NotFound, Unavailable
-from core.models import Business, Conversation, Message
+from core.flow_models import Flow
+from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
 from core.store import Store
 from core.types import (
     AnswerStatus,
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TTL: Final = 3600
-_FORMAT: Final = 1  # stored in every value: a value of another format is a miss, not a wrong state
+_FORMAT: Final = 2  # stored in every value: a value of another format is a miss, not a wrong state
 _REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
 # Store errors after which the write certainly did not happen (the contract's definite failures).
 _NOT_WRITTEN: Final = (NotFound, Forbidden, Conflict, InvalidInput)
@@ -260,7 +261,45 @@ class CachedStore:
     ) -> list[Message]:
         return await self._inner.recent_messages(business_id, conversation_id, limit=limit)
 
+    async def set_api_key(self, business_id: BusinessId, key_hash: str) -> None:
+        await self._inner.set_api_key(business_id, key_hash)
+
+    async def get_business_by_api_key(self, key_hash: str) -> Business:
+        return await self._inner.get_business_by_api_key(key_hash)
+
+    async def get_flow(self, business_id: BusinessId) -> Flow:
+        return await self._inner.get_flow(business_id)
+
+    async def save_flow(
+        self, business_id: BusinessId, flow: Flow, *, expected_version: int, audit: AuditEntry
+    ) -> Flow:
+        return await self._inner.save_flow(business_id, flow, expected_version=expected_version, audit=audit)
+
+    async def add_audit(self, business_id: BusinessId, entry: AuditEntry) -> None:
+        await self._inner.add_audit(business_id, entry)
+
+    async def list_audit(self, business_id: BusinessId, *, limit: int) -> list[AuditRecord]:
+        return await self._inner.list_audit(business_id, limit=limit)
+
     # -- conversation state ---------------------------------------------------------------------
+
+    async def record_turn(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        *,
+        stage: StageName,
+        data: Mapping[str, Any],
+    ) -> Conversation:
+        recorded: list[Conversation] = []
+
+        async def write() -> None:
+            recorded.append(
+                await self._inner.record_turn(business_id, conversation_id, stage=stage, data=data)
+            )
+
+        await self._write(business_id, conversation_id, write)
+        return recorded[0]
 
     async def get_conversation(
         self, business_id: BusinessId, conversation_id: ConversationId
@@ -449,6 +488,8 @@ def _encode(conversation: Conversation) -> bytes:
                 "active_response_id": conversation.active_response_id,
                 "last_seq": conversation.last_seq,
                 "epoch": conversation.epoch,
+                "turns": conversation.turns,
+                "turns_in_stage": conversation.turns_in_stage,
             }
         )
         # JSON cannot carry every Python value (tuples, non-string keys, ...): cache only what
@@ -468,9 +509,6 @@ def _decode(raw: bytes | str) -> Conversation:
     data = value.get("data")
     if not isinstance(data, dict):
         raise ValueError("data is not an object")
-    last_seq = value.get("last_seq")
-    if not isinstance(last_seq, int) or isinstance(last_seq, bool):
-        raise ValueError("last_seq is not an integer")
     active = _optional_text(value, "active_response_id")
     return Conversation(
         conversation_id=ConversationId(_text(value, "conversation_id")),
@@ -481,9 +519,18 @@ def _decode(raw: bytes | str) -> Conversation:
         created_at=datetime.fromisoformat(_text(value, "created_at")),
         data=data,
         active_response_id=ResponseId(active) if active is not None else None,
-        last_seq=last_seq,
+        last_seq=_int(value, "last_seq"),
         epoch=_optional_text(value, "epoch"),
+        turns=_int(value, "turns"),
+        turns_in_stage=_int(value, "turns_in_stage"),
     )
+
+
+def _int(value: Mapping[str, Any], name: str) -> int:
+    field = value.get(name)
+    if not isinstance(field, int) or isinstance(field, bool):
+        raise ValueError(f"{name} is not an integer")
+    return field
 
 
 def _text(value: Mapping[str, Any], name: str) -> str:

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from core.errors import Conflict, NotFound
-from core.models import Business, Conversation
+from core.flow_models import (
+    ExtractionRule,
+    ExtractorKind,
+    FieldType,
+    Flow,
+    Stage,
+    Template,
+    TemplateType,
+    Transition,
+)
+from core.models import AuditEntry, Business, Conversation
 from core.store import Store
 from core.types import AnswerStatus, BusinessId, ConversationId, ResponseId, Role, StageName, new_id
 
@@ -163,3 +174,91 @@ async def test_the_epoch_is_recorded(store: Store) -> None:
     assert conv.epoch is None
     await store.set_epoch(conv.business_id, conv.conversation_id, "e-2")
     assert (await store.get_conversation(conv.business_id, conv.conversation_id)).epoch == "e-2"
+
+
+async def test_turns_count_per_stage(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    first = await store.record_turn(bid, cid, stage=StageName("default"), data={"a": {"value": 1}})
+    assert (first.turns, first.turns_in_stage, first.stage, dict(first.data)) == (
+        1,
+        1,
+        "default",
+        {"a": {"value": 1}},
+    )
+    second = await store.record_turn(bid, cid, stage=StageName("default"), data={})
+    assert (second.turns, second.turns_in_stage) == (2, 2)
+    moved = await store.record_turn(bid, cid, stage=StageName("contact"), data={"email": {"value": "a@b.c"}})
+    assert (moved.turns, moved.turns_in_stage, moved.stage) == (3, 1, "contact")
+    assert await store.get_conversation(bid, cid) == moved
+    other = await store.ensure_business(a_business())
+    with pytest.raises(NotFound):
+        await store.record_turn(other.business_id, cid, stage=StageName("x"), data={})
+
+
+async def test_api_keys_name_their_business(store: Store) -> None:
+    one, two = await store.ensure_business(a_business()), await store.ensure_business(a_business())
+    first, second, rotated = new_id(), new_id(), new_id()
+    await store.set_api_key(one.business_id, first)
+    await store.set_api_key(two.business_id, second)
+    assert (await store.get_business_by_api_key(first)).business_id == one.business_id
+    await store.set_api_key(one.business_id, rotated)
+    with pytest.raises(NotFound):
+        await store.get_business_by_api_key(first)
+    assert (await store.get_business_by_api_key(rotated)).business_id == one.business_id
+    with pytest.raises(Conflict):
+        await store.set_api_key(two.business_id, rotated)
+
+
+def a_flow(business_id: BusinessId) -> Flow:
+    template = Template(
+        new_id(), business_id, "answer", TemplateType.RESPONSE_GENERATION, "{{ message }}", "Be brief."
+    )
+    greet = Stage(new_id(), business_id, "greeting", is_entry=True, response_template_id=template.template_id)
+    done = Stage(new_id(), business_id, "done")
+    return Flow(
+        business_id=business_id,
+        templates=(template,),
+        stages=(greet, done),
+        transitions=(
+            Transition(new_id(), business_id, greet.stage_id, done.stage_id, "turns > 1", 5),
+            Transition(new_id(), business_id, greet.stage_id, done.stage_id, None, 1),
+        ),
+        rules=(
+            ExtractionRule(
+                new_id(), business_id, "email", ExtractorKind.PATTERN, FieldType.EMAIL, greet.stage_id
+            ),
+            ExtractionRule(new_id(), business_id, "name", ExtractorKind.LLM, FieldType.TEXT, None),
+        ),
+    )
+
+
+async def test_flows_are_saved_whole_versioned_and_audited(store: Store) -> None:
+    business = await store.ensure_business(a_business())
+    bid = business.business_id
+    empty = await store.get_flow(bid)
+    assert (empty.stages, empty.transitions, empty.templates, empty.rules) == ((), (), (), ())
+    flow = a_flow(bid)
+    audit = AuditEntry("admin", "flow.replace", {"stages": 2})
+    saved = await store.save_flow(bid, flow, expected_version=empty.version, audit=audit)
+    assert saved.version == empty.version + 1
+    assert await store.get_flow(bid) == saved
+    assert (saved.stages, saved.transitions, saved.templates, saved.rules) == (
+        flow.stages,
+        flow.transitions,
+        flow.templates,
+        flow.rules,
+    )
+    with pytest.raises(Conflict):
+        await store.save_flow(bid, flow, expected_version=empty.version, audit=audit)
+    smaller = dataclasses.replace(saved, transitions=saved.transitions[1:], rules=())
+    again = await store.save_flow(bid, smaller, expected_version=saved.version, audit=audit)
+    assert again.transitions == saved.transitions[1:]
+    assert again.rules == ()
+    records = await store.list_audit(bid, limit=10)
+    assert [r.entry for r in records] == [audit, audit]
+    other = await store.ensure_business(a_business())
+    assert (await store.get_flow(other.business_id)).stages == ()
+    with pytest.raises(Conflict):
+        await store.save_flow(other.business_id, flow, expected_version=1, audit=audit)
+    assert await store.list_audit(other.business_id, limit=10) == []
