@@ -53,6 +53,9 @@ class Listener(Protocol):
         """Events of this conversation may have been missed (this instance was cut off from the
         broker and is back): whoever delivers them must check against the log (`replay`)."""
 
+    def on_control(self, message: Mapping[str, Any]) -> None:
+        """A control message for every instance (for example: a business's flow changed)."""
+
 
 @dataclass(frozen=True, slots=True)
 class AnswerLease:
@@ -98,6 +101,10 @@ class Broker(Protocol):
         self, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
     ) -> Event:
         """Assign seq, log and deliver the event atomically; return it with its seq."""
+
+    async def publish_control(self, message: Mapping[str, Any]) -> None:
+        """Deliver a small JSON message to every instance's listener (this one included), at most
+        once, unordered with conversation events."""
 
     async def publish_ephemeral(
         self,

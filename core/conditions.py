@@ -30,7 +30,7 @@ attempt to reach something else (`__import__("os")`) is a syntax-time `Condition
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -38,6 +38,8 @@ from typing import Any
 import celpy
 import lark
 from celpy import celtypes
+from celpy.adapter import json_to_cel
+from celpy.celparser import CELParseError
 from celpy.evaluation import CELEvalError, CELFunction, CELUnsupportedError, base_functions
 
 from core.errors import InvalidInput, StageTransitionError
@@ -47,7 +49,9 @@ MAX_CONDITION_CHARS = 2000
 VARIABLES = frozenset({"message", "stage", "data", "turns", "turns_in_stage"})
 _MACROS = frozenset({"has", "all", "exists", "exists_one", "map", "filter"})
 _BINDING_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
-_TYPE_NAMES = frozenset({"int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type"})
+_TYPE_NAMES = frozenset(
+    {"int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type"}
+)
 
 
 class ConditionError(InvalidInput):
@@ -58,13 +62,13 @@ class ConditionEvalError(StageTransitionError):
     """A condition failed at evaluation (a missing key, a type error, a non-bool result)."""
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def _lower_ascii(value: celtypes.Value) -> celtypes.StringType:
     if not isinstance(value, celtypes.StringType):
         raise TypeError("lowerAscii() applies to a string")
     return celtypes.StringType(value.translate(_ASCII_LOWER))
-
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _numeric(compare: CELFunction) -> CELFunction:
@@ -112,7 +116,7 @@ class Condition:
         if isinstance(result, CELEvalError):
             raise ConditionEvalError(f"condition {self.source!r} failed: {_describe(result)}")
         if not isinstance(result, celtypes.BoolType | bool):
-            kind = type(result).__name__.removesuffix("Type").lower()
+            kind = _cel_type_name(result)
             raise ConditionEvalError(f"condition {self.source!r} gave a value of type {kind}, not a bool")
         return bool(result)
 
@@ -129,14 +133,16 @@ def evaluate_or_false(condition: Condition, context: FlowContext) -> tuple[bool,
 def compile_condition(source: str) -> Condition:
     """Parse and check `source` once (cached by source); raise `ConditionError` naming the problem."""
     if len(source) > MAX_CONDITION_CHARS:
-        raise ConditionError(f"condition is {len(source)} characters long; the maximum is {MAX_CONDITION_CHARS}")
+        raise ConditionError(
+            f"condition is {len(source)} characters long; the maximum is {MAX_CONDITION_CHARS}"
+        )
     if not source.strip():
         raise ConditionError("condition is empty")
     env = _environment()
     try:
         tree = env.compile(source)
-    except celpy.CELParseError as exc:
-        raise ConditionError(f"condition syntax error {_where(exc, source)}: {source!r}") from exc
+    except CELParseError as exc:
+        raise ConditionError(f"condition syntax error {_where(exc)}: {source!r}") from exc
     _check_names(tree, source)
     return Condition(source, env.program(tree, functions=_EXTRA_FUNCTIONS))
 
@@ -145,24 +151,40 @@ def _activation(context: FlowContext) -> dict[str, Any]:
     return {
         "message": celtypes.StringType(context.message),
         "stage": celtypes.StringType(context.stage),
-        "data": celpy.json_to_cel(dict(context.data)),
+        "data": json_to_cel(dict(context.data)),
         "turns": celtypes.IntType(context.turns),
         "turns_in_stage": celtypes.IntType(context.turns_in_stage),
     }
 
 
-def _where(exc: celpy.CELParseError, source: str) -> str:
+def _where(exc: CELParseError) -> str:
     cause = exc.__context__
     if isinstance(cause, lark.UnexpectedToken):
         found = "end of the expression" if cause.token.type == "$END" else f"{cause.token.value!r}"
         what = f"unexpected {found}"
     elif isinstance(cause, lark.UnexpectedCharacters):
-        what = f"unexpected character {source[cause.pos_in_stream]!r}"
+        what = f"unexpected character {cause.char!r}"
     else:
         what = "cannot parse"
     if exc.column is None:
         return what
     return f"at column {exc.column}, {what}"
+
+
+_CEL_TYPE_NAMES: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (celtypes.UintType, "uint"),
+    (int, "int"),
+    (float, "double"),
+    (str, "string"),
+    (bytes, "bytes"),
+    (list, "list"),
+    (dict, "map"),
+    (type(None), "null"),
+)
+
+
+def _cel_type_name(value: object) -> str:
+    return next((name for kind, name in _CEL_TYPE_NAMES if isinstance(value, kind)), type(value).__name__)
 
 
 def _describe(exc: Exception) -> str:
@@ -175,7 +197,7 @@ def _describe(exc: Exception) -> str:
     return text[:300]
 
 
-def _check_names(tree: lark.Tree, source: str) -> None:
+def _check_names(tree: lark.Tree[lark.Token], source: str) -> None:
     bound = set(_macro_variables(tree))
     for kind, name in _references(tree):
         if kind == "name" and name not in VARIABLES | bound | _TYPE_NAMES:
@@ -183,24 +205,24 @@ def _check_names(tree: lark.Tree, source: str) -> None:
             raise ConditionError(f"condition uses unknown name {name!r} (known: {known}): {source!r}")
         if kind == "function" and name not in _FUNCTIONS:
             raise ConditionError(f"condition calls unknown function {name!r}: {source!r}")
+        if kind == "object":
+            raise ConditionError(f"condition builds a message object, which conditions cannot: {source!r}")
 
 
-def _references(tree: lark.Tree) -> Iterator[tuple[str, str]]:
+def _references(tree: lark.Tree[lark.Token]) -> Iterator[tuple[str, str]]:
     for node in tree.iter_subtrees():
         if node.data in ("ident", "dot_ident"):
-            yield "name", _token(node, 0)
-        elif node.data in ("ident_arg", "dot_ident_arg"):
-            yield "function", _token(node, 0)
-        elif node.data == "member_dot_arg":
-            yield "function", _token(node, 0)
+            yield "name", _token(node)
+        elif node.data in ("ident_arg", "dot_ident_arg", "member_dot_arg"):
+            yield "function", _token(node)
         elif node.data == "member_object":
-            yield "name", "message construction"
+            yield "object", ""
 
 
-def _macro_variables(tree: lark.Tree) -> Iterator[str]:
+def _macro_variables(tree: lark.Tree[lark.Token]) -> Iterator[str]:
     """The variables `list.exists(x, ...)` and its kin bind (allowed anywhere in this expression)."""
     for node in tree.iter_subtrees():
-        if node.data == "member_dot_arg" and _token(node, 0) in _BINDING_MACROS and len(node.children) > 2:
+        if node.data == "member_dot_arg" and _token(node) in _BINDING_MACROS and len(node.children) > 2:
             args = node.children[2]
             if isinstance(args, lark.Tree) and args.children:
                 first = _single_ident(args.children[0])
@@ -212,12 +234,10 @@ def _single_ident(node: Any) -> str | None:
     while isinstance(node, lark.Tree) and len(node.children) == 1 and node.data != "ident":
         node = node.children[0]
     if isinstance(node, lark.Tree) and node.data == "ident":
-        return _token(node, 0)
+        return _token(node)
     return None
 
 
-def _token(node: lark.Tree, index: int) -> str:
-    tokens = [child for child in node.children if isinstance(child, lark.Token)]
-    return str(tokens[index]) if index < len(tokens) else ""
-
-
+def _token(node: lark.Tree[lark.Token]) -> str:
+    """The node's first token: the name of an identifier, a function call or a method call."""
+    return next((str(child) for child in node.children if isinstance(child, lark.Token)), "")

@@ -20,12 +20,14 @@ from typing import Any
 from core.broker import AnswerEnded, AnswerLease, Broker, StreamMissing
 from core.delta_pump import DeltaPump
 from core.errors import CoreError
+from core.extraction import plain_values
+from core.flow_cache import FlowCache
 from core.llm import ChatMessage, LLMProvider
 from core.models import Business, Conversation, Event, Message, StreamPosition
 from core.observer import NullObserver, Observer
+from core.pipeline import Pipeline
 from core.rules import check_client_msg_id, check_message_text, should_answer
 from core.store import Store
-from core.templates import render
 from core.types import (
     AnswerStatus,
     BusinessId,
@@ -34,17 +36,11 @@ from core.types import (
     MessageId,
     ResponseId,
     Role,
+    StageName,
     new_id,
 )
 
 log = logging.getLogger(__name__)
-
-_PROMPT_ROLES = {
-    Role.USER: "user",
-    Role.ASSISTANT: "assistant",
-    Role.AGENT: "assistant",
-    Role.SYSTEM: "system",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +95,15 @@ class ConversationService:
         llm: LLMProvider,
         observer: Observer | None = None,
         settings: CoreSettings | None = None,
+        flows: FlowCache | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
         self.llm = llm
         self.observer: Observer = observer or NullObserver()
         self.settings = settings or CoreSettings()
+        self.flows = flows or FlowCache(store, self.observer)
+        self.pipeline = Pipeline(llm, self.observer)
         self._turns: dict[ConversationId, _Turns] = {}
         self._locks: dict[ConversationId, tuple[asyncio.Lock, int]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -464,24 +463,19 @@ class ConversationService:
             self.observer.error(exc.code)
 
     async def _prompt(self, business: Business, conversation: Conversation) -> list[ChatMessage]:
-        history = await self.store.recent_messages(
-            business.business_id, conversation.conversation_id, limit=self.settings.history_limit
-        )
-        last_user = next((i for i in range(len(history) - 1, -1, -1) if history[i].role is Role.USER), None)
-        message = history[last_user].text if last_user is not None else ""
-        earlier = [m for i, m in enumerate(history) if i != last_user and m.text]
-        variables: dict[str, Any] = {
-            "message": message,
-            "history": [{"role": m.role.value, "text": m.text} for m in earlier],
-            "stage": conversation.stage,
-            "extracted": dict(conversation.data),
-            "business_name": business.name,
-            "business_info": business.info,
-        }
-        prompt = [ChatMessage("system", render(business.system_prompt, variables))]
-        prompt += [ChatMessage(_PROMPT_ROLES[m.role], m.text) for m in earlier]
-        prompt.append(ChatMessage("user", render(business.response_template, variables)))
-        return prompt
+        """Run the pipeline (stage selection, data extraction, the response prompt) for the latest
+        user message; record the turn and publish a `stage` event when the stage or data changed."""
+        bid, cid = business.business_id, conversation.conversation_id
+        history = await self.store.recent_messages(bid, cid, limit=self.settings.history_limit)
+        message = next((m for m in reversed(history) if m.role is Role.USER), None)
+        flow = await self.flows.get(bid)
+        prepared = await self.pipeline.prepare(business, conversation, flow, message, history)
+        if flow.stages:
+            await self.store.record_turn(bid, cid, stage=StageName(prepared.stage), data=prepared.data)
+            if prepared.stage_changed or prepared.data_changed:
+                payload = {"stage": prepared.stage, "data": plain_values(prepared.data)}
+                await self.publish(bid, cid, EventType.STAGE, payload)
+        return prepared.prompt
 
 
 def answer_message_id(response_id: ResponseId) -> MessageId:

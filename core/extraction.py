@@ -172,7 +172,9 @@ def extract_with_patterns(
             continue
         pattern = rule.pattern or default_pattern(rule.field_type)
         if pattern is None:
-            errors.append(f"rule {rule.rule_id!r} ({rule.field}): no pattern, and none built in for {rule.field_type}")
+            errors.append(
+                f"rule {rule.rule_id!r} ({rule.field}): no pattern, and none built in for {rule.field_type}"
+            )
             continue
         try:
             match = _regex(pattern).search(message)

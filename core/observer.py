@@ -19,6 +19,12 @@ class Observer(Protocol):
     def error(self, code: str) -> None:
         """A failure worth counting, by error code or error class name."""
 
+    def step_seconds(self, step: str, seconds: float) -> None:
+        """Time one pipeline step took for one message."""
+
+    def flow_cache(self, hit: bool) -> None:
+        """A flow (with its templates) was looked up in the in-process cache."""
+
 
 class NullObserver:
     """Observes nothing (for tests and tools that run the core without metrics)."""
@@ -33,4 +39,10 @@ class NullObserver:
         pass
 
     def error(self, code: str) -> None:
+        pass
+
+    def step_seconds(self, step: str, seconds: float) -> None:
+        pass
+
+    def flow_cache(self, hit: bool) -> None:
         pass

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
-from core.llm import ChatMessage, Usage
+from core.llm import ChatMessage, Completion, Usage
 
 _FILLER = [
     "this",
@@ -95,10 +97,41 @@ class ScriptedLLM:
         self.tokens_per_second = tokens_per_second
         self.tokens = tokens
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> _ScriptedStream:
+    async def stream(
+        self, messages: Sequence[ChatMessage], *, business_id: str | None = None
+    ) -> _ScriptedStream:
         delay = 1.0 / self.tokens_per_second if self.tokens_per_second else 0.0
         prompt_tokens = sum(len(m.content.split()) for m in messages)
         return _ScriptedStream(scripted_reply(messages, self.tokens), delay, prompt_tokens)
 
+    async def complete(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        json_schema: Mapping[str, Any] | None = None,
+        business_id: str | None = None,
+    ) -> Completion:
+        """Deterministic whole answers. With a JSON schema: an object with every property null
+        (the scripted model extracts nothing; pattern rules do the demo's extraction). Without:
+        the first option of a line "Options: a, b, c" in the prompt (stage selection), else the
+        scripted reply joined."""
+        prompt_tokens = sum(len(m.content.split()) for m in messages)
+        if json_schema is not None:
+            properties = json_schema.get("properties", {})
+            text = json.dumps({name: None for name in properties})
+        else:
+            text = _first_option(messages) or "".join(scripted_reply(messages, self.tokens))
+        return Completion(text, Usage(prompt_tokens, len(text.split())), self.name)
+
     async def close(self) -> None:
         pass
+
+
+def _first_option(messages: Sequence[ChatMessage]) -> str | None:
+    for message in reversed(messages):
+        for line in message.content.splitlines():
+            if line.strip().lower().startswith("options:"):
+                options = [o.strip() for o in line.split(":", 1)[1].split(",") if o.strip()]
+                if options:
+                    return options[0]
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,13 +16,15 @@ from starlette.staticfiles import StaticFiles
 
 from core.broker import Broker
 from core.conversation import ConversationService, CoreSettings
+from core.errors import Conflict
 from core.llm import LLMProvider
+from core.models import AuditEntry
 from core.scripted_llm import ScriptedLLM
 from gateway import http_api
-from gateway.auth import TokenIssuer
+from gateway.auth import TokenIssuer, hash_api_key
 from gateway.backends import make_backends
 from gateway.context import Gateway
-from gateway.demo import DEMO_BUSINESS
+from gateway.demo import DEMO_BUSINESS, DEMO_FLOW
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.session import serve_socket
@@ -59,17 +62,32 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             sweep_seconds=min(1.0, settings.answer_lease / 5),
         ),
     )
+    hub = Hub(broker)
+    hub.on_flow_changed = conversations.flows.invalidate
     return Gateway(
         settings=settings,
         store=store,
         broker=broker,
         llm=llm,
         conversations=conversations,
-        hub=Hub(broker),
+        hub=hub,
         tokens=TokenIssuer(settings.secret, ttl=settings.token_ttl),
         metrics=metrics,
         checks=backends.checks,
     )
+
+
+async def seed_demo(gw: Gateway) -> None:
+    """The demo business, its admin API key and its flow (only when it has none yet)."""
+    business = await gw.store.ensure_business(DEMO_BUSINESS)
+    await gw.store.set_api_key(business.business_id, hash_api_key(gw.settings.demo_api_key))
+    flow = await gw.store.get_flow(business.business_id)
+    if not flow.stages:
+        audit = AuditEntry("system", "flow.seed_demo", {"stages": len(DEMO_FLOW.stages)})
+        with contextlib.suppress(Conflict):  # another instance seeded it at the same moment
+            await gw.store.save_flow(
+                business.business_id, DEMO_FLOW, expected_version=flow.version, audit=audit
+            )
 
 
 def create_app(
@@ -95,7 +113,7 @@ def create_app(
         await gw.store.connect()
         await gw.broker.connect()
         try:
-            await gw.store.ensure_business(DEMO_BUSINESS)
+            await seed_demo(gw)
             gw.conversations.start()
             if on_ready is not None:
                 on_ready()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -95,3 +96,9 @@ def bearer_token(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Authorization header must be 'Bearer <token>'")
     return token.strip()
+
+
+def hash_api_key(key: str) -> str:
+    """The stored form of an admin API key: SHA-256, hex. Keys are long random strings, so a
+    plain hash suffices (no salt or stretching needed, unlike for passwords)."""
+    return hashlib.sha256(key.encode()).hexdigest()

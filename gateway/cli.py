@@ -91,6 +91,11 @@ def serve_command(settings: Settings, *, host: str, port: int) -> int:
 
     def announce() -> None:
         print(f"chatgw is ready: open {base}/ (demo) - WebSocket ws://{shown}:{port}/ws", flush=True)
+        if settings.demo_api_key_is_random:
+            print(
+                f"demo admin API key (random; set CHATGW_DEMO_API_KEY to fix it): {settings.demo_api_key}",
+                flush=True,
+            )
 
     try:
         app = create_app(settings, on_ready=announce)

@@ -111,7 +111,9 @@ async def create_widget_session(request: Request) -> Response:
     cid = body.get("conversation_id")
     if cid is None:
         end_user = await gw.store.create_end_user(bid, None)
-        conversation = await gw.store.create_conversation(bid, end_user, StageName(business.entry_stage))
+        flow = await gw.conversations.flows.get(bid)
+        start = next((s.name for s in flow.stages if s.is_entry), business.entry_stage)
+        conversation = await gw.store.create_conversation(bid, end_user, StageName(start))
         status = 201
     else:
         if not isinstance(cid, str) or not cid:

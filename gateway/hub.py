@@ -8,16 +8,22 @@ first local session of a conversation subscribes, the last one to leave unsubscr
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from core.broker import Broker
 from core.models import Event
-from core.types import ConversationId
+from core.types import BusinessId, ConversationId
 from gateway.protocol import encode, event_frame
+
+# Event fields only agents receive: a stage event's extracted data (personal data of the user).
+_PRIVATE = frozenset({"data"})
 
 
 class Member(Protocol):
     session_id: str
+    sees_private: bool
+    """Agents see the private fields of events (a stage event's extracted data); users do not."""
 
     def deliver(self, event: Event, frame: str) -> None:
         """Take one event; must not block (queue it)."""
@@ -32,6 +38,7 @@ class Hub:
         self._members: dict[ConversationId, set[Member]] = {}
         self._subscribed: set[ConversationId] = set()
         self._locks: dict[ConversationId, asyncio.Lock] = {}
+        self.on_flow_changed: Callable[[BusinessId], None] | None = None
         broker.set_listener(self)
 
     @property
@@ -65,11 +72,17 @@ class Hub:
         members = self._members.get(event.conversation_id)
         if not members:
             return
-        frame = encode(event_frame(event))
+        full = event_frame(event)
+        frame = encode(full)
+        public = encode(public_frame(full, False)) if _PRIVATE & full.keys() else frame
         for member in tuple(members):
             if event.origin is not None and member.session_id == event.origin:
                 continue
-            member.deliver(event, frame)
+            member.deliver(event, frame if member.sees_private else public)
+
+    def on_control(self, message: Mapping[str, Any]) -> None:
+        if message.get("type") == "flow_changed" and self.on_flow_changed is not None:
+            self.on_flow_changed(BusinessId(str(message.get("business_id"))))
 
     def on_gap(self, conversation_id: ConversationId) -> None:
         for member in tuple(self._members.get(conversation_id, ())):
@@ -80,3 +93,8 @@ class Hub:
         if lock is None:
             lock = self._locks[conversation_id] = asyncio.Lock()
         return lock
+
+
+def public_frame(frame: dict[str, Any], sees_private: bool) -> dict[str, Any]:
+    """The frame as a member sees it: without the private fields unless it may see them."""
+    return frame if sees_private else {k: v for k, v in frame.items() if k not in _PRIVATE}

@@ -31,6 +31,16 @@ class Metrics:
             "chatgw_answers", "Assistant answers ended, by status.", ["status"], registry=r
         )
         self.errors = Counter("chatgw_errors", "Errors, by code or type.", ["code"], registry=r)
+        self.steps = Histogram(
+            "chatgw_message_processing_seconds",
+            "Time of each step of the per-message pipeline.",
+            ["step"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.cache = Counter(
+            "chatgw_template_cache", "Flow and template cache lookups, by result.", ["result"], registry=r
+        )
 
     def frame_in(self, frame_type: str) -> None:
         """Count a received frame; types outside the protocol count as 'invalid' (bounded labels)."""
@@ -51,3 +61,9 @@ class Metrics:
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
+
+    def step_seconds(self, step: str, seconds: float) -> None:
+        self.steps.labels(step).observe(seconds)
+
+    def flow_cache(self, hit: bool) -> None:
+        self.cache.labels("hit" if hit else "miss").inc()

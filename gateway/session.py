@@ -27,6 +27,7 @@ from core.rules import GateVerdict, ResumeAction, ResumeDecision, SeqGate, decid
 from core.types import ConversationId, Role, new_id
 from gateway.context import Gateway
 from gateway.errors import Unauthorized
+from gateway.hub import public_frame
 from gateway.protocol import (
     AgentAction,
     ClientFrame,
@@ -82,6 +83,7 @@ class Session:
         self.ws = websocket
         self.gw = gateway
         self.session_id = new_id()
+        self.sees_private = False  # widget users; agent sessions see private event fields
         self.state = State.AWAITING_HELLO
         self.business: Business | None = None
         self.conversation_id: ConversationId | None = None
@@ -339,7 +341,7 @@ class Session:
         held, self._held = self._held, []
         self.state = State.LIVE
         for event in replayed:
-            self._admit(event, encode(event_frame(event)))
+            self._admit(event, encode(public_frame(event_frame(event), self.sees_private)))
         for event, frame in held:
             if self.state is not State.LIVE:  # a gap reopened syncing: keep the rest held
                 self._held.append((event, frame))

@@ -31,6 +31,8 @@ class Settings:
     llm_fallback_models: tuple[str, ...] = ()
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     secret_is_random: bool = True
+    demo_api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    demo_api_key_is_random: bool = True
     scripted_tps: float = 20.0
     scripted_tokens: int = 40
     hello_timeout: float = 5.0
@@ -58,6 +60,7 @@ class Settings:
         secret = e.get("CHATGW_SECRET")
         if secret is not None and len(secret.encode()) < 32:
             raise SettingsError("CHATGW_SECRET must be at least 32 bytes long")
+        demo_key = e.get("CHATGW_DEMO_API_KEY")
         defaults = cls()
         log_format = e.get("CHATGW_LOG_FORMAT") or "json"
         if log_format not in ("json", "text"):
@@ -74,6 +77,8 @@ class Settings:
             ),
             secret=secret or defaults.secret,
             secret_is_random=secret is None,
+            demo_api_key=demo_key or defaults.demo_api_key,
+            demo_api_key_is_random=demo_key is None,
             scripted_tps=e.number("CHATGW_SCRIPTED_TPS", 20.0, low=0),
             scripted_tokens=e.integer("CHATGW_SCRIPTED_TOKENS", 40, low=1, high=100_000),
             hello_timeout=e.number("CHATGW_HELLO_TIMEOUT_S", 5.0, low=0.1),

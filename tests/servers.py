@@ -15,6 +15,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-for-the-e2e-suite-only-0123456789"
+DEMO_API_KEY = "demo-admin-key-for-the-e2e-suite"
 
 # Variables that would switch backends or the model: the embedded default is tested here.
 _SCRUBBED = ("DATABASE_URL", "REDIS_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PORT")
@@ -60,6 +61,7 @@ def start_gateway(tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> 
     env.update(
         {
             "CHATGW_SECRET": TEST_SECRET,
+            "CHATGW_DEMO_API_KEY": DEMO_API_KEY,
             "CHATGW_SCRIPTED_TPS": "400",
             "CHATGW_SCRIPTED_TOKENS": "40",
             "CHATGW_LOG_FORMAT": "json",

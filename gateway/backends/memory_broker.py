@@ -112,6 +112,10 @@ class MemoryBroker:
         self._deliver(event)
         return event
 
+    async def publish_control(self, message: Mapping[str, Any]) -> None:
+        if self._listener is not None:
+            self._listener.on_control(dict(message))
+
     async def publish_ephemeral(
         self,
         conversation_id: ConversationId,

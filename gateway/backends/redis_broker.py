@@ -152,6 +152,7 @@ class RedisBroker:
         self._max_backoff = max_backoff
         self._instance_channel = f"{prefix}instance:{new_id()}"
         self._leases_key = f"{prefix}answer-leases"
+        self._control_channel = f"{prefix}control"
         self._client: redis.asyncio.Redis | None = None
         self._listener: Listener | None = None
         self._channels: set[str] = set()
@@ -302,6 +303,10 @@ class RedisBroker:
             leases.append(AnswerLease(BusinessId(bid), ConversationId(cid), ResponseId(rid)))
         return leases
 
+    async def publish_control(self, message: Mapping[str, Any]) -> None:
+        encoded = orjson.dumps(dict(message)).decode()
+        await self._call(lambda c: c.publish(self._control_channel, encoded))
+
     async def publish_ephemeral(
         self,
         conversation_id: ConversationId,
@@ -369,7 +374,7 @@ class RedisBroker:
         pubsub = self._client.pubsub()
         try:
             # The instance channel keeps at least one subscription, so reading never returns at once.
-            await pubsub.subscribe(self._instance_channel, *self._channels)
+            await pubsub.subscribe(self._instance_channel, self._control_channel, *self._channels)
             async with asyncio.timeout(5):
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
@@ -393,6 +398,8 @@ class RedisBroker:
                 confirmed = self._confirmed.get(channel)
                 if confirmed is not None:
                     confirmed.set()
+            elif message["type"] == "message" and channel == self._control_channel:
+                self._control(message["data"])
             elif message["type"] == "message" and channel != self._instance_channel:
                 self._dispatch(channel, message["data"])
 
@@ -416,6 +423,19 @@ class RedisBroker:
             self._listener.on_event(event)
         except Exception:  # a listener bug must not stop the reader
             log.exception("event listener failed", extra={"conversation_id": event.conversation_id})
+
+    def _control(self, data: bytes) -> None:
+        if self._listener is None:
+            return
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.warning("unreadable control message dropped")
+            return
+        try:
+            self._listener.on_control(message)
+        except Exception:
+            log.exception("control listener failed")
 
     def _report_gaps(self) -> None:
         if self._listener is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,7 @@ class Inbox:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.gaps: list[ConversationId] = []
+        self.controls: list[dict[str, Any]] = []
         self.arrived = asyncio.Event()
 
     def on_event(self, event: Event) -> None:
@@ -36,6 +39,10 @@ class Inbox:
 
     def on_gap(self, conversation_id: ConversationId) -> None:
         self.gaps.append(conversation_id)
+
+    def on_control(self, message: Mapping[str, Any]) -> None:
+        self.controls.append(dict(message))
+        self.arrived.set()
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> list[Event]:
         async with asyncio.timeout(timeout):
@@ -223,3 +230,14 @@ async def test_leases_expire_and_go_to_one_claimer(broker: Broker) -> None:
     await broker.hold_lease(held, 0.01)  # renewing moves the deadline, either way
     await asyncio.sleep(0.1)
     assert await broker.claim_expired_leases(10) == [held]
+
+
+async def test_control_messages_reach_the_listener(broker: Broker) -> None:
+    inbox = Inbox()
+    broker.set_listener(inbox)
+    await broker.publish_control({"type": "flow_changed", "business_id": "b-1"})
+    async with asyncio.timeout(5):
+        while not inbox.controls:
+            inbox.arrived.clear()
+            await inbox.arrived.wait()
+    assert inbox.controls == [{"type": "flow_changed", "business_id": "b-1"}]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 
 from core.conversation import ConversationService, CoreSettings
-from core.errors import NotFound, TooLarge
-from core.llm import ChatMessage, LLMProvider, Usage
+from core.errors import LLMError, NotFound, TooLarge
+from core.llm import ChatMessage, Completion, LLMProvider, Usage
 from core.models import Business, Event
 from core.scripted_llm import ScriptedLLM
 from core.types import BusinessId, ConversationId, EventType, StageName
@@ -49,9 +50,20 @@ class FailingLLM:
         self.good = good
         self.prompts: list[Sequence[ChatMessage]] = []
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> FailingStream:
+    async def stream(
+        self, messages: Sequence[ChatMessage], *, business_id: str | None = None
+    ) -> FailingStream:
         self.prompts.append(messages)
         return FailingStream(self.good)
+
+    async def complete(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        json_schema: Mapping[str, Any] | None = None,
+        business_id: str | None = None,
+    ) -> Completion:
+        raise LLMError("this provider only streams")
 
     async def close(self) -> None:
         pass
@@ -69,6 +81,9 @@ class Recorder:
 
     def on_gap(self, conversation_id: ConversationId) -> None:
         raise AssertionError("the memory broker never loses events")
+
+    def on_control(self, message: Mapping[str, Any]) -> None:
+        pass
 
     def of(self, kind: EventType) -> list[Event]:
         return [e for e in self.events if e.type is kind]
