@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -113,8 +114,8 @@ class ScriptedLLM:
     ) -> Completion:
         """Deterministic whole answers. With a JSON schema: an object with every property null
         (the scripted model extracts nothing; pattern rules do the demo's extraction). Without:
-        the first option of a line "Options: a, b, c" in the prompt (stage selection), else the
-        scripted reply joined."""
+        for a prompt ending in a line "Options: a, b, c" (stage selection), the first option the
+        text before that line names, else the first option; otherwise the scripted reply."""
         prompt_tokens = sum(len(m.content.split()) for m in messages)
         if json_schema is not None:
             properties = json_schema.get("properties", {})
@@ -129,9 +130,12 @@ class ScriptedLLM:
 
 def _first_option(messages: Sequence[ChatMessage]) -> str | None:
     for message in reversed(messages):
-        for line in message.content.splitlines():
+        lines = message.content.splitlines()
+        for index, line in enumerate(lines):
             if line.strip().lower().startswith("options:"):
                 options = [o.strip() for o in line.split(":", 1)[1].split(",") if o.strip()]
-                if options:
-                    return options[0]
+                before = "\n".join(lines[:index]).lower()
+                named = [o for o in options if re.search(rf"\b{re.escape(o.lower())}\b", before)]
+                choices = named or options
+                return choices[0] if choices else None
     return None

@@ -65,3 +65,16 @@ def test_bad_settings_are_refused() -> None:
         ScriptedLLM(tokens_per_second=-1)
     with pytest.raises(ValueError, match="tokens"):
         ScriptedLLM(tokens=0)
+
+
+async def test_complete_picks_the_option_the_prompt_names() -> None:
+    """Stage selection with the scripted model: the option named before the Options line, else the first."""
+    llm = ScriptedLLM(tokens_per_second=0, tokens=5)
+    named = await llm.complete([ChatMessage("user", "I want a human please\n\nOptions: questions, human")])
+    assert named.text == "human"
+    unnamed = await llm.complete([ChatMessage("user", "thanks\n\nOptions: questions, human")])
+    assert unnamed.text == "questions"
+    extracted = await llm.complete(
+        [ChatMessage("user", "x")], json_schema={"type": "object", "properties": {"name": {}, "city": {}}}
+    )
+    assert extracted.text == '{"name": null, "city": null}'
