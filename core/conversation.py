@@ -22,7 +22,7 @@ from core.delta_pump import DeltaPump
 from core.errors import CoreError
 from core.extraction import plain_values
 from core.flow_cache import FlowCache
-from core.llm import ChatMessage, LLMProvider
+from core.llm import ChatMessage, LLMProvider, Usage
 from core.models import Business, Conversation, Event, Message, StreamPosition
 from core.observer import NullObserver, Observer
 from core.pipeline import Pipeline
@@ -41,6 +41,9 @@ from core.types import (
 )
 
 log = logging.getLogger(__name__)
+
+
+FAILED_NOTICE = "Sorry, the assistant could not finish that answer. Please try again."
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,7 @@ class _Answer:
     response_id: ResponseId
     end_status: AnswerStatus | None = None  # set by whoever ends it early
     producer: asyncio.Task[None] | None = None
+    usage: Usage | None = None  # what the model reported, once its stream ended
 
     def end(self, status: AnswerStatus) -> None:
         if self.end_status is None:
@@ -314,7 +318,7 @@ class ConversationService:
             status = await self._generate(turns, conversation, answer, pump)
             if isinstance(pump.error, AnswerEnded):
                 turns.pending = False  # stopped or taken over elsewhere: nothing more to answer
-            await self._finish(bid, cid, answer.response_id, pump.text, status)
+            await self._finish(bid, cid, answer.response_id, pump.text, status, answer.usage)
         finally:
             turns.answer = None
             if heartbeat is not None:
@@ -337,7 +341,9 @@ class ConversationService:
         if answer.end_status is not None:  # ended before the model was even asked
             return answer.end_status
         pump.start()
-        answer.producer = asyncio.create_task(self._produce(prompt, pump, turns.message_stored_at))
+        answer.producer = asyncio.create_task(
+            self._produce(prompt, pump, turns.message_stored_at, answer, turns.business.business_id)
+        )
         await asyncio.wait({answer.producer})
         if answer.producer.cancelled():
             status = answer.end_status or AnswerStatus.INTERRUPTED
@@ -355,8 +361,10 @@ class ConversationService:
             status = AnswerStatus.FAILED
         return status
 
-    async def _produce(self, prompt: list[ChatMessage], pump: DeltaPump, started_at: float) -> None:
-        stream = await self.llm.stream(prompt)
+    async def _produce(
+        self, prompt: list[ChatMessage], pump: DeltaPump, started_at: float, answer: _Answer, business_id: str
+    ) -> None:
+        stream = await self.llm.stream(prompt, business_id=business_id)
         try:
             first = True
             async for piece in stream:
@@ -366,6 +374,7 @@ class ConversationService:
                 pump.push(piece)
         finally:
             await stream.aclose()  # closes the provider's request: no tokens after a stop
+            answer.usage = stream.usage
 
     async def _finish(
         self,
@@ -374,6 +383,7 @@ class ConversationService:
         response_id: ResponseId,
         text: str,
         status: AnswerStatus,
+        usage: Usage | None = None,
     ) -> None:
         """End the answer through the broker, then store it. Ending it is the one atomic claim
         (see `Broker`): if a stop, a takeover or a lease sweep ended it first, this instance stores
@@ -381,15 +391,30 @@ class ConversationService:
         try:
             event = await self.broker.end_answer(cid, status, response_id=response_id)
         except StreamMissing:  # the log was lost mid-answer: clients reset; the store keeps it
-            await self.store_answer(business_id, cid, response_id, text, status, None)
+            await self.store_answer(business_id, cid, response_id, text, status, None, usage)
             return
         if event is None:
             log.info("answer %s was ended elsewhere", response_id, extra={"conversation_id": cid})
             return
         self.observer.answer_ended(status)
-        await self._store_ended(business_id, event)
+        await self._store_ended(business_id, event, usage)
+        if status is AnswerStatus.FAILED:
+            await self._tell_failure(business_id, cid, response_id)
 
-    async def _store_ended(self, business_id: BusinessId, event: Event) -> None:
+    async def _tell_failure(
+        self, business_id: BusinessId, cid: ConversationId, response_id: ResponseId
+    ) -> None:
+        """A system message, after an answer that failed, so that the user knows to ask again."""
+        try:
+            message, _ = await self.store.add_user_message(
+                business_id, cid, f"system:failed:{response_id}", FAILED_NOTICE, role=Role.SYSTEM
+            )
+            if message.seq is None:
+                await self._publish_message(business_id, message)
+        except CoreError as exc:
+            log.warning("telling the user about a failed answer failed: %s", exc.message)
+
+    async def _store_ended(self, business_id: BusinessId, event: Event, usage: Usage | None = None) -> None:
         """Store the answer an ai_end event ended, as that event says."""
         payload = event.payload
         await self.store_answer(
@@ -399,6 +424,7 @@ class ConversationService:
             payload["text"],
             AnswerStatus(payload["status"]),
             event.seq,
+            usage,
         )
 
     async def _renew_lease(self, lease: AnswerLease) -> None:
@@ -447,13 +473,14 @@ class ConversationService:
         text: str,
         status: AnswerStatus,
         seq: int | None,
+        usage: Usage | None = None,
     ) -> None:
         """Store an ended answer with the seq of its ai_end and clear the active answer. Failures
         are logged and counted: the ai_end is out already, and the store retried on its own."""
         try:
             # Shielded: the answer must be stored even when this task is being cancelled.
             message = await asyncio.shield(
-                self.store.add_assistant_message(business_id, cid, response_id, text, status)
+                self.store.add_assistant_message(business_id, cid, response_id, text, status, usage=usage)
             )
             if seq is not None:
                 await self.store.set_message_seq(business_id, cid, message.message_id, seq)

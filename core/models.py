@@ -72,6 +72,9 @@ class Message:
     client_msg_id: str | None = None
     status: AnswerStatus | None = None
     response_id: ResponseId | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    """Token usage of an answer, when the model reported it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,11 @@ For one user message in a conversation of a business with a flow:
 2. Stage selection: the transitions' conditions by priority; or, for a stage with a
    stage-selection template, the model picks among the allowed next stages (an invalid pick
    keeps the stage and counts a StageTransitionError).
-3. Data extraction for the stage selected: its pattern rules, and its LLM rules through its
-   extraction template with JSON-schema structured output. A failure is a DataExtractionError,
-   logged and counted, never fatal.
+3. Data extraction by the model, concurrently with 2: the current stage's LLM rules (the message
+   answers what that stage asked) through its extraction template, with JSON-schema structured
+   output. Then the pattern rules of the stage entered, if it changed. A failure is a
+   DataExtractionError, logged and counted, never fatal. Conditions see pattern data of this
+   message, not the model's extraction of it (that runs at the same time).
 4. The response prompt, rendered from the selected stage's response template (the business's
    default template when the stage has none).
 
@@ -19,11 +21,12 @@ A business without a flow skips 1-3: its default prompts answer, in its entry st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from core.errors import DataExtractionError, LLMError, StageTransitionError, TemplateError
 from core.extraction import (
@@ -42,6 +45,8 @@ from core.templates import render
 from core.types import Role
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _PROMPT_ROLES = {
     Role.USER: "user",
@@ -132,8 +137,8 @@ class Pipeline:
         data = merge_extracted(conversation.data, found)
         self.observer.step_seconds("pattern_extraction", time.perf_counter() - started)
 
-        # 2. Stage selection.
-        started = time.perf_counter()
+        # 2 and 3, concurrently: stage selection, and the model's extraction for the stage the
+        # message answered (the current one). Neither needs the other.
         ctx = FlowContext(
             message=text,
             stage=conversation.stage,
@@ -141,26 +146,27 @@ class Pipeline:
             turns=conversation.turns + 1,
             turns_in_stage=conversation.turns_in_stage + 1,
         )
-        stage_name = await self._select(business, conversation, flow, ctx, earlier, errors, prompts)
+        stage_name, extracted = await asyncio.gather(
+            self._timed(
+                "stage_selection", self._select(business, conversation, flow, ctx, earlier, errors, prompts)
+            ),
+            self._timed(
+                "data_extraction",
+                self._extract_llm(
+                    business, conversation, flow, current, text, message_id, earlier, errors, prompts
+                ),
+            ),
+        )
+        found.update(extracted)
         stage = stage_by_name(flow, stage_name)
-        self.observer.step_seconds("stage_selection", time.perf_counter() - started)
-
-        # 3. Extraction for the stage selected.
-        started = time.perf_counter()
         if stage is not None and (current is None or stage.stage_id != current.stage_id):
+            # Pattern rules of the stage entered cost nothing either: apply them too.
             more, pattern_errors = extract_with_patterns(
                 rules_for_stage(flow, stage.stage_id), text, message_id=message_id
             )
             self._extraction_errors(pattern_errors, errors)
-            found.update(more)
-        if stage is not None:
-            found.update(
-                await self._extract_llm(
-                    business, conversation, flow, stage, text, message_id, earlier, errors, prompts
-                )
-            )
+            found = {**more, **found}
         data = merge_extracted(conversation.data, found)
-        self.observer.step_seconds("data_extraction", time.perf_counter() - started)
 
         # 4. The response prompt.
         started = time.perf_counter()
@@ -230,18 +236,27 @@ class Pipeline:
             return decision.stage
         return choice
 
+    async def _timed(self, step: str, work: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await work
+        finally:
+            self.observer.step_seconds(step, time.perf_counter() - started)
+
     async def _extract_llm(
         self,
         business: Business,
         conversation: Conversation,
         flow: Flow,
-        stage: Stage,
+        stage: Stage | None,
         text: str,
         message_id: str | None,
         history: Sequence[Message],
         errors: list[str],
         prompts: dict[str, list[ChatMessage]],
     ) -> dict[str, ExtractedField]:
+        if stage is None:
+            return {}
         rules = [r for r in rules_for_stage(flow, stage.stage_id) if r.kind is ExtractorKind.LLM]
         template = (
             template_by_id(flow, stage.extraction_template_id) if stage.extraction_template_id else None

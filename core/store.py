@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from core.flow_models import Flow
+from core.llm import Usage
 from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
 from core.types import (
     AnswerStatus,
@@ -25,6 +26,7 @@ from core.types import (
     EndUserId,
     MessageId,
     ResponseId,
+    Role,
     StageName,
 )
 
@@ -62,9 +64,17 @@ class Store(Protocol):
         """The conversation, or `NotFound` (also when it belongs to another business)."""
 
     async def add_user_message(
-        self, business_id: BusinessId, conversation_id: ConversationId, client_msg_id: str, text: str
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        client_msg_id: str,
+        text: str,
+        *,
+        role: Role = Role.USER,
     ) -> tuple[Message, bool]:
-        """Store a user message idempotently; return the row and whether this call created it."""
+        """Store a message idempotently on `client_msg_id`; return the row and whether this call
+        created it. `role` is `user` for what a user sent; the gateway's own notes (`system`)
+        use keys of their own."""
 
     async def add_assistant_message(
         self,
@@ -73,9 +83,11 @@ class Store(Protocol):
         response_id: ResponseId,
         text: str,
         status: AnswerStatus,
+        *,
+        usage: Usage | None = None,
     ) -> Message:
-        """Store a finished answer; idempotent on `response_id` (returns the existing row). The
-        message's id is the response id."""
+        """Store a finished answer (with the model's token usage, when known); idempotent on
+        `response_id` (returns the existing row). The message's id is the response id."""
 
     async def set_message_seq(
         self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int

@@ -35,10 +35,20 @@ log = logging.getLogger(__name__)
 WEB_DEMO_DIR = Path(__file__).resolve().parent.parent / "web_demo"
 
 
-def make_llm(settings: Settings) -> LLMProvider:
+def make_llm(settings: Settings, observer: Metrics) -> LLMProvider:
+    """Any OpenAI-compatible endpoint with OPENAI_API_KEY, else the offline scripted model."""
     if settings.openai_api_key:
-        log.warning(
-            "OPENAI_API_KEY is set, but the OpenAI provider is not in this version: using the scripted model"
+        from core.llm_service import OpenAILLM
+
+        return OpenAILLM(
+            api_key=settings.openai_api_key,
+            base_url=settings.openai_base_url,
+            model=settings.llm_model,
+            fallback_models=settings.llm_fallback_models,
+            first_token_timeout=settings.llm_first_token_timeout,
+            max_concurrency_per_business=settings.llm_concurrency,
+            requests_per_minute_per_business=settings.llm_requests_per_minute,
+            observer=observer,
         )
     return ScriptedLLM(tokens_per_second=settings.scripted_tps, tokens=settings.scripted_tokens)
 
@@ -47,8 +57,8 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
     """Everything one process shares; `broker` replaces the one the settings select (tests)."""
     backends = make_backends(settings, broker=broker)
     store, broker = backends.store, backends.broker
-    llm = make_llm(settings)
     metrics = Metrics()
+    llm = make_llm(settings, metrics)
     conversations = ConversationService(
         store=store,
         broker=broker,

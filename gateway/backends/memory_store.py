@@ -14,6 +14,7 @@ from typing import Any
 
 from core.errors import Conflict, NotFound
 from core.flow_models import Flow
+from core.llm import Usage
 from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
 from core.types import (
     AnswerStatus,
@@ -109,7 +110,13 @@ class MemoryStore:
         return self._rows(business_id, conversation_id).conversation
 
     async def add_user_message(
-        self, business_id: BusinessId, conversation_id: ConversationId, client_msg_id: str, text: str
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        client_msg_id: str,
+        text: str,
+        *,
+        role: Role = Role.USER,
     ) -> tuple[Message, bool]:
         rows = self._rows(business_id, conversation_id)
         index = rows.by_client_msg_id.get(client_msg_id)
@@ -118,7 +125,7 @@ class MemoryStore:
         message = Message(
             message_id=MessageId(new_id()),
             conversation_id=conversation_id,
-            role=Role.USER,
+            role=role,
             text=text,
             created_at=_now(),
             client_msg_id=client_msg_id,
@@ -133,6 +140,8 @@ class MemoryStore:
         response_id: ResponseId,
         text: str,
         status: AnswerStatus,
+        *,
+        usage: Usage | None = None,
     ) -> Message:
         rows = self._rows(business_id, conversation_id)
         index = rows.by_response_id.get(response_id)
@@ -146,6 +155,8 @@ class MemoryStore:
             created_at=_now(),
             status=status,
             response_id=response_id,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
         )
         rows.by_response_id[response_id] = self._append(rows, message)
         return message

@@ -35,6 +35,7 @@ from core.flow_models import (
     TemplateType,
     Transition,
 )
+from core.llm import Usage
 from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
 from core.types import (
     AnswerStatus,
@@ -74,7 +75,8 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 _MESSAGE_COLUMNS = (
-    "message_id, conversation_id, role, text, created_at, seq, client_msg_id, status, response_id"
+    "message_id, conversation_id, role, text, created_at, seq, client_msg_id, status, response_id,"
+    " prompt_tokens, completion_tokens"
 )
 _CONVERSATION_COLUMNS = (
     "conversation_id, business_id, end_user_id, mode, current_stage, created_at, extracted_data,"
@@ -366,14 +368,20 @@ class PostgresStore:
     # -- messages -----------------------------------------------------------------------------
 
     async def add_user_message(
-        self, business_id: BusinessId, conversation_id: ConversationId, client_msg_id: str, text: str
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        client_msg_id: str,
+        text: str,
+        *,
+        role: Role = Role.USER,
     ) -> tuple[Message, bool]:
         return await self._insert_once(
             business_id,
             conversation_id,
             key_column="client_msg_id",
             key=client_msg_id,
-            values={"role": Role.USER.value, "text": text, "client_msg_id": client_msg_id},
+            values={"role": role.value, "text": text, "client_msg_id": client_msg_id},
         )
 
     async def add_assistant_message(
@@ -383,6 +391,8 @@ class PostgresStore:
         response_id: ResponseId,
         text: str,
         status: AnswerStatus,
+        *,
+        usage: Usage | None = None,
     ) -> Message:
         message, _created = await self._insert_once(
             business_id,
@@ -395,6 +405,8 @@ class PostgresStore:
                 "text": text,
                 "status": status.value,
                 "response_id": _uuid(response_id),
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
             },
         )
         return message
@@ -622,6 +634,8 @@ def _message(row: asyncpg.Record) -> Message:
         client_msg_id=row["client_msg_id"],
         status=AnswerStatus(row["status"]) if row["status"] else None,
         response_id=ResponseId(str(row["response_id"])) if row["response_id"] else None,
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
     )
 
 

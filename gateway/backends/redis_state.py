@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from core.errors import Conflict, CoreError, Forbidden, InvalidInput, NotFound, Unavailable
 from core.flow_models import Flow
+from core.llm import Usage
 from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
 from core.store import Store
 from core.types import (
@@ -35,6 +36,7 @@ from core.types import (
     MessageId,
     Mode,
     ResponseId,
+    Role,
     StageName,
 )
 
@@ -235,9 +237,17 @@ class CachedStore:
         return await self._inner.create_end_user(business_id, external_id)
 
     async def add_user_message(
-        self, business_id: BusinessId, conversation_id: ConversationId, client_msg_id: str, text: str
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        client_msg_id: str,
+        text: str,
+        *,
+        role: Role = Role.USER,
     ) -> tuple[Message, bool]:
-        return await self._inner.add_user_message(business_id, conversation_id, client_msg_id, text)
+        return await self._inner.add_user_message(
+            business_id, conversation_id, client_msg_id, text, role=role
+        )
 
     async def add_assistant_message(
         self,
@@ -246,9 +256,11 @@ class CachedStore:
         response_id: ResponseId,
         text: str,
         status: AnswerStatus,
+        *,
+        usage: Usage | None = None,
     ) -> Message:
         return await self._inner.add_assistant_message(
-            business_id, conversation_id, response_id, text, status
+            business_id, conversation_id, response_id, text, status, usage=usage
         )
 
     async def list_messages(

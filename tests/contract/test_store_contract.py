@@ -18,6 +18,7 @@ from core.flow_models import (
     TemplateType,
     Transition,
 )
+from core.llm import Usage
 from core.models import AuditEntry, Business, Conversation
 from core.store import Store
 from core.types import AnswerStatus, BusinessId, ConversationId, ResponseId, Role, StageName, new_id
@@ -262,3 +263,21 @@ async def test_flows_are_saved_whole_versioned_and_audited(store: Store) -> None
     with pytest.raises(Conflict):
         await store.save_flow(other.business_id, flow, expected_version=1, audit=audit)
     assert await store.list_audit(other.business_id, limit=10) == []
+
+
+async def test_answers_keep_their_token_usage_and_system_notes_their_role(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    rid = ResponseId(new_id())
+    answer = await store.add_assistant_message(bid, cid, rid, "hi", AnswerStatus.COMPLETE, usage=Usage(12, 3))
+    assert (answer.prompt_tokens, answer.completion_tokens) == (12, 3)
+    await store.set_message_seq(bid, cid, answer.message_id, 1)
+    note, created = await store.add_user_message(bid, cid, "system:n-1", "a note", role=Role.SYSTEM)
+    assert created
+    assert note.role is Role.SYSTEM
+    await store.set_message_seq(bid, cid, note.message_id, 2)
+    listed = await store.list_messages(bid, cid, after_seq=0, limit=10)
+    assert [(m.role, m.prompt_tokens, m.completion_tokens) for m in listed] == [
+        (Role.ASSISTANT, 12, 3),
+        (Role.SYSTEM, None, None),
+    ]

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from core.conversation import ConversationService, CoreSettings
+from core.conversation import FAILED_NOTICE, ConversationService, CoreSettings
 from core.errors import LLMError, NotFound, TooLarge
 from core.llm import ChatMessage, Completion, LLMProvider, Usage
 from core.models import Business, Event
 from core.scripted_llm import ScriptedLLM
-from core.types import BusinessId, ConversationId, EventType, StageName
+from core.types import BusinessId, ConversationId, EventType, Role, StageName
 from gateway.backends.memory_broker import MemoryBroker
 from gateway.backends.memory_store import MemoryStore
 
@@ -135,8 +135,13 @@ async def test_a_provider_failure_ends_the_answer_failed_with_the_partial_text()
         while service.answering(cid):
             await asyncio.sleep(0.005)
     stored = await store.list_messages(BUSINESS.business_id, cid, after_seq=0, limit=10)
-    assert stored[-1].text == "p0 p1 p2 "
-    assert stored[-1].seq == end.seq
+    answer = next(m for m in stored if m.role is Role.ASSISTANT)
+    assert answer.text == "p0 p1 p2 "
+    assert answer.seq == end.seq
+    # The user is told, by a system message after the failed answer.
+    notice = recorder.of(EventType.MESSAGE)[-1]
+    assert (notice.payload["role"], notice.payload["text"]) == ("system", FAILED_NOTICE)
+    assert (notice.seq or 0) > (end.seq or 0)
 
 
 async def test_messages_during_an_answer_are_answered_after_it_together() -> None:

@@ -1,0 +1,103 @@
+"""A gateway process whose model is an OpenAI-compatible endpoint: the real `openai` client, in
+the real gateway, against the test's own streaming server. The answer streams to the socket, its
+token usage is stored, a provider failure mid-answer ends it `failed` with a notice to the user,
+and a user's stop closes the HTTP stream to the provider."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from core.conversation import FAILED_NOTICE
+from tests.e2e.client import Client, joined_deltas, new_widget
+from tests.llm_server import LLMServer, drop_after, ok, slow
+from tests.servers import GatewayProcess, start_gateway
+
+
+@pytest.fixture
+def llm_server() -> Iterator[LLMServer]:
+    with LLMServer() as server:
+        yield server
+
+
+@pytest.fixture
+def openai_gateway(llm_server: LLMServer, database_url: str, tmp_path: Path) -> Iterator[GatewayProcess]:
+    gw = start_gateway(
+        tmp_path,
+        {
+            "DATABASE_URL": database_url,
+            "OPENAI_API_KEY": "test-key",
+            "OPENAI_BASE_URL": llm_server.base_url,
+            "LLM_MODEL": "main-model",
+        },
+    )
+    yield gw
+    gw.stop()
+
+
+async def test_an_answer_streams_from_the_provider_and_its_usage_is_stored(
+    openai_gateway: GatewayProcess, llm_server: LLMServer, database_url: str
+) -> None:
+    llm_server.script(ok("Our beans ", "ship in ", "two days."))
+    widget = new_widget(openai_gateway)
+    client = await Client.open(openai_gateway)
+    await client.hello(widget)
+    await client.send({"type": "message", "client_msg_id": "o-1", "text": "When do you ship?"})
+    frames = await client.until_ai_end()
+    end = frames[-1]
+    assert end["status"] == "complete"
+    assert end["text"] == "Our beans ship in two days."
+    assert joined_deltas(frames, end["response_id"]) == end["text"]
+    request = llm_server.requests[-1]
+    assert request.model == "main-model"
+    assert request.last_user_message == "When do you ship?"
+    assert request.messages[0]["role"] == "system"
+    await client.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        usage = await conn.fetchrow(
+            "SELECT prompt_tokens, completion_tokens FROM messages WHERE message_id = $1", end["message_id"]
+        )
+    finally:
+        await conn.close()
+    assert usage is not None
+    assert usage["prompt_tokens"] > 0
+    assert usage["completion_tokens"] > 0
+
+
+async def test_a_provider_failing_mid_answer_ends_it_failed_and_tells_the_user(
+    openai_gateway: GatewayProcess, llm_server: LLMServer
+) -> None:
+    llm_server.script(drop_after(2, "Half ", "an ", "answer"))
+    widget = new_widget(openai_gateway)
+    client = await Client.open(openai_gateway)
+    await client.hello(widget)
+    await client.send({"type": "message", "client_msg_id": "o-2", "text": "Tell me everything"})
+    end = (await client.until_ai_end())[-1]
+    assert end["status"] == "failed"
+    assert end["text"] == "Half an "
+    notice = await client.recv_type("message")
+    assert (notice["role"], notice["text"]) == ("system", FAILED_NOTICE)
+    await client.close()
+
+
+async def test_a_stop_closes_the_http_stream_to_the_provider(
+    openai_gateway: GatewayProcess, llm_server: LLMServer
+) -> None:
+    llm_server.script(slow(*[f"word{n} " for n in range(200)], delay=0.05))
+    widget = new_widget(openai_gateway)
+    client = await Client.open(openai_gateway)
+    await client.hello(widget)
+    await client.send({"type": "message", "client_msg_id": "o-3", "text": "Talk for a long time"})
+    await client.recv_type("delta")
+    await client.send({"type": "stop"})
+    end = (await client.until_ai_end())[-1]
+    assert end["status"] == "stopped"
+    await llm_server.wait_for(lambda: llm_server.requests[-1].finished)
+    seen = llm_server.requests[-1]
+    assert seen.client_disconnected  # the provider saw the gateway hang up...
+    assert seen.pieces_sent < 200  # ...and stopped generating
+    await client.close()
