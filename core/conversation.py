@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +20,7 @@ from core.delta_pump import DeltaPump
 from core.errors import CoreError
 from core.extraction import plain_values
 from core.flow_cache import FlowCache
+from core.keyed_lock import KeyedLock
 from core.llm import ChatMessage, LLMProvider, Usage
 from core.models import Business, Conversation, Event, Message, StreamPosition
 from core.observer import NullObserver, Observer
@@ -109,7 +108,7 @@ class ConversationService:
         self.flows = flows or FlowCache(store, self.observer)
         self.pipeline = Pipeline(llm, self.observer)
         self._turns: dict[ConversationId, _Turns] = {}
-        self._locks: dict[ConversationId, tuple[asyncio.Lock, int]] = {}
+        self._locks: KeyedLock[ConversationId] = KeyedLock()
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- user actions -------------------------------------------------------------------------
@@ -125,15 +124,12 @@ class ConversationService:
         check_client_msg_id(client_msg_id)
         check_message_text(text, max_chars=self.settings.max_message_chars)
         bid = business.business_id
-        with self._conversation_lock(conversation_id) as lock:
-            async with lock:
-                conversation = await self.store.get_conversation(bid, conversation_id)
-                message, created = await self.store.add_user_message(
-                    bid, conversation_id, client_msg_id, text
-                )
-                seq = message.seq
-                if seq is None:  # new, or stored by an earlier attempt whose publish failed
-                    seq = await self._publish_message(bid, message)
+        async with self._locks.hold(conversation_id):
+            conversation = await self.store.get_conversation(bid, conversation_id)
+            message, created = await self.store.add_user_message(bid, conversation_id, client_msg_id, text)
+            seq = message.seq
+            if seq is None:  # new, or stored by an earlier attempt whose publish failed
+                seq = await self._publish_message(bid, message)
         # A row that existed but had no seq was stored by an attempt that never got to publish it
         # (the store failed, or its answer to that attempt was lost): it is new to everyone else.
         if not created and message.seq is not None:
@@ -219,20 +215,6 @@ class ConversationService:
         return conversation_id in self._turns
 
     # -- internals ----------------------------------------------------------------------------
-
-    @contextmanager
-    def _conversation_lock(self, conversation_id: ConversationId) -> Iterator[asyncio.Lock]:
-        """A lock per conversation, dropped when nobody holds or waits for it."""
-        lock, users = self._locks.get(conversation_id, (asyncio.Lock(), 0))
-        self._locks[conversation_id] = (lock, users + 1)
-        try:
-            yield lock
-        finally:
-            lock, users = self._locks[conversation_id]
-            if users == 1:
-                del self._locks[conversation_id]
-            else:
-                self._locks[conversation_id] = (lock, users - 1)
 
     async def publish(
         self,

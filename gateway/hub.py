@@ -7,11 +7,11 @@ first local session of a conversation subscribes, the last one to leave unsubscr
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from core.broker import Broker
+from core.keyed_lock import KeyedLock
 from core.models import Event
 from core.types import BusinessId, ConversationId
 from gateway.protocol import encode, event_frame
@@ -37,7 +37,7 @@ class Hub:
         self._broker = broker
         self._members: dict[ConversationId, set[Member]] = {}
         self._subscribed: set[ConversationId] = set()
-        self._locks: dict[ConversationId, asyncio.Lock] = {}
+        self._locks: KeyedLock[ConversationId] = KeyedLock()
         self.on_flow_changed: Callable[[BusinessId], None] | None = None
         broker.set_listener(self)
 
@@ -48,7 +48,7 @@ class Hub:
     async def join(self, conversation_id: ConversationId, member: Member) -> None:
         """Add a member; returns once the broker delivers the conversation's events here."""
         self._members.setdefault(conversation_id, set()).add(member)
-        async with self._lock(conversation_id):
+        async with self._locks.hold(conversation_id):
             if conversation_id not in self._subscribed:
                 await self._broker.subscribe(conversation_id)
                 self._subscribed.add(conversation_id)
@@ -58,15 +58,13 @@ class Hub:
         if members is None:
             return
         members.discard(member)
-        async with self._lock(conversation_id):
-            if not self._members.get(conversation_id) and conversation_id in self._subscribed:
-                self._members.pop(conversation_id, None)
+        async with self._locks.hold(conversation_id):
+            if self._members.get(conversation_id):
+                return  # someone joined meanwhile
+            self._members.pop(conversation_id, None)
+            if conversation_id in self._subscribed:
                 self._subscribed.discard(conversation_id)
                 await self._broker.unsubscribe(conversation_id)
-        if conversation_id not in self._members:
-            lock = self._locks.get(conversation_id)
-            if lock is not None and not lock.locked():
-                del self._locks[conversation_id]
 
     def on_event(self, event: Event) -> None:
         members = self._members.get(event.conversation_id)
@@ -87,12 +85,6 @@ class Hub:
     def on_gap(self, conversation_id: ConversationId) -> None:
         for member in tuple(self._members.get(conversation_id, ())):
             member.resync()
-
-    def _lock(self, conversation_id: ConversationId) -> asyncio.Lock:
-        lock = self._locks.get(conversation_id)
-        if lock is None:
-            lock = self._locks[conversation_id] = asyncio.Lock()
-        return lock
 
 
 def public_frame(frame: dict[str, Any], sees_private: bool) -> dict[str, Any]:

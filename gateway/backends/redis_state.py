@@ -8,12 +8,10 @@ flushing it) costs latency, never data. Redis types and exceptions stop in this 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
@@ -25,6 +23,7 @@ from redis.exceptions import RedisError
 
 from core.errors import Conflict, CoreError, Forbidden, InvalidInput, NotFound, Unavailable
 from core.flow_models import Flow
+from core.keyed_lock import KeyedLock
 from core.llm import Usage
 from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
 from core.store import Store
@@ -195,7 +194,7 @@ class CachedStore:
         # Times the cache may have been left stale, and how many of those a flush has covered.
         self._stale_marks = 0
         self._flushed_marks = 0
-        self._locks: dict[ConversationId, tuple[asyncio.Lock, int]] = {}
+        self._locks: KeyedLock[ConversationId] = KeyedLock()
 
     @property
     def cache(self) -> RedisStateCache:
@@ -394,7 +393,7 @@ class CachedStore:
     ) -> None:
         """After a write: make the cached state the one `inner` holds now, or delete it."""
         try:
-            async with self._locked(conversation_id):
+            async with self._locks.hold(conversation_id):
                 if conversation is None:
                     try:
                         conversation = await self._inner.get_conversation(business_id, conversation_id)
@@ -419,7 +418,7 @@ class CachedStore:
 
     async def _load(self, business_id: BusinessId, conversation_id: ConversationId) -> Conversation:
         """A read the cache could not answer: from `inner`, then fill the cache if it may be."""
-        async with self._locked(conversation_id):
+        async with self._locks.hold(conversation_id):
             marks = self._stale_marks
             conversation = await self._inner.get_conversation(business_id, conversation_id)
             if self._trusted and marks == self._stale_marks:
@@ -465,21 +464,6 @@ class CachedStore:
             self._cache_down = False
             log.warning("state cache recovered")
         return result
-
-    @asynccontextmanager
-    async def _locked(self, conversation_id: ConversationId) -> AsyncIterator[None]:
-        """A lock per conversation, dropped when nobody holds or waits for it."""
-        lock, users = self._locks.get(conversation_id, (asyncio.Lock(), 0))
-        self._locks[conversation_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[conversation_id]
-            if users == 1:
-                del self._locks[conversation_id]
-            else:
-                self._locks[conversation_id] = (lock, users - 1)
 
 
 # -- the stored form ------------------------------------------------------------------------------
