@@ -84,6 +84,7 @@ class _Turns:
 
     business: Business
     pending: bool = True
+    stop_requested: bool = False  # a stop that came before the answer it meant had started
     message_stored_at: float = 0.0
     answer: _Answer | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -167,10 +168,13 @@ class ConversationService:
         Messages queued behind it are not answered. Returns False when no answer was running here.
         """
         turns = self._turns.get(conversation_id)
-        if turns is None or turns.answer is None:
+        if turns is None:
             return False
         turns.pending = False
-        turns.answer.end(AnswerStatus.STOPPED)
+        if turns.answer is None:  # about to start: it ends as soon as it does
+            turns.stop_requested = True
+        else:
+            turns.answer.end(AnswerStatus.STOPPED)
         return True
 
     async def set_typing(
@@ -284,6 +288,9 @@ class ConversationService:
         answer = _Answer(ResponseId(new_id()))
         lease = AnswerLease(bid, cid, answer.response_id)
         turns.answer = answer
+        if turns.stop_requested:
+            turns.stop_requested = False
+            answer.end(AnswerStatus.STOPPED)
         heartbeat: asyncio.Task[None] | None = None
         try:
             await self.store.set_active_response(bid, cid, answer.response_id)

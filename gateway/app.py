@@ -20,7 +20,7 @@ from core.errors import Conflict
 from core.llm import LLMProvider
 from core.models import AuditEntry
 from core.scripted_llm import ScriptedLLM
-from gateway import http_api
+from gateway import admin_api, http_api
 from gateway.auth import TokenIssuer, hash_api_key
 from gateway.backends import make_backends
 from gateway.context import Gateway
@@ -142,6 +142,7 @@ def create_app(
         Route("/healthz", http_api.healthz, methods=["GET"]),
         Route("/readyz", http_api.readyz, methods=["GET"]),
         Route("/metrics", http_api.metrics, methods=["GET"]),
+        *admin_api.routes(),
         Mount("/", StaticFiles(directory=WEB_DEMO_DIR, html=True), name="web_demo"),
     ]
     middleware = [
@@ -150,7 +151,7 @@ def create_app(
         Middleware(
             CORSMiddleware,
             allow_origins=["*"],
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
     ]

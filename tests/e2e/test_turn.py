@@ -127,6 +127,7 @@ async def test_stop_mid_answer_keeps_the_partial_text(slow_gateway: GatewayProce
     assert later["type"] in ("ack", "message")
     after_end = client.frames[client.frames.index(end) + 1 :]
     assert not [f for f in after_end if f.get("response_id") == start["response_id"]]
+    await client.recv_type("ai_start")  # (a stop before it would cancel the answer before it began)
     await client.send({"type": "stop"})
     await client.until_ai_end()
 

@@ -197,3 +197,15 @@ async def test_bad_messages_are_refused_before_storing() -> None:
         await service.post_user_message(BUSINESS, ConversationId("nope"), "m1", "hi")
     assert await store.recent_messages(BUSINESS.business_id, cid, limit=10) == []
     assert recorder.events == []
+
+
+async def test_a_stop_before_the_answer_began_cancels_it() -> None:
+    """The user stops right after sending: no answer is generated at all."""
+    service, cid, recorder, _ = await setup(ScriptedLLM(tokens_per_second=100, tokens=50))
+    await service.post_user_message(BUSINESS, cid, "m1", "never mind")
+    assert service.stop_answer(cid) is True
+    async with asyncio.timeout(5):
+        while service.answering(cid):
+            await asyncio.sleep(0.005)
+    assert recorder.of(EventType.AI_START) == []
+    assert recorder.of(EventType.AI_END) == []
