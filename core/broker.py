@@ -56,6 +56,10 @@ class Listener(Protocol):
     def on_control(self, message: Mapping[str, Any]) -> None:
         """A control message for every instance (for example: a business's flow changed)."""
 
+    def on_feed(self, business_id: BusinessId, event: Event) -> None:
+        """An event of one of the business's conversations, on the business feed (agents watch
+        a whole business through it)."""
+
 
 @dataclass(frozen=True, slots=True)
 class AnswerLease:
@@ -97,10 +101,23 @@ class Broker(Protocol):
     async def unsubscribe(self, conversation_id: ConversationId) -> None:
         """Stop receiving the conversation's events."""
 
+    async def subscribe_feed(self, business_id: BusinessId) -> None:
+        """Start receiving the business feed: the events published with `feed=` that business
+        (messages, answer starts and ends, mode and stage changes of all its conversations)."""
+
+    async def unsubscribe_feed(self, business_id: BusinessId) -> None:
+        """Stop receiving the business feed."""
+
     async def publish(
-        self, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
+        self,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+        *,
+        feed: BusinessId | None = None,
     ) -> Event:
-        """Assign seq, log and deliver the event atomically; return it with its seq."""
+        """Assign seq, log and deliver the event atomically; return it with its seq. With `feed`,
+        the event also goes to that business's feed."""
 
     async def publish_control(self, message: Mapping[str, Any]) -> None:
         """Deliver a small JSON message to every instance's listener (this one included), at most
@@ -121,7 +138,12 @@ class Broker(Protocol):
         does not; return its position. Idempotent: an existing log is left as it is."""
 
     async def end_answer(
-        self, conversation_id: ConversationId, status: AnswerStatus, *, response_id: ResponseId | None = None
+        self,
+        conversation_id: ConversationId,
+        status: AnswerStatus,
+        *,
+        response_id: ResponseId | None = None,
+        feed: BusinessId | None = None,
     ) -> Event | None:
         """End the active answer (`response_id`, or whichever is active): publish its `ai_end`
         (`response_id`, `message_id` = the response id, `status`, `text` = its deltas joined) as

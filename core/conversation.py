@@ -42,6 +42,12 @@ from core.types import (
 log = logging.getLogger(__name__)
 
 
+# What the business feed carries: enough for an agent console to follow every conversation (the
+# deltas of answers are not in it: an agent watching one conversation subscribes to it).
+FEED_EVENTS = frozenset(
+    {EventType.MESSAGE, EventType.AI_START, EventType.AI_END, EventType.MODE, EventType.STAGE}
+)
+
 FAILED_NOTICE = "Sorry, the assistant could not finish that answer. Please try again."
 
 
@@ -153,7 +159,9 @@ class ConversationService:
         if self.stop_answer(conversation_id):
             return True
         try:
-            event = await self.broker.end_answer(conversation_id, AnswerStatus.STOPPED)
+            event = await self.broker.end_answer(
+                conversation_id, AnswerStatus.STOPPED, feed=business.business_id
+            )
         except StreamMissing:
             return False
         if event is None:
@@ -229,11 +237,12 @@ class ConversationService:
     ) -> Event:
         """Publish a sequenced event, opening the conversation's log first if it does not exist
         (a new conversation, or a log that was lost): seqs continue after what the store recorded."""
+        feed = business_id if type in FEED_EVENTS else None
         try:
-            return await self.broker.publish(conversation_id, type, payload)
+            return await self.broker.publish(conversation_id, type, payload, feed=feed)
         except StreamMissing:
             await self.open_stream(business_id, conversation_id)
-            return await self.broker.publish(conversation_id, type, payload)
+            return await self.broker.publish(conversation_id, type, payload, feed=feed)
 
     async def open_stream(
         self,
@@ -378,7 +387,7 @@ class ConversationService:
         (see `Broker`): if a stop, a takeover or a lease sweep ended it first, this instance stores
         nothing and the winner's end stands."""
         try:
-            event = await self.broker.end_answer(cid, status, response_id=response_id)
+            event = await self.broker.end_answer(cid, status, response_id=response_id, feed=business_id)
         except StreamMissing:  # the log was lost mid-answer: clients reset; the store keeps it
             await self.store_answer(business_id, cid, response_id, text, status, None, usage)
             return
@@ -440,7 +449,10 @@ class ConversationService:
     async def _interrupt(self, lease: AnswerLease) -> None:
         try:
             event = await self.broker.end_answer(
-                lease.conversation_id, AnswerStatus.INTERRUPTED, response_id=lease.response_id
+                lease.conversation_id,
+                AnswerStatus.INTERRUPTED,
+                response_id=lease.response_id,
+                feed=lease.business_id,
             )
         except StreamMissing:
             event = None

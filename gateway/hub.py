@@ -2,7 +2,8 @@
 
 The broker delivers each event once to the hub; the hub encodes it once and hands the same text
 to every local session of the conversation. Broker subscriptions are reference-counted: the
-first local session of a conversation subscribes, the last one to leave unsubscribes.
+first local session of a conversation subscribes, the last one to leave unsubscribes. The same
+holds for business feeds (the view of a whole business that agent sessions watch).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Hub:
         self._members: dict[ConversationId, set[Member]] = {}
         self._subscribed: set[ConversationId] = set()
         self._locks: KeyedLock[ConversationId] = KeyedLock()
+        self._feed_members: dict[BusinessId, set[Member]] = {}
+        self._feeds: set[BusinessId] = set()
+        self._feed_locks: KeyedLock[BusinessId] = KeyedLock()
         self.on_flow_changed: Callable[[BusinessId], None] | None = None
         broker.set_listener(self)
 
@@ -52,6 +56,36 @@ class Hub:
             if conversation_id not in self._subscribed:
                 await self._broker.subscribe(conversation_id)
                 self._subscribed.add(conversation_id)
+
+    async def join_feed(self, business_id: BusinessId, member: Member) -> None:
+        """Add a member to the business feed; the first one subscribes this instance to it."""
+        self._feed_members.setdefault(business_id, set()).add(member)
+        async with self._feed_locks.hold(business_id):
+            if business_id not in self._feeds:
+                await self._broker.subscribe_feed(business_id)
+                self._feeds.add(business_id)
+
+    async def leave_feed(self, business_id: BusinessId, member: Member) -> None:
+        """Remove a member from the business feed; the last one unsubscribes this instance."""
+        members = self._feed_members.get(business_id)
+        if members is None:
+            return
+        members.discard(member)
+        async with self._feed_locks.hold(business_id):
+            if self._feed_members.get(business_id):
+                return
+            self._feed_members.pop(business_id, None)
+            if business_id in self._feeds:
+                self._feeds.discard(business_id)
+                await self._broker.unsubscribe_feed(business_id)
+
+    def on_feed(self, business_id: BusinessId, event: Event) -> None:
+        members = self._feed_members.get(business_id)
+        if not members:
+            return
+        frame = encode({**event_frame(event), "conversation_id": event.conversation_id})
+        for member in tuple(members):
+            member.deliver(event, frame)
 
     async def leave(self, conversation_id: ConversationId, member: Member) -> None:
         members = self._members.get(conversation_id)

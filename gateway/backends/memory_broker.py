@@ -21,7 +21,7 @@ from typing import Any
 
 from core.broker import AnswerEnded, AnswerLease, Listener, StreamMissing
 from core.models import Event, Replay, StreamPosition
-from core.types import AnswerStatus, ConversationId, EventType, ResponseId, new_id
+from core.types import AnswerStatus, BusinessId, ConversationId, EventType, ResponseId, new_id
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class MemoryBroker:
         self._subscribed: set[ConversationId] = set()
         self._listener: Listener | None = None
         self._leases: dict[AnswerLease, float] = {}
+        self._feeds: set[BusinessId] = set()
 
     async def connect(self) -> None:
         pass
@@ -68,8 +69,19 @@ class MemoryBroker:
     async def unsubscribe(self, conversation_id: ConversationId) -> None:
         self._subscribed.discard(conversation_id)
 
+    async def subscribe_feed(self, business_id: BusinessId) -> None:
+        self._feeds.add(business_id)
+
+    async def unsubscribe_feed(self, business_id: BusinessId) -> None:
+        self._feeds.discard(business_id)
+
     async def publish(
-        self, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
+        self,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+        *,
+        feed: BusinessId | None = None,
     ) -> Event:
         stream = self._existing(conversation_id)
         stream.active = answer_guard(type, payload, stream.active)
@@ -77,10 +89,15 @@ class MemoryBroker:
             stream.answer = []
         elif type is EventType.DELTA:
             stream.answer.append(str(payload["text"]))
-        return self._append(stream, conversation_id, type, payload)
+        return self._append(stream, conversation_id, type, payload, feed)
 
     async def end_answer(
-        self, conversation_id: ConversationId, status: AnswerStatus, *, response_id: ResponseId | None = None
+        self,
+        conversation_id: ConversationId,
+        status: AnswerStatus,
+        *,
+        response_id: ResponseId | None = None,
+        feed: BusinessId | None = None,
     ) -> Event | None:
         stream = self._existing(conversation_id)
         active = stream.active
@@ -88,7 +105,7 @@ class MemoryBroker:
             return None
         text, stream.active, stream.answer = "".join(stream.answer), None, []
         payload = {"response_id": active, "message_id": active, "status": status.value, "text": text}
-        return self._append(stream, conversation_id, EventType.AI_END, payload)
+        return self._append(stream, conversation_id, EventType.AI_END, payload, feed)
 
     async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
         self._leases[lease] = time.monotonic() + ttl
@@ -104,12 +121,22 @@ class MemoryBroker:
         return expired
 
     def _append(
-        self, stream: _Log, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
+        self,
+        stream: _Log,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+        feed: BusinessId | None,
     ) -> Event:
         stream.seq += 1
         event = Event(conversation_id, type, stream.seq, dict(payload), epoch=stream.epoch)
         stream.events.append(event)
         self._deliver(event)
+        if feed is not None and feed in self._feeds and self._listener is not None:
+            try:
+                self._listener.on_feed(feed, event)
+            except Exception:
+                log.exception("feed listener failed")
         return event
 
     async def publish_control(self, message: Mapping[str, Any]) -> None:

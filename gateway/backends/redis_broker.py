@@ -36,15 +36,18 @@ T = TypeVar("T")
 
 _REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 
-# Appends one event (the caller checked the log exists): seq, capped stream, TTLs, publish.
-# KEYS: meta, log, answer. ARGV: channel, type, payload, window, ttl.
+# Appends one event (the caller checked the log exists): seq, capped stream, TTLs, publish (and
+# publish to the business feed when ARGV[9] names its channel, prefixed by ARGV[10], the
+# conversation id). KEYS: meta, log, answer. ARGV: channel, type, payload, window, ttl, ...
 _APPEND = """
 local function append(kind, payload)
   local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], seq .. '-1', 't', kind, 'p', payload)
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
   local epoch = redis.call('HGET', KEYS[1], 'epoch')
-  redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. kind .. '\\n\\n' .. epoch .. '\\n' .. payload)
+  local message = seq .. '\\n' .. kind .. '\\n\\n' .. epoch .. '\\n' .. payload
+  redis.call('PUBLISH', ARGV[1], message)
+  if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], ARGV[10] .. '\\n' .. message) end
   return {seq, epoch}
 end
 """
@@ -153,6 +156,7 @@ class RedisBroker:
         self._instance_channel = f"{prefix}instance:{new_id()}"
         self._leases_key = f"{prefix}answer-leases"
         self._control_channel = f"{prefix}control"
+        self._feed_prefix = f"{prefix}feed:"
         self._client: redis.asyncio.Redis | None = None
         self._listener: Listener | None = None
         self._channels: set[str] = set()
@@ -202,7 +206,9 @@ class RedisBroker:
     # -- subscriptions --------------------------------------------------------------------------
 
     async def subscribe(self, conversation_id: ConversationId) -> None:
-        channel = self._channel(conversation_id)
+        await self._subscribe_channel(self._channel(conversation_id))
+
+    async def _subscribe_channel(self, channel: str) -> None:
         self._channels.add(channel)
         confirmed = self._confirmed.setdefault(channel, asyncio.Event())
         if self._pubsub is None or not self._connected.is_set():
@@ -214,8 +220,16 @@ class RedisBroker:
         except (*_REDIS_FAILURES, TimeoutError) as exc:
             log.warning("subscribe to %s not confirmed: %r", channel, exc)
 
+    async def subscribe_feed(self, business_id: BusinessId) -> None:
+        await self._subscribe_channel(self._feed_channel(business_id))
+
+    async def unsubscribe_feed(self, business_id: BusinessId) -> None:
+        await self._unsubscribe_channel(self._feed_channel(business_id))
+
     async def unsubscribe(self, conversation_id: ConversationId) -> None:
-        channel = self._channel(conversation_id)
+        await self._unsubscribe_channel(self._channel(conversation_id))
+
+    async def _unsubscribe_channel(self, channel: str) -> None:
         self._channels.discard(channel)
         self._confirmed.pop(channel, None)
         if self._pubsub is not None and self._connected.is_set():
@@ -227,7 +241,12 @@ class RedisBroker:
     # -- publishing and replay ------------------------------------------------------------------
 
     async def publish(
-        self, conversation_id: ConversationId, type: EventType, payload: Mapping[str, Any]
+        self,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+        *,
+        feed: BusinessId | None = None,
     ) -> Event:
         guard = _GUARDS.get(type, "none")
         encoded = orjson.dumps(dict(payload)).decode()
@@ -244,6 +263,8 @@ class RedisBroker:
                         guard,
                         str(payload.get("response_id", "")),
                         str(payload.get("text", "")) if type is EventType.DELTA else "",
+                        self._feed_channel(feed) if feed else "",
+                        conversation_id,
                     ],
                     client=c,
                 )
@@ -253,7 +274,12 @@ class RedisBroker:
         return Event(conversation_id, type, int(result[0]), dict(payload), epoch=_text(result[1]))
 
     async def end_answer(
-        self, conversation_id: ConversationId, status: AnswerStatus, *, response_id: ResponseId | None = None
+        self,
+        conversation_id: ConversationId,
+        status: AnswerStatus,
+        *,
+        response_id: ResponseId | None = None,
+        feed: BusinessId | None = None,
     ) -> Event | None:
         try:
             result = await self._call(
@@ -267,6 +293,9 @@ class RedisBroker:
                         self._ttl,
                         status.value,
                         response_id or "",
+                        "",
+                        self._feed_channel(feed) if feed else "",
+                        conversation_id,
                     ],
                     client=c,
                 )
@@ -400,29 +429,35 @@ class RedisBroker:
                     confirmed.set()
             elif message["type"] == "message" and channel == self._control_channel:
                 self._control(message["data"])
+            elif message["type"] == "message" and channel.startswith(self._feed_prefix):
+                self._dispatch_feed(channel, message["data"])
             elif message["type"] == "message" and channel != self._instance_channel:
                 self._dispatch(channel, message["data"])
 
     def _dispatch(self, channel: str, data: bytes) -> None:
         if self._listener is None:
             return
-        try:
-            seq, type_, origin, epoch, payload = _text(data).split("\n", 4)
-            event = Event(
-                ConversationId(channel[len(self._prefix) + len("conv:") :]),
-                EventType(type_),
-                int(seq) if seq else None,
-                orjson.loads(payload),
-                origin or None,
-                epoch or None,
-            )
-        except (ValueError, orjson.JSONDecodeError):
+        event = _decode_event(ConversationId(channel[len(self._prefix) + len("conv:") :]), _text(data))
+        if event is None:
             log.warning("unreadable event on %s dropped", channel)
             return
         try:
             self._listener.on_event(event)
         except Exception:  # a listener bug must not stop the reader
             log.exception("event listener failed", extra={"conversation_id": event.conversation_id})
+
+    def _dispatch_feed(self, channel: str, data: bytes) -> None:
+        if self._listener is None:
+            return
+        conversation_id, _, rest = _text(data).partition("\n")
+        event = _decode_event(ConversationId(conversation_id), rest)
+        if event is None:
+            log.warning("unreadable event on %s dropped", channel)
+            return
+        try:
+            self._listener.on_feed(BusinessId(channel[len(self._feed_prefix) :]), event)
+        except Exception:
+            log.exception("feed listener failed")
 
     def _control(self, data: bytes) -> None:
         if self._listener is None:
@@ -441,6 +476,8 @@ class RedisBroker:
         if self._listener is None:
             return
         for channel in tuple(self._channels):
+            if channel.startswith(self._feed_prefix):
+                continue  # the feed is a live view; conversation subscribers fill their own gaps
             self._listener.on_gap(ConversationId(channel[len(self._prefix) + len("conv:") :]))
 
     async def _close_pubsub(self) -> None:
@@ -450,6 +487,9 @@ class RedisBroker:
                 await pubsub.aclose()
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _feed_channel(self, business_id: BusinessId) -> str:
+        return f"{self._feed_prefix}{business_id}"
 
     def _channel(self, conversation_id: ConversationId) -> str:
         return f"{self._prefix}conv:{conversation_id}"
@@ -478,6 +518,22 @@ def _script_error(exc: ResponseError, conversation_id: ConversationId) -> Except
     if "ENDED" in text:
         return AnswerEnded(f"the answer in conversation {conversation_id} has ended")
     return Unavailable(f"redis refused the script: {text}")
+
+
+def _decode_event(conversation_id: ConversationId, text: str) -> Event | None:
+    """An event from its pub/sub form "seq\\ntype\\norigin\\nepoch\\npayload"; None if unreadable."""
+    try:
+        seq, type_, origin, epoch, payload = text.split("\n", 4)
+        return Event(
+            conversation_id,
+            EventType(type_),
+            int(seq) if seq else None,
+            orjson.loads(payload),
+            origin or None,
+            epoch or None,
+        )
+    except (ValueError, orjson.JSONDecodeError):
+        return None
 
 
 def _lease_member(lease: AnswerLease) -> str:

@@ -31,6 +31,7 @@ class Inbox:
         self.events: list[Event] = []
         self.gaps: list[ConversationId] = []
         self.controls: list[dict[str, Any]] = []
+        self.feed: list[tuple[BusinessId, Event]] = []
         self.arrived = asyncio.Event()
 
     def on_event(self, event: Event) -> None:
@@ -42,6 +43,10 @@ class Inbox:
 
     def on_control(self, message: Mapping[str, Any]) -> None:
         self.controls.append(dict(message))
+        self.arrived.set()
+
+    def on_feed(self, business_id: BusinessId, event: Event) -> None:
+        self.feed.append((business_id, event))
         self.arrived.set()
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> list[Event]:
@@ -241,3 +246,37 @@ async def test_control_messages_reach_the_listener(broker: Broker) -> None:
             inbox.arrived.clear()
             await inbox.arrived.wait()
     assert inbox.controls == [{"type": "flow_changed", "business_id": "b-1"}]
+
+
+async def test_the_business_feed_carries_what_is_published_to_it(broker: Broker) -> None:
+    """Events published with feed=B reach B's feed subscribers, with their conversation; others do not."""
+    inbox = Inbox()
+    broker.set_listener(inbox)
+    mine, theirs = BusinessId("biz-mine"), BusinessId("biz-theirs")
+    await broker.subscribe_feed(mine)
+    c = await opened(broker)
+    await broker.publish(c, EventType.MESSAGE, {"n": 1}, feed=mine)
+    await broker.publish(c, EventType.MESSAGE, {"n": 2}, feed=theirs)
+    await broker.publish(c, EventType.MESSAGE, {"n": 3})
+    await broker.publish(c, EventType.AI_START, {"response_id": "r"}, feed=mine)
+    ended = await broker.end_answer(c, AnswerStatus.COMPLETE, feed=mine)
+    assert ended is not None
+    async with asyncio.timeout(5):
+        while len(inbox.feed) < 3:
+            inbox.arrived.clear()
+            await inbox.arrived.wait()
+    assert [(b, e.conversation_id, e.type.value, e.seq) for b, e in inbox.feed] == [
+        (mine, c, "message", 1),
+        (mine, c, "ai_start", 4),
+        (mine, c, "ai_end", 5),
+    ]
+    await broker.unsubscribe_feed(mine)
+    await broker.publish(c, EventType.MESSAGE, {"n": 6}, feed=mine)
+    marker = await opened(broker)
+    await broker.subscribe(marker)
+    await broker.publish(marker, EventType.MESSAGE, {"n": "marker"})
+    async with asyncio.timeout(5):
+        while not any(e.conversation_id == marker for e in inbox.events):
+            inbox.arrived.clear()
+            await inbox.arrived.wait()
+    assert len(inbox.feed) == 3

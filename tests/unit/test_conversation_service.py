@@ -85,6 +85,9 @@ class Recorder:
     def on_control(self, message: Mapping[str, Any]) -> None:
         pass
 
+    def on_feed(self, business_id: BusinessId, event: Event) -> None:
+        pass
+
     def of(self, kind: EventType) -> list[Event]:
         return [e for e in self.events if e.type is kind]
 
