@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 
@@ -91,3 +93,13 @@ def start_gateway(tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> 
         time.sleep(0.05)
     gw.stop()
     raise RuntimeError(f"gateway did not become healthy in 20 s:\n{gw.log()}")
+
+
+def load_services() -> ModuleType:
+    """scripts/services.py (not a package), for starting and stopping throwaway servers."""
+    spec = importlib.util.spec_from_file_location("chatgw_services", ROOT / "scripts" / "services.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

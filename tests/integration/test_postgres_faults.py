@@ -7,10 +7,8 @@ stop and start). Acked means committed: everything acked is in the database afte
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import asyncpg
@@ -20,16 +18,7 @@ import pytest
 from gateway.migrate import Migrator
 from tests.databases import with_database
 from tests.e2e.client import Client, new_widget
-from tests.servers import ROOT, GatewayProcess, start_gateway
-
-
-def load_services() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("chatgw_services", ROOT / "scripts" / "services.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.servers import GatewayProcess, load_services, start_gateway
 
 
 async def send_until_acked(client: Client, client_msg_id: str, text: str) -> tuple[dict[str, Any], int]:

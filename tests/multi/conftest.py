@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from tests.databases import delete_redis_keys, redis_url
-from tests.servers import ROOT, GatewayProcess, start_gateway
+from tests.servers import GatewayProcess, start_gateway
 
 Cluster = Callable[..., list[GatewayProcess]]
-
-
-def load_services() -> ModuleType:
-    """scripts/services.py, for starting and stopping throwaway servers."""
-    spec = importlib.util.spec_from_file_location("chatgw_services", ROOT / "scripts" / "services.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from core.scripted_llm import scripted_reply
 from tests.databases import redis_url
 from tests.e2e.client import Client, assert_contiguous, joined_deltas, new_widget, sequenced, stored_history
 from tests.integration.test_postgres_faults import send_until_acked
-from tests.multi.conftest import Cluster, load_services
+from tests.multi.conftest import Cluster
 from tests.proxy import Outage
-from tests.servers import start_gateway
+from tests.servers import load_services, start_gateway
 
 
 @pytest.fixture
