@@ -26,14 +26,7 @@ import orjson
 
 from core.errors import Conflict, CoreError, NotFound, Unavailable
 from core.flow_models import (
-    ExtractionRule,
-    ExtractorKind,
-    FieldType,
     Flow,
-    Stage,
-    Template,
-    TemplateType,
-    Transition,
 )
 from core.llm import Usage
 from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
@@ -49,6 +42,8 @@ from core.types import (
     StageName,
     new_id,
 )
+from gateway.backends.pg_ids import uuid_or_not_found as _uuid
+from gateway.backends.postgres_flow import insert_audit, read_flow, write_flow
 from gateway.migrate import Migrator, schema_version
 
 log = logging.getLogger(__name__)
@@ -304,7 +299,7 @@ class PostgresStore:
     async def get_flow(self, business_id: BusinessId) -> Flow:
         async def run(c: asyncpg.Connection) -> Flow | None:
             async with c.transaction(isolation="repeatable_read", readonly=True):
-                return await _read_flow(c, _uuid(business_id))
+                return await read_flow(c, _uuid(business_id))
 
         flow = await self._run(run)
         if flow is None:
@@ -328,9 +323,9 @@ class PostgresStore:
                 )
                 if version is None:
                     return None
-                await _write_flow(c, bid, flow)
-                await _insert_audit(c, bid, audit)
-                return await _read_flow(c, bid)
+                await write_flow(c, bid, flow)
+                await insert_audit(c, bid, audit)
+                return await read_flow(c, bid)
 
         saved = await self._run(run)
         if saved is None:
@@ -339,7 +334,7 @@ class PostgresStore:
         return saved
 
     async def add_audit(self, business_id: BusinessId, entry: AuditEntry) -> None:
-        await self._run(lambda c: _insert_audit(c, _uuid(business_id), entry))
+        await self._run(lambda c: insert_audit(c, _uuid(business_id), entry))
 
     async def list_audit(self, business_id: BusinessId, *, limit: int) -> list[AuditRecord]:
         rows = await self._run(
@@ -583,14 +578,6 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-def _uuid(value: str) -> uuid.UUID:
-    """Our ids are UUIDs in text; anything else names nothing here."""
-    try:
-        return uuid.UUID(value)
-    except (ValueError, TypeError, AttributeError):
-        raise NotFound(f"no such id: {value!r}") from None
-
-
 def _business(row: asyncpg.Record) -> Business:
     settings = row["settings"] or {}
     defaults = Business(business_id=BusinessId(""), public_id="", name="")
@@ -637,194 +624,3 @@ def _message(row: asyncpg.Record) -> Message:
         prompt_tokens=row["prompt_tokens"],
         completion_tokens=row["completion_tokens"],
     )
-
-
-async def _insert_audit(c: asyncpg.Connection, business_id: uuid.UUID, entry: AuditEntry) -> None:
-    await c.execute(
-        "INSERT INTO audit_logs (log_id, business_id, user_id, actor_type, action_type, action_data)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
-        uuid.UUID(new_id()),
-        business_id,
-        _uuid(entry.actor_id) if entry.actor_id else None,
-        entry.actor_type,
-        entry.action_type,
-        dict(entry.action_data),
-    )
-
-
-async def _read_flow(c: asyncpg.Connection, business_id: uuid.UUID) -> Flow | None:
-    version = await c.fetchval("SELECT flow_version FROM businesses WHERE business_id = $1", business_id)
-    if version is None:
-        return None
-    bid = BusinessId(str(business_id))
-    templates = await c.fetch(
-        "SELECT template_id, name, type, content, system_prompt, variables, version FROM templates"
-        " WHERE business_id = $1 ORDER BY position",
-        business_id,
-    )
-    stages = await c.fetch(
-        "SELECT stage_id, name, description, is_entry, selection_template_id, extraction_template_id,"
-        " response_template_id FROM stages WHERE business_id = $1 ORDER BY position",
-        business_id,
-    )
-    transitions = await c.fetch(
-        "SELECT transition_id, from_stage_id, to_stage_id, condition, priority FROM stage_transitions"
-        " WHERE business_id = $1 ORDER BY position",
-        business_id,
-    )
-    rules = await c.fetch(
-        "SELECT rule_id, stage_id, field, kind, pattern, field_type, validator FROM extraction_rules"
-        " WHERE business_id = $1 ORDER BY position",
-        business_id,
-    )
-    return Flow(
-        business_id=bid,
-        version=version,
-        templates=tuple(
-            Template(
-                template_id=str(r["template_id"]),
-                business_id=bid,
-                name=r["name"],
-                type=TemplateType(r["type"]),
-                content=r["content"],
-                system_prompt=r["system_prompt"],
-                variables=tuple(r["variables"]),
-                version=r["version"],
-            )
-            for r in templates
-        ),
-        stages=tuple(
-            Stage(
-                stage_id=str(r["stage_id"]),
-                business_id=bid,
-                name=r["name"],
-                description=r["description"],
-                is_entry=r["is_entry"],
-                selection_template_id=_opt_id(r["selection_template_id"]),
-                extraction_template_id=_opt_id(r["extraction_template_id"]),
-                response_template_id=_opt_id(r["response_template_id"]),
-            )
-            for r in stages
-        ),
-        transitions=tuple(
-            Transition(
-                transition_id=str(r["transition_id"]),
-                business_id=bid,
-                from_stage_id=str(r["from_stage_id"]),
-                to_stage_id=str(r["to_stage_id"]),
-                condition=r["condition"],
-                priority=r["priority"],
-            )
-            for r in transitions
-        ),
-        rules=tuple(
-            ExtractionRule(
-                rule_id=str(r["rule_id"]),
-                business_id=bid,
-                stage_id=_opt_id(r["stage_id"]),
-                field=r["field"],
-                kind=ExtractorKind(r["kind"]),
-                pattern=r["pattern"],
-                field_type=FieldType(r["field_type"]),
-                validator=r["validator"],
-            )
-            for r in rules
-        ),
-    )
-
-
-async def _write_flow(c: asyncpg.Connection, business_id: uuid.UUID, flow: Flow) -> None:
-    """Replace every flow row of the business (inside the caller's transaction). Templates bump
-    their version when their content changed."""
-    old_templates = {
-        str(r["template_id"]): (r["content"], r["system_prompt"], r["version"])
-        for r in await c.fetch(
-            "SELECT template_id, content, system_prompt, version FROM templates WHERE business_id = $1",
-            business_id,
-        )
-    }
-    await c.execute("DELETE FROM extraction_rules WHERE business_id = $1", business_id)
-    await c.execute("DELETE FROM stage_transitions WHERE business_id = $1", business_id)
-    await c.execute("DELETE FROM stages WHERE business_id = $1", business_id)
-    await c.execute("DELETE FROM templates WHERE business_id = $1", business_id)
-    await c.executemany(
-        "INSERT INTO templates (template_id, business_id, name, type, content, system_prompt, variables, version,"
-        " position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        [
-            (
-                _uuid(t.template_id),
-                business_id,
-                t.name,
-                t.type.value,
-                t.content,
-                t.system_prompt,
-                list(t.variables),
-                _template_version(t, old_templates.get(t.template_id)),
-                position,
-            )
-            for position, t in enumerate(flow.templates)
-        ],
-    )
-    await c.executemany(
-        "INSERT INTO stages (stage_id, business_id, name, description, is_entry, selection_template_id,"
-        " extraction_template_id, response_template_id, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        [
-            (
-                _uuid(s.stage_id),
-                business_id,
-                s.name,
-                s.description,
-                s.is_entry,
-                _uuid(s.selection_template_id) if s.selection_template_id else None,
-                _uuid(s.extraction_template_id) if s.extraction_template_id else None,
-                _uuid(s.response_template_id) if s.response_template_id else None,
-                position,
-            )
-            for position, s in enumerate(flow.stages)
-        ],
-    )
-    await c.executemany(
-        "INSERT INTO stage_transitions (transition_id, business_id, from_stage_id, to_stage_id, condition,"
-        " priority, position) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        [
-            (
-                _uuid(t.transition_id),
-                business_id,
-                _uuid(t.from_stage_id),
-                _uuid(t.to_stage_id),
-                t.condition,
-                t.priority,
-                position,
-            )
-            for position, t in enumerate(flow.transitions)
-        ],
-    )
-    await c.executemany(
-        "INSERT INTO extraction_rules (rule_id, business_id, stage_id, field, kind, pattern, field_type,"
-        " validator, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        [
-            (
-                _uuid(r.rule_id),
-                business_id,
-                _uuid(r.stage_id) if r.stage_id else None,
-                r.field,
-                r.kind.value,
-                r.pattern,
-                r.field_type.value,
-                r.validator,
-                position,
-            )
-            for position, r in enumerate(flow.rules)
-        ],
-    )
-
-
-def _template_version(template: Template, old: tuple[str, str, int] | None) -> int:
-    if old is None:
-        return 1
-    content, system_prompt, version = old
-    return version if (content, system_prompt) == (template.content, template.system_prompt) else version + 1
-
-
-def _opt_id(value: uuid.UUID | None) -> str | None:
-    return str(value) if value is not None else None
