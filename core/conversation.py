@@ -363,14 +363,15 @@ class ConversationService:
         self, prompt: list[ChatMessage], pump: DeltaPump, started_at: float, answer: _Answer, business_id: str
     ) -> None:
         stream = await self.llm.stream(prompt, business_id=business_id)
+        pieces = 0
         try:
-            first = True
             async for piece in stream:
-                if first:
+                if not pieces:
                     self.observer.first_token(time.monotonic() - started_at)
-                    first = False
+                pieces += 1
                 pump.push(piece)
         finally:
+            self.observer.pieces(pieces)
             await stream.aclose()  # closes the provider's request: no tokens after a stop
             answer.usage = stream.usage
 

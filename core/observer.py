@@ -16,6 +16,9 @@ class Observer(Protocol):
 
     def answer_ended(self, status: AnswerStatus) -> None: ...
 
+    def pieces(self, count: int) -> None:
+        """Text pieces received from the model for one answer."""
+
     def error(self, code: str) -> None:
         """A failure worth counting, by error code or error class name."""
 
@@ -36,6 +39,9 @@ class NullObserver:
         pass
 
     def answer_ended(self, status: AnswerStatus) -> None:
+        pass
+
+    def pieces(self, count: int) -> None:
         pass
 
     def error(self, code: str) -> None:

@@ -72,6 +72,7 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             sweep_seconds=min(1.0, settings.answer_lease / 5),
         ),
     )
+    metrics.watch(pool=backends.pool_stats, reconnects=backends.broker_reconnects)
     hub = Hub(broker)
     hub.on_flow_changed = conversations.flows.invalidate
     return Gateway(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from core.types import AnswerStatus
@@ -38,6 +40,15 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
+        self.tokens = Counter(
+            "chatgw_llm_pieces_relayed", "Text pieces (tokens, roughly) received from the model.", registry=r
+        )
+        self.db_pool = Gauge(
+            "chatgw_db_pool_connections", "PostgreSQL pool connections, by state.", ["state"], registry=r
+        )
+        self.redis_reconnects = Gauge(
+            "chatgw_redis_reconnects", "Times the Redis pub/sub connection was re-established.", registry=r
+        )
         self.cache = Counter(
             "chatgw_template_cache", "Flow and template cache lookups, by result.", ["result"], registry=r
         )
@@ -45,6 +56,16 @@ class Metrics:
     def frame_in(self, frame_type: str) -> None:
         """Count a received frame; types outside the protocol count as 'invalid' (bounded labels)."""
         self.frames_in.labels(frame_type if frame_type in CLIENT_TYPES else "invalid").inc()
+
+    def watch(
+        self, *, pool: Callable[[], tuple[int, int]] | None, reconnects: Callable[[], int] | None
+    ) -> None:
+        """Read the database pool's size and use, and the broker's reconnects, at each scrape."""
+        if pool is not None:
+            self.db_pool.labels("open").set_function(lambda: pool()[0])
+            self.db_pool.labels("idle").set_function(lambda: pool()[1])
+        if reconnects is not None:
+            self.redis_reconnects.set_function(reconnects)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -55,6 +76,9 @@ class Metrics:
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
+
+    def pieces(self, count: int) -> None:
+        self.tokens.inc(count)
 
     def answer_ended(self, status: AnswerStatus) -> None:
         self.answers.labels(status.value).inc()

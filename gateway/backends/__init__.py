@@ -21,6 +21,10 @@ class Backends:
     broker: Broker
     checks: dict[str, tuple[str, Check]] = field(default_factory=dict)
     """Dependency name -> (backend name, readiness check) for /readyz."""
+    pool_stats: Callable[[], tuple[int, int]] | None = None
+    """The database pool's (open, idle) connections, for /metrics."""
+    broker_reconnects: Callable[[], int] | None = None
+    """How often the broker's pub/sub connection was re-established, for /metrics."""
 
 
 def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backends:
@@ -28,13 +32,15 @@ def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backen
     broker (Redis with REDIS_URL, else memory); `broker` replaces the latter (tests)."""
     checks: dict[str, tuple[str, Check]] = {}
     store: Store
+    pool_stats: Callable[[], tuple[int, int]] | None = None
     if settings.database_url:
         scheme = settings.database_url.split(":", 1)[0]
         if scheme not in ("postgres", "postgresql"):
             raise ValueError(f"unsupported DATABASE_URL scheme: {scheme!r}")
         from gateway.backends.postgres_store import PostgresStore
 
-        store = PostgresStore(settings.database_url, pool_size=settings.db_pool_size)
+        store = pg = PostgresStore(settings.database_url, pool_size=settings.db_pool_size)
+        pool_stats = pg.pool_stats
         checks["store"] = ("postgres", store.ping)
         if settings.redis_url:
             from gateway.backends.redis_state import CachedStore, RedisStateCache
@@ -47,23 +53,26 @@ def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backen
 
         store = MemoryStore()
         checks["store"] = ("memory", store.ping)
+    reconnects: Callable[[], int] | None = None
     if broker is None:
-        broker = _make_broker(settings)
+        broker, reconnects = _make_broker(settings)
     checks["broker"] = ("redis" if settings.redis_url else "memory", broker.ping)
-    return Backends(store, broker, checks)
+    return Backends(store, broker, checks, pool_stats, reconnects)
 
 
-def _make_broker(settings: Settings) -> Broker:
-    """RedisBroker (fan-out across instances) with REDIS_URL, MemoryBroker (this process) without."""
+def _make_broker(settings: Settings) -> tuple[Broker, Callable[[], int] | None]:
+    """RedisBroker (fan-out across instances) with REDIS_URL, MemoryBroker (this process) without;
+    and how to read the broker's reconnect count, if it has one."""
     if settings.redis_url:
         from gateway.backends.redis_broker import RedisBroker
 
-        return RedisBroker(
+        redis_broker = RedisBroker(
             settings.redis_url,
             prefix=settings.redis_prefix,
             replay_window=settings.replay_window,
             ttl=settings.stream_ttl,
         )
+        return redis_broker, redis_broker.reconnect_count
     from gateway.backends.memory_broker import MemoryBroker
 
-    return MemoryBroker(replay_window=settings.replay_window)
+    return MemoryBroker(replay_window=settings.replay_window), None

@@ -132,7 +132,6 @@ class PostgresStore:
     async def ping(self) -> None:
         await self._run(lambda c: c.fetchval("SELECT 1"))
 
-    @property
     def pool_stats(self) -> tuple[int, int]:
         """(connections open, connections idle), for metrics."""
         if self._pool is None:

@@ -200,6 +200,10 @@ class RedisBroker:
     async def ping(self) -> None:
         await self._call(lambda c: c.ping())
 
+    def reconnect_count(self) -> int:
+        """How often the pub/sub connection was re-established (for metrics)."""
+        return self.reconnects
+
     def set_listener(self, listener: Listener) -> None:
         self._listener = listener
 

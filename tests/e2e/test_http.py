@@ -132,6 +132,9 @@ async def test_metrics_count_sockets_frames_messages_and_first_tokens(gateway: G
         "chatgw_llm_time_to_first_token_seconds_count",
         'chatgw_errors_total{code="bad_frame"}',
         'chatgw_answers_total{status="complete"}',
+        "chatgw_llm_pieces_relayed_total",
+        'chatgw_message_processing_seconds_count{step="stage_selection"}',
+        'chatgw_template_cache_total{result="miss"}',
     ):
         line = next((ln for ln in text.splitlines() if ln.startswith(name)), None)
         assert line is not None, name
@@ -139,3 +142,9 @@ async def test_metrics_count_sockets_frames_messages_and_first_tokens(gateway: G
             assert float(line.rsplit(" ", 1)[1]) >= 1, line
     sockets = next(ln for ln in text.splitlines() if ln.startswith("chatgw_ws_connections "))
     assert float(sockets.split()[1]) >= 1
+    if "DATABASE_URL" in gateway.env:
+        pool = next(
+            ln for ln in text.splitlines() if ln.startswith('chatgw_db_pool_connections{state="open"}')
+        )
+        assert float(pool.split()[1]) >= 1
+        assert any(ln.startswith("chatgw_redis_reconnects ") for ln in text.splitlines())
