@@ -63,6 +63,19 @@ class Client:
         assert welcome["type"] == "welcome", welcome
         return welcome
 
+    async def ask_and_read(self, client_msg_id: str, text: str, deltas: int = 3) -> dict[str, Any]:
+        """Send a message and read on until its answer started and `deltas` deltas came; return
+        the `ai_start` frame (the answer is still streaming when this returns, on a slow model)."""
+        await self.send({"type": "message", "client_msg_id": client_msg_id, "text": text})
+        start = await self.recv_type("ai_start")
+        for _ in range(deltas):
+            await self.recv_type("delta")
+        return start
+
+    def last_seq(self) -> int:
+        """The highest event seq this client received."""
+        return int(sequenced(self.frames)[-1]["seq"])
+
     async def until_ai_end(self) -> list[dict[str, Any]]:
         """Frames up to and including the next ai_end (typing frames dropped)."""
         got = []

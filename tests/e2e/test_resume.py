@@ -15,11 +15,8 @@ async def test_disconnect_mid_answer_and_resume_on_a_new_socket(slow_gateway: Ga
     widget = new_widget(slow_gateway)
     first = await Client.open(slow_gateway)
     welcome = await first.hello(widget)
-    await first.send({"type": "message", "client_msg_id": "r-1", "text": "resume me"})
-    start = await first.recv_type("ai_start")
-    for _ in range(3):
-        await first.recv_type("delta")
-    last_seq = sequenced(first.frames)[-1]["seq"]
+    start = await first.ask_and_read("r-1", "resume me")
+    last_seq = first.last_seq()
     first.ws.transport.abort()  # the network drops mid-answer: no close handshake
 
     second = await Client.open(slow_gateway)

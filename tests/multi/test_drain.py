@@ -43,10 +43,7 @@ async def test_sigterm_sends_clients_elsewhere_and_they_lose_nothing(cluster: Cl
     widget = new_widget(b)
     first = await Client.open(a)
     welcome = await first.hello(widget)
-    await first.send({"type": "message", "client_msg_id": "d-1", "text": "survive the drain"})
-    start = await first.recv_type("ai_start")
-    for _ in range(3):
-        await first.recv_type("delta")
+    start = await first.ask_and_read("d-1", "survive the drain")
     a.process.send_signal(signal.SIGTERM)
 
     reconnect = await drained(first)
@@ -54,7 +51,7 @@ async def test_sigterm_sends_clients_elsewhere_and_they_lose_nothing(cluster: Cl
     assert isinstance(after_ms, int)
     assert 0 <= after_ms <= 400
     await asyncio.sleep(after_ms / 1000)
-    last_seq = sequenced(first.frames)[-1]["seq"]
+    last_seq = first.last_seq()
 
     second = await Client.open(b)
     resumed = await second.hello(widget, resume={"epoch": welcome["epoch"], "last_seq": last_seq})

@@ -41,11 +41,8 @@ async def test_disconnect_from_one_instance_mid_answer_and_resume_on_another(clu
     widget = new_widget(a)
     first = await Client.open(a)
     welcome = await first.hello(widget)
-    await first.send({"type": "message", "client_msg_id": "r-1", "text": "resume elsewhere"})
-    start = await first.recv_type("ai_start")
-    for _ in range(3):
-        await first.recv_type("delta")
-    last_seq = sequenced(first.frames)[-1]["seq"]
+    start = await first.ask_and_read("r-1", "resume elsewhere")
+    last_seq = first.last_seq()
     first.ws.transport.abort()
 
     second = await Client.open(b)
