@@ -45,10 +45,6 @@ class Hub:
         self.on_flow_changed: Callable[[BusinessId], None] | None = None
         broker.set_listener(self)
 
-    @property
-    def conversations(self) -> int:
-        return len(self._members)
-
     async def join(self, conversation_id: ConversationId, member: Member) -> None:
         """Add a member; returns once the broker delivers the conversation's events here."""
         self._members.setdefault(conversation_id, set()).add(member)
