@@ -27,6 +27,14 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
 - Answer leases: the instance generating an answer holds a lease on it and renews it; a lease not
   renewed in time expires, and `claim_expired_leases` hands each expired lease to exactly one
   caller (across instances), who ends the answer as `interrupted`.
+- The broker holds the conversation's mode (`ai`, or `human` with the agent holding it), so that
+  a takeover is one atomic step with the answer guard: `take_over` ends the active answer with
+  status `taken_over` (its `ai_end`, with the text streamed so far), sets the mode to `human` and
+  publishes `mode`, all at once. While the mode is `human`, every `ai_start` is refused with
+  `HumanMode` in the step that would assign its seq, so no queued answer starts after a takeover;
+  the deltas and `ai_end` of the answer it ended are refused like those of any ended answer.
+  `hand_back` sets the mode back to `ai` and publishes `mode`, atomically too. A log is opened
+  with the mode the store recorded, so a log that was lost comes back in the right mode.
 - Ephemeral events (`publish_ephemeral`) have no seq, are not logged and may be dropped.
 - The listener is called from the broker's own task and must not block: hand events on at once.
   After a loss of connection, the listener is told (`on_gap`) for every subscribed conversation.
@@ -40,7 +48,7 @@ from typing import Any, Protocol
 
 from core.errors import CoreError
 from core.models import Event, Replay, StreamPosition
-from core.types import AnswerStatus, BusinessId, ConversationId, EventType, ResponseId
+from core.types import AgentId, AnswerStatus, BusinessId, ConversationId, EventType, Mode, ResponseId
 
 
 class Listener(Protocol):
@@ -74,6 +82,37 @@ class AnswerEnded(CoreError):
     """The answer this event belongs to is not (any more) the conversation's active answer."""
 
     code = "conflict"
+
+
+class HumanMode(CoreError):
+    """An `ai_start` was refused: a human agent holds the conversation."""
+
+    code = "conflict"
+
+
+class HeldByAgent(CoreError):
+    """A takeover was refused: another agent holds the conversation."""
+
+    code = "conflict"
+
+    def __init__(self, message: str, *, holder: AgentId | None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class NotHuman(CoreError):
+    """A handback was refused: the AI already answers in this conversation."""
+
+    code = "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """What a takeover did: the `ai_end` of the answer it ended (None when none streamed) and the
+    `mode` event (None when the agent already held the conversation: nothing changed)."""
+
+    ended: Event | None
+    mode: Event | None
 
 
 class StreamMissing(CoreError):
@@ -133,9 +172,30 @@ class Broker(Protocol):
     ) -> None:
         """Deliver an event without seq or log (typing indicators)."""
 
-    async def open(self, conversation_id: ConversationId, *, floor_seq: int) -> StreamPosition:
-        """Make sure the conversation's log exists, creating it (new epoch, seq = floor_seq) if it
-        does not; return its position. Idempotent: an existing log is left as it is."""
+    async def open(
+        self,
+        conversation_id: ConversationId,
+        *,
+        floor_seq: int,
+        mode: Mode = Mode.AI,
+        agent_id: AgentId | None = None,
+    ) -> StreamPosition:
+        """Make sure the conversation's log exists, creating it (new epoch, seq = floor_seq, the
+        given mode) if it does not; return its position. Idempotent: an existing log is left as
+        it is."""
+
+    async def take_over(
+        self, conversation_id: ConversationId, agent_id: AgentId, *, feed: BusinessId | None = None
+    ) -> Takeover:
+        """Atomically: end the active answer (if any) as `taken_over` and publish its `ai_end`, set
+        the mode to `human` held by `agent_id` and publish `mode`. Idempotent for the agent that
+        already holds it (nothing published); `HeldByAgent` when another agent holds it."""
+
+    async def hand_back(
+        self, conversation_id: ConversationId, *, feed: BusinessId | None = None
+    ) -> tuple[Event, AgentId | None]:
+        """Atomically set the mode back to `ai` and publish `mode`; return the event and the agent
+        that held it. `NotHuman` when the mode is `ai` already."""
 
     async def end_answer(
         self,

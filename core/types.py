@@ -8,6 +8,7 @@ from typing import NewType
 
 BusinessId = NewType("BusinessId", str)
 ConversationId = NewType("ConversationId", str)
+AgentId = NewType("AgentId", str)
 EndUserId = NewType("EndUserId", str)
 MessageId = NewType("MessageId", str)
 ResponseId = NewType("ResponseId", str)

@@ -19,9 +19,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.broker import AnswerEnded, AnswerLease, Listener, StreamMissing
+from core.broker import (
+    AnswerEnded,
+    AnswerLease,
+    HeldByAgent,
+    HumanMode,
+    Listener,
+    NotHuman,
+    StreamMissing,
+    Takeover,
+)
 from core.models import Event, Replay, StreamPosition
-from core.types import AnswerStatus, BusinessId, ConversationId, EventType, ResponseId, new_id
+from core.types import (
+    AgentId,
+    AnswerStatus,
+    BusinessId,
+    ConversationId,
+    EventType,
+    Mode,
+    ResponseId,
+    new_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +51,8 @@ class _Log:
     seq: int = 0
     active: str | None = None  # response_id of the answer being streamed
     answer: list[str] = field(default_factory=list)  # its deltas' texts
+    mode: Mode = Mode.AI
+    agent_id: AgentId | None = None  # who holds it while the mode is human
     events: deque[Event] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +104,8 @@ class MemoryBroker:
         feed: BusinessId | None = None,
     ) -> Event:
         stream = self._existing(conversation_id)
+        if type is EventType.AI_START and stream.mode is Mode.HUMAN:
+            raise HumanMode(f"agent {stream.agent_id} holds conversation {conversation_id}: no AI answer")
         stream.active = answer_guard(type, payload, stream.active)
         if type is EventType.AI_START:
             stream.answer = []
@@ -103,9 +125,41 @@ class MemoryBroker:
         active = stream.active
         if active is None or (response_id is not None and response_id != active):
             return None
+        return self._end(stream, conversation_id, status, feed)
+
+    def _end(
+        self, stream: _Log, conversation_id: ConversationId, status: AnswerStatus, feed: BusinessId | None
+    ) -> Event:
+        active = stream.active
         text, stream.active, stream.answer = "".join(stream.answer), None, []
         payload = {"response_id": active, "message_id": active, "status": status.value, "text": text}
         return self._append(stream, conversation_id, EventType.AI_END, payload, feed)
+
+    async def take_over(
+        self, conversation_id: ConversationId, agent_id: AgentId, *, feed: BusinessId | None = None
+    ) -> Takeover:
+        # One critical section: nothing below awaits, so no publish can come in between.
+        stream = self._existing(conversation_id)
+        if stream.mode is Mode.HUMAN:
+            if stream.agent_id == agent_id:
+                return Takeover(None, None)
+            raise HeldByAgent(f"agent {stream.agent_id} holds this conversation", holder=stream.agent_id)
+        ended = None
+        if stream.active is not None:
+            ended = self._end(stream, conversation_id, AnswerStatus.TAKEN_OVER, feed)
+        stream.mode, stream.agent_id = Mode.HUMAN, agent_id
+        payload = {"mode": Mode.HUMAN.value, "agent_id": agent_id}
+        return Takeover(ended, self._append(stream, conversation_id, EventType.MODE, payload, feed))
+
+    async def hand_back(
+        self, conversation_id: ConversationId, *, feed: BusinessId | None = None
+    ) -> tuple[Event, AgentId | None]:
+        stream = self._existing(conversation_id)
+        if stream.mode is not Mode.HUMAN:
+            raise NotHuman("the AI already answers in this conversation")
+        holder, stream.mode, stream.agent_id = stream.agent_id, Mode.AI, None
+        payload = {"mode": Mode.AI.value, "agent_id": None}
+        return self._append(stream, conversation_id, EventType.MODE, payload, feed), holder
 
     async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
         self._leases[lease] = time.monotonic() + ttl
@@ -153,10 +207,18 @@ class MemoryBroker:
     ) -> None:
         self._deliver(Event(conversation_id, type, None, dict(payload), origin))
 
-    async def open(self, conversation_id: ConversationId, *, floor_seq: int) -> StreamPosition:
+    async def open(
+        self,
+        conversation_id: ConversationId,
+        *,
+        floor_seq: int,
+        mode: Mode = Mode.AI,
+        agent_id: AgentId | None = None,
+    ) -> StreamPosition:
         stream = self._logs.get(conversation_id)
         if stream is None:
-            stream = _Log(epoch=new_id()[:8], window=self._window, seq=max(floor_seq, 0))
+            stream = _Log(epoch=new_id()[:8], window=self._window, seq=max(floor_seq, 0), mode=mode)
+            stream.agent_id = agent_id if mode is Mode.HUMAN else None
             self._logs[conversation_id] = stream
             while len(self._logs) > self._max_conversations:
                 self._logs.popitem(last=False)

@@ -25,10 +25,28 @@ import orjson
 import redis.asyncio
 from redis.exceptions import RedisError, ResponseError
 
-from core.broker import AnswerEnded, AnswerLease, Listener, StreamMissing
+from core.broker import (
+    AnswerEnded,
+    AnswerLease,
+    HeldByAgent,
+    HumanMode,
+    Listener,
+    NotHuman,
+    StreamMissing,
+    Takeover,
+)
 from core.errors import Unavailable
 from core.models import Event, Replay, StreamPosition
-from core.types import AnswerStatus, BusinessId, ConversationId, EventType, ResponseId, new_id
+from core.types import (
+    AgentId,
+    AnswerStatus,
+    BusinessId,
+    ConversationId,
+    EventType,
+    Mode,
+    ResponseId,
+    new_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +77,7 @@ _PUBLISH = (
 if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then return redis.error_reply('MISSING') end
 local guard = ARGV[6]
 if guard == 'start' then
+  if redis.call('HGET', KEYS[1], 'mode') == 'human' then return redis.error_reply('HUMAN') end
   redis.call('HSET', KEYS[1], 'active', ARGV[7])
   redis.call('DEL', KEYS[3])
 elseif guard == 'delta' or guard == 'end' then
@@ -91,6 +110,50 @@ return {appended[1], appended[2], payload}
 """
 )
 
+# ARGV (after the first five; ARGV[2] and ARGV[3] unused): agent id.
+# Returns {0} when that agent holds it already, {-1, holder} when another does, else
+# {1, mode seq, epoch, mode payload, ai_end seq or '', ai_end payload or ''}.
+_TAKE_OVER = (
+    _APPEND
+    + """
+if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then return redis.error_reply('MISSING') end
+if redis.call('HGET', KEYS[1], 'mode') == 'human' then
+  local holder = redis.call('HGET', KEYS[1], 'agent') or ''
+  if holder == ARGV[6] then return {0} end
+  return {-1, holder}
+end
+local end_seq, end_payload = '', ''
+local active = redis.call('HGET', KEYS[1], 'active')
+if active then
+  local text = redis.call('GET', KEYS[3]) or ''
+  redis.call('HDEL', KEYS[1], 'active')
+  redis.call('DEL', KEYS[3])
+  end_payload = cjson.encode({response_id = active, message_id = active, status = 'taken_over', text = text})
+  end_seq = append('ai_end', end_payload)[1]
+end
+redis.call('HSET', KEYS[1], 'mode', 'human', 'agent', ARGV[6])
+local mode_payload = cjson.encode({mode = 'human', agent_id = ARGV[6]})
+local appended = append('mode', mode_payload)
+return {1, appended[1], appended[2], mode_payload, end_seq, end_payload}
+"""
+)
+
+# ARGV (after the first five): none. Returns {seq, epoch, payload, former holder}, or nil when the
+# mode is ai already.
+_HAND_BACK = (
+    _APPEND
+    + """
+if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then return redis.error_reply('MISSING') end
+if redis.call('HGET', KEYS[1], 'mode') ~= 'human' then return nil end
+local holder = redis.call('HGET', KEYS[1], 'agent') or ''
+redis.call('HSET', KEYS[1], 'mode', 'ai')
+redis.call('HDEL', KEYS[1], 'agent')
+local payload = cjson.encode({mode = 'ai', agent_id = cjson.null})
+local appended = append('mode', payload)
+return {appended[1], appended[2], payload, holder}
+"""
+)
+
 # KEYS: leases. ARGV: member, ttl in ms. Scores are Redis server time, the same for every instance.
 _HOLD_LEASE = """
 local t = redis.call('TIME')
@@ -107,11 +170,12 @@ if #expired > 0 then redis.call('ZREM', KEYS[1], unpack(expired)) end
 return expired
 """
 
-# KEYS: meta, log. ARGV: floor, new epoch, ttl. Returns {epoch, seq}.
+# KEYS: meta, log. ARGV: floor, new epoch, ttl, mode, agent id or ''. Returns {epoch, seq}.
 _OPEN = """
 if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
-  redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'epoch', ARGV[2])
+  redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'epoch', ARGV[2], 'mode', ARGV[4])
+  if ARGV[4] == 'human' and ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'agent', ARGV[5]) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
@@ -176,6 +240,8 @@ class RedisBroker:
         for name, source in (
             ("publish", _PUBLISH),
             ("end_answer", _END_ANSWER),
+            ("take_over", _TAKE_OVER),
+            ("hand_back", _HAND_BACK),
             ("open", _OPEN),
             ("replay", _REPLAY),
             ("hold_lease", _HOLD_LEASE),
@@ -285,32 +351,57 @@ class RedisBroker:
         response_id: ResponseId | None = None,
         feed: BusinessId | None = None,
     ) -> Event | None:
-        try:
-            result = await self._call(
-                lambda c: self._scripts["end_answer"](
-                    keys=self._keys(conversation_id),
-                    args=[
-                        self._channel(conversation_id),
-                        "",
-                        "",
-                        self._window,
-                        self._ttl,
-                        status.value,
-                        response_id or "",
-                        "",
-                        self._feed_channel(feed) if feed else "",
-                        conversation_id,
-                    ],
-                    client=c,
-                )
-            )
-        except ResponseError as exc:
-            raise _script_error(exc, conversation_id) from None
+        result = await self._control_script(
+            "end_answer", conversation_id, feed, status.value, response_id or ""
+        )
         if result is None:
             return None
         return Event(
             conversation_id, EventType.AI_END, int(result[0]), orjson.loads(result[2]), epoch=_text(result[1])
         )
+
+    async def take_over(
+        self, conversation_id: ConversationId, agent_id: AgentId, *, feed: BusinessId | None = None
+    ) -> Takeover:
+        result = await self._control_script("take_over", conversation_id, feed, agent_id)
+        if int(result[0]) == 0:
+            return Takeover(None, None)
+        if int(result[0]) < 0:
+            holder = AgentId(_text(result[1])) if result[1] else None
+            raise HeldByAgent(f"agent {holder} holds this conversation", holder=holder)
+        epoch = _text(result[2])
+        mode = Event(conversation_id, EventType.MODE, int(result[1]), orjson.loads(result[3]), epoch=epoch)
+        ended = None
+        if result[4]:
+            ended = Event(
+                conversation_id, EventType.AI_END, int(result[4]), orjson.loads(result[5]), epoch=epoch
+            )
+        return Takeover(ended, mode)
+
+    async def hand_back(
+        self, conversation_id: ConversationId, *, feed: BusinessId | None = None
+    ) -> tuple[Event, AgentId | None]:
+        result = await self._control_script("hand_back", conversation_id, feed)
+        if result is None:
+            raise NotHuman("the AI already answers in this conversation")
+        event = Event(
+            conversation_id, EventType.MODE, int(result[0]), orjson.loads(result[2]), epoch=_text(result[1])
+        )
+        return event, AgentId(_text(result[3])) if result[3] else None
+
+    async def _control_script(
+        self, name: str, conversation_id: ConversationId, feed: BusinessId | None, *extra: str
+    ) -> Any:
+        """Run one of the scripts that end answers or change the mode (ARGV 6 onwards: `extra`)."""
+        args: list[Any] = [self._channel(conversation_id), "", "", self._window, self._ttl]
+        args += [*extra, *[""] * (3 - len(extra))]
+        args += [self._feed_channel(feed) if feed else "", conversation_id]
+        try:
+            return await self._call(
+                lambda c: self._scripts[name](keys=self._keys(conversation_id), args=args, client=c)
+            )
+        except ResponseError as exc:
+            raise _script_error(exc, conversation_id) from None
 
     async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
         await self._call(
@@ -351,11 +442,17 @@ class RedisBroker:
         message = f"\n{type.value}\n{origin or ''}\n\n{orjson.dumps(dict(payload)).decode()}"
         await self._call(lambda c: c.publish(self._channel(conversation_id), message))
 
-    async def open(self, conversation_id: ConversationId, *, floor_seq: int) -> StreamPosition:
+    async def open(
+        self,
+        conversation_id: ConversationId,
+        *,
+        floor_seq: int,
+        mode: Mode = Mode.AI,
+        agent_id: AgentId | None = None,
+    ) -> StreamPosition:
+        args = [max(floor_seq, 0), new_id()[:8], self._ttl, mode.value, agent_id or ""]
         epoch, seq = await self._call(
-            lambda c: self._scripts["open"](
-                keys=self._keys(conversation_id), args=[max(floor_seq, 0), new_id()[:8], self._ttl], client=c
-            )
+            lambda c: self._scripts["open"](keys=self._keys(conversation_id), args=args, client=c)
         )
         return StreamPosition(_text(epoch), int(seq))
 
@@ -521,6 +618,8 @@ def _script_error(exc: ResponseError, conversation_id: ConversationId) -> Except
         return StreamMissing(f"no event log for conversation {conversation_id}")
     if "ENDED" in text:
         return AnswerEnded(f"the answer in conversation {conversation_id} has ended")
+    if "HUMAN" in text:
+        return HumanMode(f"an agent holds conversation {conversation_id}: no AI answer")
     return Unavailable(f"redis refused the script: {text}")
 
 

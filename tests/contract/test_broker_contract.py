@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from core.broker import AnswerEnded, AnswerLease, Broker, StreamMissing
+from core.broker import AnswerEnded, AnswerLease, Broker, HeldByAgent, HumanMode, NotHuman, StreamMissing
 from core.models import Event
-from core.types import AnswerStatus, BusinessId, ConversationId, EventType, ResponseId, new_id
+from core.types import AgentId, AnswerStatus, BusinessId, ConversationId, EventType, Mode, ResponseId, new_id
 from tests.contract.conftest import REPLAY_WINDOW
 
 
@@ -216,6 +216,127 @@ async def test_end_answer_publishes_the_text_streamed_so_far_once(broker: Broker
     second = await broker.end_answer(c, AnswerStatus.COMPLETE, response_id=ResponseId("r2"))
     assert second is not None
     assert second.payload["text"] == ""
+
+
+async def test_takeover_ends_the_answer_and_switches_the_mode_in_one_step(broker: Broker) -> None:
+    """A takeover publishes the answer's ai_end (taken_over, the text so far) then mode, with
+    consecutive seqs; the answer's later deltas and ai_end are refused."""
+    c = await opened(broker)
+    await broker.publish(c, EventType.AI_START, {"response_id": "r1"})
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "Hal"})
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "f é"})
+    done = await broker.take_over(c, AgentId("agent-1"))
+    assert done.ended is not None
+    assert done.mode is not None
+    assert done.ended.payload == {
+        "response_id": "r1",
+        "message_id": "r1",
+        "status": "taken_over",
+        "text": "Half é",
+    }
+    assert done.mode.payload == {"mode": "human", "agent_id": "agent-1"}
+    assert (done.ended.seq, done.mode.seq) == (4, 5)
+    with pytest.raises(AnswerEnded):
+        await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "late"})
+    with pytest.raises(AnswerEnded):
+        await broker.publish(c, EventType.AI_END, {"response_id": "r1", "text": "late"})
+    assert await broker.end_answer(c, AnswerStatus.COMPLETE, response_id=ResponseId("r1")) is None
+    replay = await broker.replay(c, 3)
+    assert replay.events is not None
+    assert [e.type for e in replay.events] == [EventType.AI_END, EventType.MODE]
+
+
+async def test_no_answer_starts_while_an_agent_holds_the_conversation(broker: Broker) -> None:
+    """ai_start is refused while human (nothing is published); after a handback it is accepted."""
+    c = await opened(broker)
+    done = await broker.take_over(c, AgentId("a1"))
+    assert done.ended is None  # nothing streamed: the mode just switches
+    assert done.mode is not None
+    assert done.mode.seq == 1
+    with pytest.raises(HumanMode):
+        await broker.publish(c, EventType.AI_START, {"response_id": "r1"})
+    assert (await broker.open(c, floor_seq=0)).seq == 1  # the refused start took no seq
+    # Other events go on while human.
+    await broker.publish(c, EventType.MESSAGE, {"text": "hi"})
+    event, holder = await broker.hand_back(c)
+    assert holder == "a1"
+    assert event.payload == {"mode": "ai", "agent_id": None}
+    assert event.seq == 3
+    with pytest.raises(NotHuman):
+        await broker.hand_back(c)
+    assert (await broker.publish(c, EventType.AI_START, {"response_id": "r2"})).seq == 4
+
+
+async def test_takeover_is_idempotent_for_the_holder_and_refused_for_others(broker: Broker) -> None:
+    c = await opened(broker)
+    await broker.take_over(c, AgentId("a1"))
+    again = await broker.take_over(c, AgentId("a1"))
+    assert (again.ended, again.mode) == (None, None)
+    with pytest.raises(HeldByAgent) as refused:
+        await broker.take_over(c, AgentId("a2"))
+    assert refused.value.holder == "a1"
+    assert (await broker.open(c, floor_seq=0)).seq == 1
+
+
+async def test_racing_takeovers_and_stops_end_an_answer_once(broker: Broker) -> None:
+    """Of many concurrent takeovers and stops, exactly one ends the answer; one agent gets the
+    conversation and every other agent is refused naming it."""
+    c = await opened(broker)
+    await broker.publish(c, EventType.AI_START, {"response_id": "r1"})
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "x"})
+    agents = [AgentId(f"a{n}") for n in range(6)]
+
+    async def take(agent: AgentId) -> AgentId | None:
+        try:
+            await broker.take_over(c, agent)
+        except HeldByAgent as exc:
+            return exc.holder
+        return agent
+
+    results = await asyncio.gather(
+        *(take(a) for a in agents), *(broker.end_answer(c, AnswerStatus.STOPPED) for _ in range(3))
+    )
+    holders = set(results[:6])
+    assert len(holders) == 1
+    replay = await broker.replay(c, 2)
+    assert replay.events is not None
+    ends = [e for e in replay.events if e.type is EventType.AI_END]
+    modes = [e for e in replay.events if e.type is EventType.MODE]
+    assert len(ends) == 1
+    assert ends[0].payload["status"] in ("stopped", "taken_over")
+    assert [m.payload["agent_id"] for m in modes] == list(holders)
+
+
+async def test_a_log_opened_again_keeps_the_mode_it_is_given(broker: Broker) -> None:
+    c = conv()
+    await broker.open(c, floor_seq=7, mode=Mode.HUMAN, agent_id=AgentId("a9"))
+    with pytest.raises(HumanMode):
+        await broker.publish(c, EventType.AI_START, {"response_id": "r1"})
+    with pytest.raises(HeldByAgent):
+        await broker.take_over(c, AgentId("a1"))
+    event, holder = await broker.hand_back(c)
+    assert (event.seq, holder) == (8, "a9")
+
+
+async def test_mode_changes_and_takeovers_reach_the_feed(broker: Broker) -> None:
+    inbox = Inbox()
+    broker.set_listener(inbox)
+    business = BusinessId(new_id())
+    await broker.subscribe_feed(business)
+    c = await opened(broker)
+    await broker.publish(c, EventType.AI_START, {"response_id": "r1"}, feed=business)
+    await broker.take_over(c, AgentId("a1"), feed=business)
+    await broker.hand_back(c, feed=business)
+    async with asyncio.timeout(5):
+        while len(inbox.feed) < 4:
+            inbox.arrived.clear()
+            await inbox.arrived.wait()
+    assert [(e.type, e.seq) for _, e in inbox.feed] == [
+        (EventType.AI_START, 1),
+        (EventType.AI_END, 2),
+        (EventType.MODE, 3),
+        (EventType.MODE, 4),
+    ]
 
 
 async def test_leases_expire_and_go_to_one_claimer(broker: Broker) -> None:
