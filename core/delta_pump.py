@@ -1,9 +1,11 @@
 """DeltaPump: coalesces a model's text pieces into `delta` events.
 
 The model's loop only appends to a buffer (`push`, never awaits); the pump's own task publishes
-what has gathered once `flush_after` seconds have passed since the first unpublished piece, or at
-once when `max_chars` have gathered. So a fast model costs one publish per few milliseconds, not
-one per token, and a slow broker never slows the model's loop; publishes keep their order.
+what has gathered. A piece that comes after a pause leaves at once; pieces that arrive while a
+publish is pending, or within `flush_after` seconds after the previous publish, are gathered and
+leave together when that window ends, or at once when `max_chars` have gathered. So a slow model's
+every token leaves without delay, a fast model costs one publish per few milliseconds (not one per
+token), and a slow broker never slows the model's loop; publishes keep their order.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class DeltaPump:
         self._closing = False
         self._drop = False
         self._task: asyncio.Task[None] | None = None
+        self._window_ends = 0.0  # loop time until which new pieces are gathered (after a publish)
         self.error: BaseException | None = None
 
     @property
@@ -69,12 +72,14 @@ class DeltaPump:
             await self._task
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await self._wake.wait()
-                if not self._closing and self._size < self._max_chars:
+                wait = self._window_ends - loop.time()
+                if wait > 0 and not self._closing and self._size < self._max_chars:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._full.wait(), self._flush_after)
+                        await asyncio.wait_for(self._full.wait(), wait)
                 chunk = "".join(self._buffer)
                 self._buffer.clear()
                 self._size = 0
@@ -83,6 +88,7 @@ class DeltaPump:
                 if chunk and not self._drop:
                     await self._publish(chunk)
                     self._published.append(chunk)
+                    self._window_ends = loop.time() + self._flush_after
                 if self._closing and not self._buffer:
                     return
         except Exception as exc:  # reported through `error` and `push`, never lost

@@ -81,3 +81,31 @@ async def test_a_failed_publish_stops_the_model_loop() -> None:
     assert isinstance(pump.error, ConnectionError)
     with pytest.raises(PumpFailed):
         pump.push("y")
+
+
+async def test_a_piece_after_a_pause_leaves_at_once_and_a_burst_is_gathered() -> None:
+    """The first piece is published without waiting for the window; pieces that come while it is
+    being published, or within the window after it, leave together."""
+    gate = asyncio.Event()
+    chunks: list[str] = []
+
+    async def publish(chunk: str) -> None:
+        chunks.append(chunk)
+        if len(chunks) == 1:
+            await gate.wait()  # the first publish stays pending until the test lets it go
+
+    pump = DeltaPump(publish, flush_after=60, max_chars=1000)
+    pump.start()
+    pump.push("first")
+    for _ in range(100):
+        if chunks:
+            break
+        await asyncio.sleep(0.001)
+    assert chunks == ["first"]  # out at once, though the window is a minute
+    pump.push("a")
+    pump.push("b")
+    gate.set()
+    await asyncio.sleep(0.01)
+    assert chunks == ["first"]  # gathered: within the window after the first publish
+    await pump.close(flush=True)
+    assert chunks == ["first", "ab"]
