@@ -35,7 +35,11 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
   the deltas and `ai_end` of the answer it ended are refused like those of any ended answer.
   `hand_back` sets the mode back to `ai` and publishes `mode`, atomically too. A log is opened
   with the mode the store recorded, so a log that was lost comes back in the right mode.
-- Ephemeral events (`publish_ephemeral`) have no seq, are not logged and may be dropped.
+- Ephemeral events (`publish_ephemeral`, and `publish_feed` for the business feed alone) have no
+  seq, are not logged and may be dropped.
+- Presence: which conversations have their end user connected, across instances. A member (one
+  user socket) is present from `set_presence(..., True)` until `set_presence(..., False)` or until
+  its instance stops renewing it (`renew_presence`) for `presence_ttl` seconds.
 - The listener is called from the broker's own task and must not block: hand events on at once.
   After a loss of connection, the listener is told (`on_gap`) for every subscribed conversation.
 """
@@ -171,6 +175,25 @@ class Broker(Protocol):
         origin: str | None = None,
     ) -> None:
         """Deliver an event without seq or log (typing indicators)."""
+
+    async def publish_feed(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+    ) -> None:
+        """Deliver an ephemeral event to the business feed only (no seq, not logged)."""
+
+    async def set_presence(self, conversation_id: ConversationId, member: str, present: bool) -> bool:
+        """Add or remove one present member of the conversation (a user socket). True when this
+        changed whether the conversation has anyone present (the first came, the last left)."""
+
+    async def renew_presence(self, members: Mapping[str, ConversationId]) -> None:
+        """Keep these members (member -> conversation) present for another `presence_ttl`."""
+
+    async def present(self, conversation_ids: list[ConversationId]) -> set[ConversationId]:
+        """Which of these conversations have a present member."""
 
     async def open(
         self,

@@ -54,3 +54,6 @@ class EventType(enum.StrEnum):
     MODE = "mode"
     STAGE = "stage"
     TYPING = "typing"  # ephemeral: no seq, never replayed
+    # Business feed only, ephemeral: a conversation was created; its end user came or went.
+    CONVERSATION = "conversation"
+    PRESENCE = "presence"

@@ -70,6 +70,7 @@ class MemoryBroker:
         self._listener: Listener | None = None
         self._leases: dict[AnswerLease, float] = {}
         self._feeds: set[BusinessId] = set()
+        self._present: dict[ConversationId, set[str]] = {}
 
     async def connect(self) -> None:
         pass
@@ -206,6 +207,40 @@ class MemoryBroker:
         origin: str | None = None,
     ) -> None:
         self._deliver(Event(conversation_id, type, None, dict(payload), origin))
+
+    async def publish_feed(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+    ) -> None:
+        if business_id in self._feeds and self._listener is not None:
+            try:
+                self._listener.on_feed(business_id, Event(conversation_id, type, None, dict(payload)))
+            except Exception:
+                log.exception("feed listener failed")
+
+    async def set_presence(self, conversation_id: ConversationId, member: str, present: bool) -> bool:
+        members = self._present.get(conversation_id)
+        if present:
+            if members is None:
+                members = self._present[conversation_id] = set()
+            members.add(member)
+            return len(members) == 1
+        if members is None or member not in members:
+            return False
+        members.discard(member)
+        if members:
+            return False
+        del self._present[conversation_id]
+        return True
+
+    async def renew_presence(self, members: Mapping[str, ConversationId]) -> None:
+        pass  # one process: members leave only through set_presence
+
+    async def present(self, conversation_ids: list[ConversationId]) -> set[ConversationId]:
+        return {cid for cid in conversation_ids if cid in self._present}
 
     async def open(
         self,

@@ -154,6 +154,44 @@ return {appended[1], appended[2], payload, holder}
 """
 )
 
+# KEYS: the conversation's presence set. ARGV: member, 1 (came) or 0 (left), ttl in ms. Scores are
+# expiry times (Redis server time). Returns 1 when whether anyone is present changed.
+_PRESENCE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local before = redis.call('ZCARD', KEYS[1])
+if ARGV[2] == '1' then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  if before == 0 then return 1 end
+  return 0
+end
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+if removed == 1 and before == 1 then return 1 end
+return 0
+"""
+
+# KEYS: presence sets. ARGV: ttl in ms, then one member per key. Renews each member.
+_RENEW_PRESENCE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+return #KEYS
+"""
+
+# KEYS: presence sets. Returns, per key, how many members are present now.
+_PRESENT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local counts = {}
+for i, key in ipairs(KEYS) do counts[i] = redis.call('ZCOUNT', key, now, '+inf') end
+return counts
+"""
+
 # KEYS: leases. ARGV: member, ttl in ms. Scores are Redis server time, the same for every instance.
 _HOLD_LEASE = """
 local t = redis.call('TIME')
@@ -209,6 +247,7 @@ class RedisBroker:
         replay_window: int = 1000,
         ttl: int = 86_400,
         max_backoff: float = 5.0,
+        presence_ttl: float = 60.0,
     ) -> None:
         if replay_window < 1 or ttl < 1:
             raise ValueError("replay_window and ttl must be >= 1")
@@ -217,6 +256,7 @@ class RedisBroker:
         self._window = replay_window
         self._ttl = ttl
         self._max_backoff = max_backoff
+        self._presence_ms = int(presence_ttl * 1000)
         self._instance_channel = f"{prefix}instance:{new_id()}"
         self._leases_key = f"{prefix}answer-leases"
         self._control_channel = f"{prefix}control"
@@ -245,6 +285,9 @@ class RedisBroker:
             ("open", _OPEN),
             ("replay", _REPLAY),
             ("hold_lease", _HOLD_LEASE),
+            ("presence", _PRESENCE),
+            ("renew_presence", _RENEW_PRESENCE),
+            ("present", _PRESENT),
             ("claim_leases", _CLAIM_LEASES),
         ):
             self._scripts[name] = self._client.register_script(source)
@@ -441,6 +484,42 @@ class RedisBroker:
     ) -> None:
         message = f"\n{type.value}\n{origin or ''}\n\n{orjson.dumps(dict(payload)).decode()}"
         await self._call(lambda c: c.publish(self._channel(conversation_id), message))
+
+    async def publish_feed(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        type: EventType,
+        payload: Mapping[str, Any],
+    ) -> None:
+        message = f"{conversation_id}\n\n{type.value}\n\n\n{orjson.dumps(dict(payload)).decode()}"
+        await self._call(lambda c: c.publish(self._feed_channel(business_id), message))
+
+    async def set_presence(self, conversation_id: ConversationId, member: str, present: bool) -> bool:
+        args = [member, "1" if present else "0", self._presence_ms]
+        changed = await self._call(
+            lambda c: self._scripts["presence"](
+                keys=[self._presence_key(conversation_id)], args=args, client=c
+            )
+        )
+        return bool(int(changed))
+
+    async def renew_presence(self, members: Mapping[str, ConversationId]) -> None:
+        if not members:
+            return
+        keys = [self._presence_key(cid) for cid in members.values()]
+        args = [self._presence_ms, *members.keys()]
+        await self._call(lambda c: self._scripts["renew_presence"](keys=keys, args=args, client=c))
+
+    async def present(self, conversation_ids: list[ConversationId]) -> set[ConversationId]:
+        if not conversation_ids:
+            return set()
+        keys = [self._presence_key(cid) for cid in conversation_ids]
+        counts = await self._call(lambda c: self._scripts["present"](keys=keys, client=c))
+        return {cid for cid, count in zip(conversation_ids, counts, strict=True) if int(count) > 0}
+
+    def _presence_key(self, conversation_id: ConversationId) -> str:
+        return f"{self._prefix}{{conv:{conversation_id}}}:presence"
 
     async def open(
         self,

@@ -401,3 +401,32 @@ async def test_the_business_feed_carries_what_is_published_to_it(broker: Broker)
             inbox.arrived.clear()
             await inbox.arrived.wait()
     assert len(inbox.feed) == 3
+
+
+async def test_presence_says_when_the_first_member_comes_and_the_last_leaves(broker: Broker) -> None:
+    c, other = conv(), conv()
+    assert await broker.set_presence(c, "s1", True) is True
+    assert await broker.set_presence(c, "s2", True) is False
+    await broker.renew_presence({"s1": c, "s2": c})
+    assert await broker.present([c, other]) == {c}
+    assert await broker.set_presence(c, "s1", False) is False
+    assert await broker.set_presence(c, "s1", False) is False  # leaving twice changes nothing
+    assert await broker.set_presence(c, "s2", False) is True
+    assert await broker.present([c, other]) == set()
+
+
+async def test_feed_only_events_reach_the_feed_without_a_seq(broker: Broker) -> None:
+    inbox = Inbox()
+    broker.set_listener(inbox)
+    business = BusinessId(new_id())
+    await broker.subscribe_feed(business)
+    c = conv()
+    await broker.publish_feed(business, c, EventType.PRESENCE, {"online": True})
+    async with asyncio.timeout(5):
+        while not inbox.feed:
+            inbox.arrived.clear()
+            await inbox.arrived.wait()
+    (bid, event), *_ = inbox.feed
+    assert (bid, event.conversation_id, event.type, event.seq) == (business, c, EventType.PRESENCE, None)
+    assert event.payload == {"online": True}
+    assert inbox.events == []  # not an event of the conversation's own channel
