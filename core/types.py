@@ -6,6 +6,7 @@ import enum
 import uuid
 from typing import NewType
 
+AgentId = NewType("AgentId", str)
 BusinessId = NewType("BusinessId", str)
 ConversationId = NewType("ConversationId", str)
 EndUserId = NewType("EndUserId", str)
