@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from core.errors import InvalidInput
 from core.types import (
+    AgentId,
     AnswerStatus,
     BusinessId,
     ConversationId,
@@ -35,6 +38,20 @@ class Business:
 
 
 @dataclass(frozen=True, slots=True)
+class Agent:
+    """A human agent of a business: watches conversations, takes over from the AI, hands back.
+
+    A disabled agent keeps its record (the audit log names it) but may not act: tokens are not
+    issued to it, and the ones it holds are refused where they are used."""
+
+    agent_id: AgentId
+    business_id: BusinessId
+    name: str
+    disabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Conversation:
     conversation_id: ConversationId
     business_id: BusinessId
@@ -53,6 +70,26 @@ class Conversation:
     """User messages the pipeline has handled in this conversation."""
     turns_in_stage: int = 0
     """Of those, the ones since the conversation entered its current stage."""
+    agent_id: AgentId | None = None
+    """The agent holding the conversation while its mode is `human`; None in `ai` mode."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    """One line of an agent console's list of open conversations.
+
+    `last_message_*` describe the newest message with a seq (None when there is none yet);
+    `updated_at` is the conversation's last activity (a message, an answer, a mode or a stage)."""
+
+    conversation_id: ConversationId
+    mode: Mode
+    stage: StageName
+    agent_id: AgentId | None
+    active_response_id: ResponseId | None
+    last_message_role: Role | None
+    last_message_text: str | None
+    last_message_at: datetime | None
+    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +159,9 @@ class AuditEntry:
     action_type: str
     action_data: Mapping[str, Any]
     actor_id: str | None = None
+    """The agent who acted; None for the business's admin key and for the system."""
+    conversation_id: ConversationId | None = None
+    """The conversation the action was about, if any (a takeover, a handback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +170,29 @@ class AuditRecord:
     business_id: BusinessId
     entry: AuditEntry
     created_at: datetime
+
+    @property
+    def actor_id(self) -> str | None:
+        return self.entry.actor_id
+
+    @property
+    def conversation_id(self) -> ConversationId | None:
+        return self.entry.conversation_id
+
+    @property
+    def cursor(self) -> str:
+        """The position just after this record in a newest-first listing, for `list_audit(before=)`."""
+        return f"{self.created_at.isoformat()}|{self.log_id}"
+
+
+def parse_audit_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, log_id) an `AuditRecord.cursor` names; `InvalidInput` for anything else."""
+    stamp, _, log_id = cursor.partition("|")
+    try:
+        created_at = datetime.fromisoformat(stamp)
+        log_id = str(uuid.UUID(log_id))  # log ids are UUIDs
+    except ValueError:
+        created_at = None
+    if created_at is None or created_at.tzinfo is None:
+        raise InvalidInput("cursor is not one this API gave out (use next_cursor as it is)")
+    return created_at, log_id

@@ -8,23 +8,38 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
   later call with the same key returns the same row and `created=False`, also under concurrency.
 - When a method returns, its write is durable (committed); an `ack` may be sent on it.
 - Messages are listed in seq order; rows whose seq is not yet written are not listed.
+- A conversation's `updated_at` (its last activity, which `list_open_conversations` orders by)
+  moves with every write of its state: a message's seq, the active answer, the mode, a turn (the
+  stage), the epoch.
 - Failures are `core.errors` exceptions; no driver type escapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Protocol
 
+from core.errors import InvalidInput
 from core.flow_models import Flow
 from core.llm import Usage
-from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
+from core.models import (
+    Agent,
+    AuditEntry,
+    AuditRecord,
+    Business,
+    Conversation,
+    ConversationSummary,
+    Message,
+)
 from core.types import (
+    AgentId,
     AnswerStatus,
     BusinessId,
     ConversationId,
     EndUserId,
     MessageId,
+    Mode,
     ResponseId,
     Role,
     StageName,
@@ -139,10 +154,63 @@ class Store(Protocol):
     async def add_audit(self, business_id: BusinessId, entry: AuditEntry) -> None:
         """Record an action in the audit log."""
 
-    async def list_audit(self, business_id: BusinessId, *, limit: int) -> list[AuditRecord]:
-        """The newest audit records first."""
+    async def list_audit(
+        self,
+        business_id: BusinessId,
+        *,
+        limit: int,
+        conversation_id: ConversationId | None = None,
+        actor_id: str | None = None,
+        action_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before: str | None = None,
+    ) -> list[AuditRecord]:
+        """The business's audit records, newest first (by `created_at`, then `log_id`), at most
+        `limit`, keeping those that match every filter given: the conversation, the actor, the
+        action type (exactly), `since <= created_at < until`. `before` is the `cursor` of the last
+        record of a previous page: the listing goes on after it (`InvalidInput` when it is not a
+        cursor). An id that names nothing (malformed included) matches nothing."""
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    async def create_agent(self, business_id: BusinessId, name: str) -> Agent:
+        """A new, enabled agent of the business (`NotFound` for an unknown business)."""
+
+    async def get_agent(self, business_id: BusinessId, agent_id: AgentId) -> Agent:
+        """The agent, or `NotFound` (also for another business's agent or a malformed id)."""
+
+    async def list_agents(self, business_id: BusinessId) -> list[Agent]:
+        """The business's agents, oldest first."""
+
+    async def set_agent_disabled(self, business_id: BusinessId, agent_id: AgentId, disabled: bool) -> Agent:
+        """Disable or enable the agent (idempotent); return it as stored. `NotFound` as `get_agent`."""
+
+    async def set_mode(
+        self, business_id: BusinessId, conversation_id: ConversationId, mode: Mode, agent_id: AgentId | None
+    ) -> Conversation:
+        """Record who answers: `human` with the agent holding the conversation (`NotFound` when it
+        is not an agent of this business), or `ai` with `agent_id` None (`InvalidInput` otherwise).
+        Return the conversation as stored. Whether the change is allowed (who may take over from
+        whom) is the caller's to decide; this only records it."""
+
+    async def list_open_conversations(
+        self, business_id: BusinessId, *, active_within_s: int, limit: int
+    ) -> list[ConversationSummary]:
+        """The business's conversations active in the last `active_within_s` seconds (by
+        `updated_at`), newest activity first, at most `limit`, each with its newest sequenced
+        message (for an agent console's first view)."""
 
     async def recent_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, limit: int
     ) -> list[Message]:
         """The last `limit` messages in the order they were stored (for prompts)."""
+
+
+def check_mode_holder(mode: Mode, agent_id: AgentId | None) -> None:
+    """`set_mode`'s rule on its arguments: an agent holds a conversation in `human` mode, and only
+    then (`InvalidInput` otherwise)."""
+    if mode is Mode.HUMAN and agent_id is None:
+        raise InvalidInput("human mode needs the agent who holds the conversation")
+    if mode is Mode.AI and agent_id is not None:
+        raise InvalidInput("in ai mode no agent holds the conversation: pass agent_id=None")

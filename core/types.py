@@ -6,9 +6,9 @@ import enum
 import uuid
 from typing import NewType
 
+AgentId = NewType("AgentId", str)
 BusinessId = NewType("BusinessId", str)
 ConversationId = NewType("ConversationId", str)
-AgentId = NewType("AgentId", str)
 EndUserId = NewType("EndUserId", str)
 MessageId = NewType("MessageId", str)
 ResponseId = NewType("ResponseId", str)

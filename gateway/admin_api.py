@@ -80,9 +80,8 @@ from gateway.admin_codec import (
     transition_json,
     transition_record,
 )
-from gateway.auth import bearer_token, hash_api_key
+from gateway.auth import bearer_token, business_for_api_key
 from gateway.context import Gateway
-from gateway.errors import Unauthorized
 from gateway.http_api import _int_param, api
 
 log = logging.getLogger(__name__)
@@ -115,11 +114,7 @@ def admin(handler: AdminHandler) -> Callable[[Request], Awaitable[Response]]:
 
 
 async def authenticate(gw: Gateway, request: Request) -> Business:
-    key = bearer_token(request.headers.get("authorization"))
-    try:
-        return await gw.store.get_business_by_api_key(hash_api_key(key))
-    except NotFound:
-        raise Unauthorized("unknown API key") from None
+    return await business_for_api_key(gw.store, bearer_token(request.headers.get("authorization")))
 
 
 def invalid_flow_response(exc: FlowInvalid) -> JSONResponse:

@@ -20,7 +20,7 @@ from core.errors import Conflict
 from core.llm import LLMProvider
 from core.models import AuditEntry
 from core.scripted_llm import ScriptedLLM
-from gateway import admin_api, http_api
+from gateway import admin_api, agents_api, http_api
 from gateway.auth import TokenIssuer, hash_api_key
 from gateway.backends import make_backends
 from gateway.context import Gateway
@@ -82,7 +82,7 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
         llm=llm,
         conversations=conversations,
         hub=hub,
-        tokens=TokenIssuer(settings.secret, ttl=settings.token_ttl),
+        tokens=TokenIssuer(settings.secret, ttl=settings.token_ttl, agent_ttl=settings.agent_token_ttl),
         metrics=metrics,
         checks=backends.checks,
     )
@@ -144,6 +144,7 @@ def create_app(
         Route("/readyz", http_api.readyz, methods=["GET"]),
         Route("/metrics", http_api.metrics, methods=["GET"]),
         *admin_api.routes(),
+        *agents_api.routes(),
         Mount("/", StaticFiles(directory=WEB_DEMO_DIR, html=True), name="web_demo"),
     ]
     middleware = [

@@ -1,4 +1,5 @@
-"""Signed, expiring tokens (JWT, HS256) for widget users, and later agents."""
+"""Credentials: signed, expiring tokens (JWT, HS256) for widget users and agents, and the
+businesses' admin API keys."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any, Literal
 
 import jwt
 
-from core.types import BusinessId, ConversationId
+from core.errors import Forbidden, NotFound
+from core.models import Agent, Business
+from core.store import Store
+from core.types import AgentId, BusinessId, ConversationId
 from gateway.errors import Unauthorized
 
 _ISSUER = "chatgw"
@@ -19,9 +23,14 @@ _ALGORITHM = "HS256"
 Role = Literal["user", "agent"]
 
 
+DEFAULT_AGENT_TTL = 8 * 3600
+"""An agent token lasts a working day."""
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a verified token speaks for. User tokens are bound to one conversation."""
+    """Who a verified token speaks for. User tokens are bound to one conversation; agent tokens
+    to none (`conversation_id` None), their `subject` is the agent's id."""
 
     business_id: BusinessId
     role: Role
@@ -31,26 +40,30 @@ class Principal:
 
 
 class TokenIssuer:
-    def __init__(self, secret: str, *, ttl: int) -> None:
+    """Issues and verifies tokens; `ttl` is a widget token's lifetime, `agent_ttl` an agent's."""
+
+    def __init__(self, secret: str, *, ttl: int, agent_ttl: int = DEFAULT_AGENT_TTL) -> None:
         if len(secret.encode()) < 32:  # RFC 7518 3.2: an HS256 key has at least 256 bits
             raise ValueError("the signing secret must be at least 32 bytes long")
-        if ttl < 1:
-            raise ValueError("ttl must be >= 1 second")
+        if ttl < 1 or agent_ttl < 1:
+            raise ValueError("ttl and agent_ttl must be >= 1 second")
         self._secret = secret
         self.ttl = ttl
+        self.agent_ttl = agent_ttl
 
     def issue_widget(self, business_id: BusinessId, end_user_id: str, conversation_id: ConversationId) -> str:
+        return self._issue(
+            {"sub": end_user_id, "bid": business_id, "role": "user", "cid": conversation_id}, self.ttl
+        )
+
+    def issue_agent(self, business_id: BusinessId, agent_id: AgentId) -> str:
+        """A token for the agent, valid `agent_ttl` seconds. Where it is used, the agent must
+        still exist and be enabled (`active_agent`): disabling an agent stops its tokens."""
+        return self._issue({"sub": agent_id, "bid": business_id, "role": "agent"}, self.agent_ttl)
+
+    def _issue(self, claims: dict[str, Any], ttl: int) -> str:
         now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": _ISSUER,
-            "aud": _AUDIENCE,
-            "sub": end_user_id,
-            "bid": business_id,
-            "role": "user",
-            "cid": conversation_id,
-            "iat": now,
-            "exp": now + self.ttl,
-        }
+        claims = {"iss": _ISSUER, "aud": _AUDIENCE, **claims, "iat": now, "exp": now + ttl}
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
     def verify(self, token: str, *, expired_grace: int = 0) -> Principal:
@@ -76,7 +89,7 @@ class TokenIssuer:
         role = claims.get("role")
         if role not in ("user", "agent"):
             raise Unauthorized("invalid token: unknown role")
-        cid = claims.get("cid")
+        cid = claims.get("cid") if role == "user" else None  # an agent's token names no conversation
         if role == "user" and not isinstance(cid, str):
             raise Unauthorized("invalid token: a user token must name its conversation")
         return Principal(
@@ -86,6 +99,39 @@ class TokenIssuer:
             conversation_id=ConversationId(cid) if isinstance(cid, str) else None,
             expires_at=int(claims["exp"]),
         )
+
+
+def looks_like_token(credential: str) -> bool:
+    """Whether a bearer credential is one of our tokens (a JWT) rather than an admin API key.
+    Our API keys are URL-safe text without dots; a JWT is three dot-separated parts."""
+    try:
+        jwt.get_unverified_header(credential)
+    except jwt.InvalidTokenError:
+        return False
+    return True
+
+
+async def active_agent(store: Store, principal: Principal) -> Agent:
+    """The agent an agent token speaks for, if it may act now: `Unauthorized` when the token names
+    no agent of its business, `Forbidden` when the agent is disabled. Check it on every use of an
+    agent token (a token outlives the agent's enabled state)."""
+    if principal.role != "agent":
+        raise Forbidden("this needs an agent token")
+    try:
+        agent = await store.get_agent(principal.business_id, AgentId(principal.subject))
+    except NotFound:
+        raise Unauthorized("the token names no agent of its business") from None
+    if agent.disabled:
+        raise Forbidden(f"agent {agent.agent_id} is disabled")
+    return agent
+
+
+async def business_for_api_key(store: Store, key: str) -> Business:
+    """The business whose admin API key `key` is, or `Unauthorized`."""
+    try:
+        return await store.get_business_by_api_key(hash_api_key(key))
+    except NotFound:
+        raise Unauthorized("unknown API key") from None
 
 
 def bearer_token(authorization: str | None) -> str:

@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse, Response
 from core.conversation import message_payload
 from core.errors import CoreError, Forbidden, InvalidInput, TooLarge, Unavailable
 from core.models import Message
-from core.types import ConversationId, StageName
-from gateway.auth import Principal, bearer_token
+from core.types import BusinessId, ConversationId, StageName
+from gateway.auth import active_agent, bearer_token, business_for_api_key, looks_like_token
 from gateway.context import Gateway
 from gateway.errors import GatewayError
 
@@ -140,19 +140,18 @@ async def create_widget_session(request: Request) -> Response:
 
 @api
 async def list_messages(request: Request) -> Response:
-    """GET /v1/conversations/{id}/messages?after_seq=&limit=: history, in seq order."""
+    """GET /v1/conversations/{id}/messages?after_seq=&limit=: history, in seq order (a widget
+    token of the conversation, an agent token or the admin key of its business)."""
     gw: Gateway = request.app.state.gateway
     cid = ConversationId(request.path_params["conversation_id"])
-    principal = _principal(gw, request)
-    if principal.conversation_id != cid:
-        raise Forbidden("this token is not for that conversation")
+    bid = await _history_reader(gw, request, cid)
     after_seq = _int_param(request, "after_seq", 0, 0, 2**62)
     limit = _int_param(request, "limit", 100, 1, 500)
-    conversation = await gw.store.get_conversation(principal.business_id, cid)
+    conversation = await gw.store.get_conversation(bid, cid)
     # The position is read before the rows: a client that resets can go live from this seq
     # without a gap; a message it then sees twice has the same message_id.
-    position = await gw.conversations.open_stream(principal.business_id, cid, conversation)
-    rows = await gw.store.list_messages(principal.business_id, cid, after_seq=after_seq, limit=limit)
+    position = await gw.conversations.open_stream(bid, cid, conversation)
+    rows = await gw.store.list_messages(bid, cid, after_seq=after_seq, limit=limit)
     return JSONResponse(
         {
             "messages": [history_item(m) for m in rows],
@@ -171,8 +170,20 @@ def history_item(message: Message) -> dict[str, Any]:
     return item
 
 
-def _principal(gw: Gateway, request: Request) -> Principal:
-    return gw.tokens.verify(bearer_token(request.headers.get("authorization")))
+async def _history_reader(gw: Gateway, request: Request, cid: ConversationId) -> BusinessId:
+    """The business whose conversation `cid` the caller may read: a widget token of that
+    conversation, an agent token (of an enabled agent) or the admin API key. For the latter two
+    the conversation is looked up in their own business only, so another business's conversation
+    is `not_found` exactly like one that does not exist."""
+    credential = bearer_token(request.headers.get("authorization"))
+    if not looks_like_token(credential):
+        return (await business_for_api_key(gw.store, credential)).business_id
+    principal = gw.tokens.verify(credential)
+    if principal.role == "agent":
+        await active_agent(gw.store, principal)
+    elif principal.conversation_id != cid:
+        raise Forbidden("this token is not for that conversation")
+    return principal.business_id
 
 
 async def healthz(request: Request) -> Response:

@@ -40,6 +40,7 @@ class Settings:
     scripted_tokens: int = 40
     hello_timeout: float = 5.0
     token_ttl: int = 3600
+    agent_token_ttl: int = 8 * 3600
     max_frame_bytes: int = 64 * 1024
     max_message_chars: int = 4000
     outbox_frames: int = 2048
@@ -89,6 +90,7 @@ class Settings:
             scripted_tokens=e.integer("CHATGW_SCRIPTED_TOKENS", 40, low=1, high=100_000),
             hello_timeout=e.number("CHATGW_HELLO_TIMEOUT_S", 5.0, low=0.1),
             token_ttl=e.integer("CHATGW_TOKEN_TTL_S", 3600, low=60),
+            agent_token_ttl=e.integer("CHATGW_AGENT_TOKEN_TTL_S", 8 * 3600, low=60, high=30 * 86_400),
             max_frame_bytes=e.integer("CHATGW_MAX_FRAME_BYTES", 64 * 1024, low=1024, high=16 * 1024 * 1024),
             max_message_chars=e.integer("CHATGW_MAX_MESSAGE_CHARS", 4000, low=1),
             outbox_frames=e.integer("CHATGW_OUTBOX_FRAMES", 2048, low=16),

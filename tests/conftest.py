@@ -48,8 +48,8 @@ def gateway_factory(
     started: list[GatewayProcess] = []
     log_dir = tmp_path_factory.mktemp("gateways")
 
-    def start(env: Mapping[str, str] | None = None) -> GatewayProcess:
-        gw = start_gateway(log_dir, {**backend_env, **(env or {})})
+    def start(env: Mapping[str, str] | None = None, *, module: str = "gateway") -> GatewayProcess:
+        gw = start_gateway(log_dir, {**backend_env, **(env or {})}, module=module)
         started.append(gw)
         return gw
 
@@ -70,6 +70,12 @@ def slow_gateway(gateway_factory: Callable[..., GatewayProcess]) -> GatewayProce
     return gateway_factory(
         {"CHATGW_SCRIPTED_TPS": "40", "CHATGW_SCRIPTED_TOKENS": "240", "CHATGW_HELLO_TIMEOUT_S": "1"}
     )
+
+
+@pytest.fixture(scope="session")
+def tenant_gateway(gateway_factory: Callable[..., GatewayProcess]) -> GatewayProcess:
+    """A gateway serving two businesses: the demo one and `tests.tenant_gateway.OTHER_BUSINESS`."""
+    return gateway_factory(module="tests.tenant_gateway")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

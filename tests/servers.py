@@ -57,7 +57,10 @@ class GatewayProcess:
                 self.process.wait(5)
 
 
-def start_gateway(tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> GatewayProcess:
+def start_gateway(
+    tmp_dir: Path, extra_env: Mapping[str, str] | None = None, *, module: str = "gateway"
+) -> GatewayProcess:
+    """`python -m <module> serve` on a free port (`module`: the gateway, or a test's launcher of it)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env.update(
@@ -74,7 +77,7 @@ def start_gateway(tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> 
     log_path = tmp_dir / f"gateway-{port}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=log_file,

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from core.errors import Conflict, NotFound
 from core.flow_models import Flow
 from core.llm import Usage
-from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
+from core.models import (
+    Agent,
+    AuditEntry,
+    AuditRecord,
+    Business,
+    Conversation,
+    ConversationSummary,
+    Message,
+    parse_audit_cursor,
+)
+from core.store import check_mode_holder
 from core.types import (
+    AgentId,
     AnswerStatus,
     BusinessId,
     ConversationId,
@@ -33,6 +44,7 @@ from core.types import (
 @dataclasses.dataclass(slots=True)
 class _ConversationRows:
     conversation: Conversation
+    updated_at: datetime
     messages: list[Message] = dataclasses.field(default_factory=list)
     by_client_msg_id: dict[str, int] = dataclasses.field(default_factory=dict)
     by_response_id: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -49,6 +61,8 @@ class MemoryStore:
         self._api_keys: dict[str, BusinessId] = {}
         self._flows: dict[BusinessId, Flow] = {}
         self._audit: dict[BusinessId, list[AuditRecord]] = {}
+        self._agents: dict[AgentId, Agent] = {}
+        self._last_stamp = _now()
 
     async def connect(self) -> None:
         pass
@@ -101,7 +115,9 @@ class MemoryStore:
             stage=stage,
             created_at=_now(),
         )
-        self._conversations[conversation.conversation_id] = _ConversationRows(conversation)
+        self._conversations[conversation.conversation_id] = _ConversationRows(
+            conversation, updated_at=self._stamp()
+        )
         return conversation
 
     async def get_conversation(
@@ -177,16 +193,19 @@ class MemoryStore:
         rows.seqs.add(seq)
         if seq > rows.conversation.last_seq:
             rows.conversation = dataclasses.replace(rows.conversation, last_seq=seq)
+        rows.updated_at = self._stamp()
 
     async def set_active_response(
         self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
     ) -> None:
         rows = self._rows(business_id, conversation_id)
         rows.conversation = dataclasses.replace(rows.conversation, active_response_id=response_id)
+        rows.updated_at = self._stamp()
 
     async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
         rows = self._rows(business_id, conversation_id)
         rows.conversation = dataclasses.replace(rows.conversation, epoch=epoch)
+        rows.updated_at = self._stamp()
 
     async def list_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
@@ -217,6 +236,7 @@ class MemoryStore:
         rows.conversation = dataclasses.replace(
             current, stage=stage, data=dict(data), turns=current.turns + 1, turns_in_stage=in_stage
         )
+        rows.updated_at = self._stamp()
         return rows.conversation
 
     async def set_api_key(self, business_id: BusinessId, key_hash: str) -> None:
@@ -252,12 +272,87 @@ class MemoryStore:
 
     async def add_audit(self, business_id: BusinessId, entry: AuditEntry) -> None:
         await self.get_business(business_id)
-        record = AuditRecord(log_id=new_id(), business_id=business_id, entry=entry, created_at=_now())
+        record = AuditRecord(log_id=new_id(), business_id=business_id, entry=entry, created_at=self._stamp())
         self._audit.setdefault(business_id, []).append(record)
 
-    async def list_audit(self, business_id: BusinessId, *, limit: int) -> list[AuditRecord]:
+    async def list_audit(
+        self,
+        business_id: BusinessId,
+        *,
+        limit: int,
+        conversation_id: ConversationId | None = None,
+        actor_id: str | None = None,
+        action_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before: str | None = None,
+    ) -> list[AuditRecord]:
         await self.get_business(business_id)
-        return list(reversed(self._audit.get(business_id, [])))[: max(limit, 0)]
+        after = parse_audit_cursor(before) if before is not None else None
+
+        def keep(r: AuditRecord) -> bool:
+            return (
+                (conversation_id is None or r.conversation_id == conversation_id)
+                and (actor_id is None or r.actor_id == actor_id)
+                and (action_type is None or r.entry.action_type == action_type)
+                and (since is None or r.created_at >= since)
+                and (until is None or r.created_at < until)
+                and (after is None or (r.created_at, r.log_id) < after)
+            )
+
+        newest_first = sorted(self._audit.get(business_id, []), key=lambda r: (r.created_at, r.log_id))[::-1]
+        return [r for r in newest_first if keep(r)][: max(limit, 0)]
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    async def create_agent(self, business_id: BusinessId, name: str) -> Agent:
+        await self.get_business(business_id)
+        agent = Agent(AgentId(new_id()), business_id, name, disabled=False, created_at=self._stamp())
+        self._agents[agent.agent_id] = agent
+        return agent
+
+    async def get_agent(self, business_id: BusinessId, agent_id: AgentId) -> Agent:
+        agent = self._agents.get(agent_id)
+        if agent is None or agent.business_id != business_id:
+            raise NotFound("agent not found")
+        return agent
+
+    async def list_agents(self, business_id: BusinessId) -> list[Agent]:
+        return [a for a in self._agents.values() if a.business_id == business_id]  # insertion order
+
+    async def set_agent_disabled(self, business_id: BusinessId, agent_id: AgentId, disabled: bool) -> Agent:
+        agent = dataclasses.replace(await self.get_agent(business_id, agent_id), disabled=disabled)
+        self._agents[agent_id] = agent
+        return agent
+
+    async def set_mode(
+        self, business_id: BusinessId, conversation_id: ConversationId, mode: Mode, agent_id: AgentId | None
+    ) -> Conversation:
+        check_mode_holder(mode, agent_id)
+        rows = self._rows(business_id, conversation_id)
+        if agent_id is not None:
+            await self.get_agent(business_id, agent_id)
+        rows.conversation = dataclasses.replace(rows.conversation, mode=mode, agent_id=agent_id)
+        rows.updated_at = self._stamp()
+        return rows.conversation
+
+    async def list_open_conversations(
+        self, business_id: BusinessId, *, active_within_s: int, limit: int
+    ) -> list[ConversationSummary]:
+        since = _now() - timedelta(seconds=max(active_within_s, 0))
+        active = [
+            rows
+            for rows in self._conversations.values()
+            if rows.conversation.business_id == business_id and rows.updated_at >= since
+        ]
+        active.sort(key=lambda rows: (rows.updated_at, rows.conversation.conversation_id), reverse=True)
+        return [_summary(rows) for rows in active[: max(limit, 0)]]
+
+    def _stamp(self) -> datetime:
+        """Now, later than any earlier stamp: the clock ticks in microseconds, and activity and
+        the audit log are ordered by these times."""
+        self._last_stamp = max(_now(), self._last_stamp + timedelta(microseconds=1))
+        return self._last_stamp
 
     def _rows(self, business_id: BusinessId, conversation_id: ConversationId) -> _ConversationRows:
         rows = self._conversations.get(conversation_id)
@@ -274,3 +369,20 @@ class MemoryStore:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _summary(rows: _ConversationRows) -> ConversationSummary:
+    conversation = rows.conversation
+    sequenced = [m for m in rows.messages if m.seq is not None]
+    last = max(sequenced, key=lambda m: m.seq or 0) if sequenced else None
+    return ConversationSummary(
+        conversation_id=conversation.conversation_id,
+        mode=conversation.mode,
+        stage=conversation.stage,
+        agent_id=conversation.agent_id,
+        active_response_id=conversation.active_response_id,
+        last_message_role=last.role if last else None,
+        last_message_text=last.text if last else None,
+        last_message_at=last.created_at if last else None,
+        updated_at=rows.updated_at,
+    )

@@ -23,15 +23,18 @@ from gateway.backends.pg_ids import uuid_or_not_found as _uuid
 
 
 async def insert_audit(c: asyncpg.Connection, business_id: uuid.UUID, entry: AuditEntry) -> None:
+    # clock_timestamp(), not the column's now(): two records written in one transaction still get
+    # the order they were written in.
     await c.execute(
-        "INSERT INTO audit_logs (log_id, business_id, user_id, actor_type, action_type, action_data)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO audit_logs (log_id, business_id, user_id, actor_type, action_type, action_data,"
+        " conversation_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp())",
         uuid.UUID(new_id()),
         business_id,
         _uuid(entry.actor_id) if entry.actor_id else None,
         entry.actor_type,
         entry.action_type,
         dict(entry.action_data),
+        _uuid(entry.conversation_id) if entry.conversation_id else None,
     )
 
 

@@ -19,6 +19,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import asyncpg
@@ -29,8 +30,19 @@ from core.flow_models import (
     Flow,
 )
 from core.llm import Usage
-from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
+from core.models import (
+    Agent,
+    AuditEntry,
+    AuditRecord,
+    Business,
+    Conversation,
+    ConversationSummary,
+    Message,
+    parse_audit_cursor,
+)
+from core.store import check_mode_holder
 from core.types import (
+    AgentId,
     AnswerStatus,
     BusinessId,
     ConversationId,
@@ -75,7 +87,11 @@ _MESSAGE_COLUMNS = (
 )
 _CONVERSATION_COLUMNS = (
     "conversation_id, business_id, end_user_id, mode, current_stage, created_at, extracted_data,"
-    " active_response_id, last_seq, epoch, turns, turns_in_stage"
+    " active_response_id, last_seq, epoch, turns, turns_in_stage, agent_id"
+)
+_AGENT_COLUMNS = "agent_id, business_id, name, disabled, created_at"
+_AUDIT_COLUMNS = (
+    "log_id, business_id, user_id, actor_type, action_type, action_data, conversation_id, created_at"
 )
 
 
@@ -335,29 +351,121 @@ class PostgresStore:
     async def add_audit(self, business_id: BusinessId, entry: AuditEntry) -> None:
         await self._run(lambda c: insert_audit(c, _uuid(business_id), entry))
 
-    async def list_audit(self, business_id: BusinessId, *, limit: int) -> list[AuditRecord]:
+    async def list_audit(
+        self,
+        business_id: BusinessId,
+        *,
+        limit: int,
+        conversation_id: ConversationId | None = None,
+        actor_id: str | None = None,
+        action_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before: str | None = None,
+    ) -> list[AuditRecord]:
+        query = audit_query(
+            business_id,
+            limit=limit,
+            conversation_id=conversation_id,
+            actor_id=actor_id,
+            action_type=action_type,
+            since=since,
+            until=until,
+            before=before,
+        )
+        if query is None:
+            return []
+        sql, args = query
+        rows = await self._run(lambda c: c.fetch(sql, *args))
+        return [_audit_record(r) for r in rows]
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    async def create_agent(self, business_id: BusinessId, name: str) -> Agent:
+        try:
+            row = await self._run(
+                lambda c: c.fetchrow(
+                    f"INSERT INTO agents (agent_id, business_id, name) VALUES ($1, $2, $3) RETURNING {_AGENT_COLUMNS}",
+                    uuid.UUID(new_id()),
+                    _uuid(business_id),
+                    name,
+                )
+            )
+        except NotFound:
+            raise NotFound("business not found") from None
+        return _agent(row)
+
+    async def get_agent(self, business_id: BusinessId, agent_id: AgentId) -> Agent:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = $1 AND business_id = $2",
+                _uuid(agent_id),
+                _uuid(business_id),
+            )
+        )
+        if row is None:
+            raise NotFound("agent not found")
+        return _agent(row)
+
+    async def list_agents(self, business_id: BusinessId) -> list[Agent]:
         rows = await self._run(
             lambda c: c.fetch(
-                "SELECT log_id, business_id, user_id, actor_type, action_type, action_data, created_at"
-                " FROM audit_logs WHERE business_id = $1 ORDER BY created_at DESC, log_id LIMIT $2",
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE business_id = $1 ORDER BY created_at, agent_id",
                 _uuid(business_id),
+            )
+        )
+        return [_agent(r) for r in rows]
+
+    async def set_agent_disabled(self, business_id: BusinessId, agent_id: AgentId, disabled: bool) -> Agent:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                f"UPDATE agents SET disabled = $3 WHERE agent_id = $1 AND business_id = $2 RETURNING {_AGENT_COLUMNS}",
+                _uuid(agent_id),
+                _uuid(business_id),
+                disabled,
+            )
+        )
+        if row is None:
+            raise NotFound("agent not found")
+        return _agent(row)
+
+    # -- who answers, and the console's view ----------------------------------------------------
+
+    async def set_mode(
+        self, business_id: BusinessId, conversation_id: ConversationId, mode: Mode, agent_id: AgentId | None
+    ) -> Conversation:
+        check_mode_holder(mode, agent_id)
+        cid, bid = _uuid(conversation_id), _uuid(business_id)
+        aid = _uuid(agent_id) if agent_id is not None else None
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "UPDATE conversations SET mode = $3, agent_id = $4, updated_at = now()"
+                " WHERE conversation_id = $1 AND business_id = $2 AND ($4::uuid IS NULL OR EXISTS"
+                " (SELECT 1 FROM agents WHERE agent_id = $4 AND business_id = $2))"
+                f" RETURNING {_CONVERSATION_COLUMNS}",
+                cid,
+                bid,
+                mode.value,
+                aid,
+            )
+        )
+        if row is None:
+            await self.get_conversation(business_id, conversation_id)  # NotFound for the conversation
+            raise NotFound("agent not found")
+        return _conversation(row)
+
+    async def list_open_conversations(
+        self, business_id: BusinessId, *, active_within_s: int, limit: int
+    ) -> list[ConversationSummary]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                OPEN_CONVERSATIONS_SQL,
+                _uuid(business_id),
+                timedelta(seconds=max(active_within_s, 0)),
                 max(limit, 0),
             )
         )
-        return [
-            AuditRecord(
-                log_id=str(r["log_id"]),
-                business_id=BusinessId(str(r["business_id"])),
-                entry=AuditEntry(
-                    actor_type=r["actor_type"],
-                    action_type=r["action_type"],
-                    action_data=r["action_data"],
-                    actor_id=str(r["user_id"]) if r["user_id"] else None,
-                ),
-                created_at=r["created_at"],
-            )
-            for r in rows
-        ]
+        return [_summary(r) for r in rows]
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -568,6 +676,67 @@ class PostgresStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+OPEN_CONVERSATIONS_SQL = (
+    "SELECT c.conversation_id, c.mode, c.current_stage, c.agent_id, c.active_response_id,"
+    " c.updated_at, m.role, m.text, m.created_at AS message_at FROM conversations c"
+    " LEFT JOIN LATERAL (SELECT role, text, created_at FROM messages"
+    " WHERE conversation_id = c.conversation_id AND seq IS NOT NULL ORDER BY seq DESC LIMIT 1)"
+    " AS m ON true"
+    " WHERE c.business_id = $1 AND c.updated_at >= now() - $2::interval"
+    " ORDER BY c.updated_at DESC, c.conversation_id DESC LIMIT $3"
+)
+"""`list_open_conversations`: ($1 business, $2 how recent, $3 limit). Served by the index
+conversations_business_updated, and the newest message by messages' (conversation_id, seq)."""
+
+
+def audit_query(
+    business_id: BusinessId,
+    *,
+    limit: int,
+    conversation_id: ConversationId | None = None,
+    actor_id: str | None = None,
+    action_type: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before: str | None = None,
+) -> tuple[str, list[Any]] | None:
+    """`list_audit`'s statement and arguments; None when an id names nothing (nothing matches).
+    Each filter has its index: audit_logs_business_{conversation,actor,action}, else
+    idx_audit_logs_business."""
+    cursor = _audit_cursor(before) if before is not None else None
+    where = ["business_id = $1"]
+    args: list[Any] = [_uuid(business_id)]
+
+    def match(condition: str, value: Any) -> None:
+        args.append(value)
+        where.append(condition.replace("?", f"${len(args)}"))
+
+    try:
+        if conversation_id is not None:
+            match("conversation_id = ?", _uuid(conversation_id))
+        if actor_id is not None:
+            match("user_id = ?", _uuid(actor_id))
+    except NotFound:
+        return None  # not an id of ours: it names nothing
+    if action_type is not None:
+        match("action_type = ?", action_type)
+    if since is not None:
+        match("created_at >= ?", since)
+    if until is not None:
+        match("created_at < ?", until)
+    if cursor is not None:
+        args += cursor
+        at, log_id = f"${len(args) - 1}", f"${len(args)}"
+        # The plain bound lets an index on created_at start the scan there.
+        where.append(f"created_at <= {at} AND (created_at, log_id) < ({at}, {log_id})")
+    args.append(max(limit, 0))
+    sql = (
+        f"SELECT {_AUDIT_COLUMNS} FROM audit_logs WHERE {' AND '.join(where)}"
+        f" ORDER BY created_at DESC, log_id DESC LIMIT ${len(args)}"
+    )
+    return sql, args
+
+
 _BUSINESS_SELECT = "SELECT business_id, public_id, name, info, allowed_origins, settings FROM businesses"
 
 
@@ -606,6 +775,51 @@ def _conversation(row: asyncpg.Record) -> Conversation:
         epoch=row["epoch"],
         turns=row["turns"],
         turns_in_stage=row["turns_in_stage"],
+        agent_id=AgentId(str(row["agent_id"])) if row["agent_id"] else None,
+    )
+
+
+def _agent(row: asyncpg.Record) -> Agent:
+    return Agent(
+        agent_id=AgentId(str(row["agent_id"])),
+        business_id=BusinessId(str(row["business_id"])),
+        name=row["name"],
+        disabled=row["disabled"],
+        created_at=row["created_at"],
+    )
+
+
+def _audit_cursor(before: str) -> tuple[datetime, uuid.UUID]:
+    created_at, log_id = parse_audit_cursor(before)
+    return created_at, uuid.UUID(log_id)
+
+
+def _audit_record(row: asyncpg.Record) -> AuditRecord:
+    return AuditRecord(
+        log_id=str(row["log_id"]),
+        business_id=BusinessId(str(row["business_id"])),
+        entry=AuditEntry(
+            actor_type=row["actor_type"],
+            action_type=row["action_type"],
+            action_data=row["action_data"],
+            actor_id=str(row["user_id"]) if row["user_id"] else None,
+            conversation_id=ConversationId(str(row["conversation_id"])) if row["conversation_id"] else None,
+        ),
+        created_at=row["created_at"],
+    )
+
+
+def _summary(row: asyncpg.Record) -> ConversationSummary:
+    return ConversationSummary(
+        conversation_id=ConversationId(str(row["conversation_id"])),
+        mode=Mode(row["mode"]),
+        stage=StageName(row["current_stage"]),
+        agent_id=AgentId(str(row["agent_id"])) if row["agent_id"] else None,
+        active_response_id=ResponseId(str(row["active_response_id"])) if row["active_response_id"] else None,
+        last_message_role=Role(row["role"]) if row["role"] else None,
+        last_message_text=row["text"],
+        last_message_at=row["message_at"],
+        updated_at=row["updated_at"],
     )
 
 

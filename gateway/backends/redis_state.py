@@ -25,9 +25,18 @@ from core.errors import Conflict, CoreError, Forbidden, InvalidInput, NotFound, 
 from core.flow_models import Flow
 from core.keyed_lock import KeyedLock
 from core.llm import Usage
-from core.models import AuditEntry, AuditRecord, Business, Conversation, Message
+from core.models import (
+    Agent,
+    AuditEntry,
+    AuditRecord,
+    Business,
+    Conversation,
+    ConversationSummary,
+    Message,
+)
 from core.store import Store
 from core.types import (
+    AgentId,
     AnswerStatus,
     BusinessId,
     ConversationId,
@@ -44,7 +53,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TTL: Final = 3600
-_FORMAT: Final = 2  # stored in every value: a value of another format is a miss, not a wrong state
+_FORMAT: Final = 3  # stored in every value: a value of another format is a miss, not a wrong state
 _REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
 # Store errors after which the write certainly did not happen (the contract's definite failures).
 _NOT_WRITTEN: Final = (NotFound, Forbidden, Conflict, InvalidInput)
@@ -165,7 +174,8 @@ class CachedStore:
     `get_conversation` may be answered from the cache. Guarantees on top:
 
     - Source of truth: the cache only ever receives a state `inner` returned. After a successful
-      `create_conversation`, `set_active_response`, `set_epoch` or `set_message_seq`, the state is
+      `create_conversation`, `set_active_response`, `set_epoch`, `set_message_seq`, `record_turn`
+      or `set_mode`, the state is
       re-read from `inner` and stored, so the next read here returns the write.
     - Tenancy holds with a warm cache: a cached state is returned only to its own business; any
       other business's read goes to `inner`, which answers `NotFound` as it always does.
@@ -289,8 +299,48 @@ class CachedStore:
     async def add_audit(self, business_id: BusinessId, entry: AuditEntry) -> None:
         await self._inner.add_audit(business_id, entry)
 
-    async def list_audit(self, business_id: BusinessId, *, limit: int) -> list[AuditRecord]:
-        return await self._inner.list_audit(business_id, limit=limit)
+    async def list_audit(
+        self,
+        business_id: BusinessId,
+        *,
+        limit: int,
+        conversation_id: ConversationId | None = None,
+        actor_id: str | None = None,
+        action_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before: str | None = None,
+    ) -> list[AuditRecord]:
+        return await self._inner.list_audit(
+            business_id,
+            limit=limit,
+            conversation_id=conversation_id,
+            actor_id=actor_id,
+            action_type=action_type,
+            since=since,
+            until=until,
+            before=before,
+        )
+
+    async def create_agent(self, business_id: BusinessId, name: str) -> Agent:
+        return await self._inner.create_agent(business_id, name)
+
+    async def get_agent(self, business_id: BusinessId, agent_id: AgentId) -> Agent:
+        return await self._inner.get_agent(business_id, agent_id)
+
+    async def list_agents(self, business_id: BusinessId) -> list[Agent]:
+        return await self._inner.list_agents(business_id)
+
+    async def set_agent_disabled(self, business_id: BusinessId, agent_id: AgentId, disabled: bool) -> Agent:
+        return await self._inner.set_agent_disabled(business_id, agent_id, disabled)
+
+    async def list_open_conversations(
+        self, business_id: BusinessId, *, active_within_s: int, limit: int
+    ) -> list[ConversationSummary]:
+        # A listing across conversations: the store answers it (the cache holds single states).
+        return await self._inner.list_open_conversations(
+            business_id, active_within_s=active_within_s, limit=limit
+        )
 
     # -- conversation state ---------------------------------------------------------------------
 
@@ -308,6 +358,17 @@ class CachedStore:
             recorded.append(
                 await self._inner.record_turn(business_id, conversation_id, stage=stage, data=data)
             )
+
+        await self._write(business_id, conversation_id, write)
+        return recorded[0]
+
+    async def set_mode(
+        self, business_id: BusinessId, conversation_id: ConversationId, mode: Mode, agent_id: AgentId | None
+    ) -> Conversation:
+        recorded: list[Conversation] = []
+
+        async def write() -> None:
+            recorded.append(await self._inner.set_mode(business_id, conversation_id, mode, agent_id))
 
         await self._write(business_id, conversation_id, write)
         return recorded[0]
@@ -486,6 +547,7 @@ def _encode(conversation: Conversation) -> bytes:
                 "epoch": conversation.epoch,
                 "turns": conversation.turns,
                 "turns_in_stage": conversation.turns_in_stage,
+                "agent_id": conversation.agent_id,
             }
         )
         # JSON cannot carry every Python value (tuples, non-string keys, ...): cache only what
@@ -506,6 +568,7 @@ def _decode(raw: bytes | str) -> Conversation:
     if not isinstance(data, dict):
         raise ValueError("data is not an object")
     active = _optional_text(value, "active_response_id")
+    agent = _optional_text(value, "agent_id")
     return Conversation(
         conversation_id=ConversationId(_text(value, "conversation_id")),
         business_id=BusinessId(_text(value, "business_id")),
@@ -519,6 +582,7 @@ def _decode(raw: bytes | str) -> Conversation:
         epoch=_optional_text(value, "epoch"),
         turns=_int(value, "turns"),
         turns_in_stage=_int(value, "turns_in_stage"),
+        agent_id=AgentId(agent) if agent is not None else None,
     )
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from core.errors import Conflict, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
 from core.flow_models import (
     ExtractionRule,
     ExtractorKind,
@@ -19,9 +20,19 @@ from core.flow_models import (
     Transition,
 )
 from core.llm import Usage
-from core.models import AuditEntry, Business, Conversation
+from core.models import AuditEntry, AuditRecord, Business, Conversation
 from core.store import Store
-from core.types import AnswerStatus, BusinessId, ConversationId, ResponseId, Role, StageName, new_id
+from core.types import (
+    AgentId,
+    AnswerStatus,
+    BusinessId,
+    ConversationId,
+    Mode,
+    ResponseId,
+    Role,
+    StageName,
+    new_id,
+)
 
 
 def a_business(public_id: str | None = None) -> Business:
@@ -281,3 +292,218 @@ async def test_answers_keep_their_token_usage_and_system_notes_their_role(store:
         (Role.ASSISTANT, 12, 3),
         (Role.SYSTEM, None, None),
     ]
+
+
+# --- agents, who answers, the console's list, the audit log ------------------------------------
+
+
+async def test_agents_are_created_listed_and_disabled(store: Store) -> None:
+    business = await store.ensure_business(a_business())
+    bid = business.business_id
+    ana = await store.create_agent(bid, "Ana")
+    ben = await store.create_agent(bid, "Ben")
+    assert (ana.business_id, ana.name, ana.disabled) == (bid, "Ana", False)
+    assert await store.get_agent(bid, ana.agent_id) == ana
+    assert await store.list_agents(bid) == [ana, ben]
+
+    disabled = await store.set_agent_disabled(bid, ana.agent_id, True)
+    assert disabled == dataclasses.replace(ana, disabled=True)
+    assert await store.set_agent_disabled(bid, ana.agent_id, True) == disabled  # idempotent
+    assert await store.get_agent(bid, ana.agent_id) == disabled
+    assert await store.list_agents(bid) == [disabled, ben]
+    assert (await store.set_agent_disabled(bid, ana.agent_id, False)).disabled is False
+
+
+async def test_another_business_never_sees_an_agent(store: Store) -> None:
+    owner = await store.ensure_business(a_business())
+    agent = await store.create_agent(owner.business_id, "Ana")
+    other = await store.ensure_business(a_business())
+    assert await store.list_agents(other.business_id) == []
+    with pytest.raises(NotFound):
+        await store.get_agent(other.business_id, agent.agent_id)
+    with pytest.raises(NotFound):
+        await store.set_agent_disabled(other.business_id, agent.agent_id, True)
+    assert (await store.get_agent(owner.business_id, agent.agent_id)).disabled is False
+    for unknown in (new_id(), "not-an-id", ""):
+        with pytest.raises(NotFound):
+            await store.get_agent(owner.business_id, AgentId(unknown))
+    with pytest.raises(NotFound):
+        await store.create_agent(BusinessId(new_id()), "Nobody's")
+
+
+async def test_set_mode_records_who_answers(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    agent = await store.create_agent(bid, "Ana")
+    assert conv.agent_id is None
+    human = await store.set_mode(bid, cid, Mode.HUMAN, agent.agent_id)
+    assert (human.mode, human.agent_id) == (Mode.HUMAN, agent.agent_id)
+    assert await store.get_conversation(bid, cid) == human
+    back = await store.set_mode(bid, cid, Mode.AI, None)
+    assert (back.mode, back.agent_id) == (Mode.AI, None)
+    assert await store.get_conversation(bid, cid) == back
+
+
+async def test_set_mode_refuses_what_it_cannot_record(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    agent = await store.create_agent(bid, "Ana")
+    with pytest.raises(InvalidInput):
+        await store.set_mode(bid, cid, Mode.HUMAN, None)
+    with pytest.raises(InvalidInput):
+        await store.set_mode(bid, cid, Mode.AI, agent.agent_id)
+    other = await store.ensure_business(a_business())
+    stranger = await store.create_agent(other.business_id, "Stranger")
+    with pytest.raises(NotFound):
+        await store.set_mode(bid, cid, Mode.HUMAN, stranger.agent_id)  # another business's agent
+    with pytest.raises(NotFound):
+        await store.set_mode(other.business_id, cid, Mode.HUMAN, stranger.agent_id)  # its conversation
+    assert await store.get_conversation(bid, cid) == conv
+
+
+async def test_open_conversations_newest_activity_first(store: Store) -> None:
+    business = await store.ensure_business(a_business())
+    bid = business.business_id
+    first, second, third = [await a_conversation(store, business) for _ in range(3)]
+    agent = await store.create_agent(bid, "Ana")
+    await a_conversation(store)  # another business's: never listed
+
+    message, _ = await store.add_user_message(bid, first.conversation_id, "m-1", "hello")
+    await store.set_message_seq(bid, first.conversation_id, message.message_id, 1)
+    await store.add_user_message(bid, first.conversation_id, "m-2", "not sequenced yet")
+    await store.set_mode(bid, second.conversation_id, Mode.HUMAN, agent.agent_id)
+    listed = await store.list_open_conversations(bid, active_within_s=3600, limit=10)
+    assert [s.conversation_id for s in listed] == [
+        second.conversation_id,
+        first.conversation_id,
+        third.conversation_id,
+    ]
+    by_id = {s.conversation_id: s for s in listed}
+    one = by_id[first.conversation_id]
+    assert (one.mode, one.stage, one.agent_id, one.active_response_id) == (Mode.AI, "default", None, None)
+    assert (one.last_message_role, one.last_message_text) == (Role.USER, "hello")
+    assert one.last_message_at == message.created_at
+    two = by_id[second.conversation_id]
+    assert (two.mode, two.agent_id, two.last_message_text, two.last_message_at) == (
+        Mode.HUMAN,
+        agent.agent_id,
+        None,
+        None,
+    )
+    assert [
+        s.conversation_id for s in await store.list_open_conversations(bid, active_within_s=3600, limit=1)
+    ] == [second.conversation_id]
+
+
+async def test_every_state_write_counts_as_activity(store: Store) -> None:
+    """Messages' seqs, answers, turns (the stage), the epoch and the mode each move a conversation
+    to the top of the open list."""
+    business = await store.ensure_business(a_business())
+    bid = business.business_id
+    moved, other = await a_conversation(store, business), await a_conversation(store, business)
+    cid = moved.conversation_id
+    agent = await store.create_agent(bid, "Ana")
+    rid = ResponseId(new_id())
+    answer = await store.add_assistant_message(bid, cid, rid, "answer", AnswerStatus.COMPLETE)
+    writes: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.set_active_response(bid, cid, rid),
+        lambda: store.set_message_seq(bid, cid, answer.message_id, 4),
+        lambda: store.record_turn(bid, cid, stage=StageName("contact"), data={}),
+        lambda: store.set_epoch(bid, cid, "e-9"),
+        lambda: store.set_mode(bid, cid, Mode.HUMAN, agent.agent_id),
+    ]
+    for write in writes:
+        await store.set_epoch(bid, other.conversation_id, new_id())  # the other one on top
+        await write()
+        top = (await store.list_open_conversations(bid, active_within_s=3600, limit=1))[0]
+        assert top.conversation_id == cid
+    assert (top.active_response_id, top.last_message_text, top.stage) == (rid, "answer", "contact")
+
+
+async def test_quiet_conversations_are_not_open(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid = conv.business_id
+    await asyncio.sleep(1.2)  # only a lower bound on the age matters here: this cannot flake
+    assert await store.list_open_conversations(bid, active_within_s=1, limit=10) == []
+    await store.set_epoch(bid, conv.conversation_id, "e-1")
+    listed = await store.list_open_conversations(bid, active_within_s=3600, limit=10)
+    assert [s.conversation_id for s in listed] == [conv.conversation_id]
+
+
+async def test_audit_records_name_their_conversation_and_actor(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid = conv.business_id
+    agent = await store.create_agent(bid, "Ana")
+    entry = AuditEntry(
+        "agent",
+        "conversation.takeover",
+        {"x": 1},
+        actor_id=agent.agent_id,
+        conversation_id=conv.conversation_id,
+    )
+    await store.add_audit(bid, entry)
+    [record] = await store.list_audit(bid, limit=10)
+    assert record.entry == entry
+    assert (record.actor_id, record.conversation_id, record.business_id) == (
+        agent.agent_id,
+        conv.conversation_id,
+        bid,
+    )
+
+
+async def test_audit_filters_and_pages_newest_first(store: Store) -> None:
+    conv, elsewhere = await a_conversation(store), await a_conversation(store)
+    bid = conv.business_id
+    ana, ben = await store.create_agent(bid, "Ana"), await store.create_agent(bid, "Ben")
+    cid = conv.conversation_id
+    entries = [
+        AuditEntry("admin", "agent.create", {"n": 0}),
+        AuditEntry("agent", "conversation.takeover", {"n": 1}, ana.agent_id, cid),
+        AuditEntry("agent", "conversation.handback", {"n": 2}, ana.agent_id, cid),
+        AuditEntry("agent", "conversation.takeover", {"n": 3}, ben.agent_id, cid),
+        AuditEntry("system", "flow.seed_demo", {"n": 4}),
+    ]
+    for entry in entries:
+        await store.add_audit(bid, entry)
+    await store.add_audit(elsewhere.business_id, AuditEntry("admin", "agent.create", {"n": 9}))
+
+    def numbers(records: list[AuditRecord]) -> list[int]:
+        return [r.entry.action_data["n"] for r in records]
+
+    everything = await store.list_audit(bid, limit=10)
+    assert numbers(everything) == [4, 3, 2, 1, 0]
+    assert numbers(await store.list_audit(bid, limit=10, conversation_id=cid)) == [3, 2, 1]
+    assert numbers(await store.list_audit(bid, limit=10, actor_id=ana.agent_id)) == [2, 1]
+    assert numbers(await store.list_audit(bid, limit=10, action_type="conversation.takeover")) == [3, 1]
+    both = await store.list_audit(bid, limit=10, actor_id=ben.agent_id, action_type="conversation.takeover")
+    assert numbers(both) == [3]
+    at = [r.created_at for r in everything]
+    assert numbers(await store.list_audit(bid, limit=10, since=at[2])) == [4, 3, 2]
+    assert numbers(await store.list_audit(bid, limit=10, until=at[2])) == [1, 0]
+    assert numbers(await store.list_audit(bid, limit=10, since=at[3], until=at[1])) == [2, 1]
+    for nothing in (ConversationId(new_id()), ConversationId("not-an-id")):
+        assert await store.list_audit(bid, limit=10, conversation_id=nothing) == []
+    assert await store.list_audit(bid, limit=10, actor_id="not-an-id") == []
+    assert await store.list_audit(bid, limit=10, conversation_id=elsewhere.conversation_id) == []
+
+    pages: list[list[int]] = []
+    cursor: str | None = None
+    while True:
+        page = await store.list_audit(bid, limit=2, before=cursor)
+        if not page:
+            break
+        pages.append(numbers(page))
+        cursor = page[-1].cursor
+    assert pages == [[4, 3], [2, 1], [0]]
+    after_ana = await store.list_audit(bid, limit=10, actor_id=ana.agent_id, before=everything[1].cursor)
+    assert numbers(after_ana) == [2, 1]
+    for bad in (
+        "",
+        "garbage",
+        "2025-01-01T00:00:00|",
+        "2025-01-01T00:00:00|x",
+        "2025-01-01T00:00:00+00:00|x",
+        "yesterday|" + new_id(),
+    ):
+        with pytest.raises(InvalidInput):
+            await store.list_audit(bid, limit=10, before=bad)

@@ -77,6 +77,59 @@ async def test_up_down_all_and_up_again_leaves_a_working_schema(empty_database: 
         await store.close()
 
 
+async def schema(url: str) -> set[tuple[str, ...]]:
+    """Every column (with its type, nullability and default), index and constraint of the public
+    schema, as comparable rows."""
+    conn = await asyncpg.connect(url)
+    try:
+        columns = await conn.fetch(
+            "SELECT table_name, column_name, data_type, is_nullable, coalesce(column_default, '')"
+            " FROM information_schema.columns WHERE table_schema = 'public'"
+        )
+        indexes = await conn.fetch("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'")
+        constraints = await conn.fetch(
+            "SELECT conname, pg_get_constraintdef(c.oid) FROM pg_constraint c"
+            " JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = 'public'"
+        )
+    finally:
+        await conn.close()
+    return (
+        {("column", *map(str, r)) for r in columns}
+        | {("index", *map(str, r)) for r in indexes}
+        | {("constraint", *map(str, r)) for r in constraints}
+    )
+
+
+async def test_each_down_undoes_its_up(empty_database: str) -> None:
+    """Every migration's down leaves the schema exactly as it was before its up."""
+    migrator = Migrator(empty_database)
+    await migrator.up(0)  # creates schema_migrations only
+    for migration in load_migrations():
+        before = await schema(empty_database)
+        assert [m.version for m in await migrator.up(1)] == [migration.version]
+        assert await schema(empty_database) != before, f"{migration.name} changed nothing"
+        assert [m.version for m in await migrator.down(1)] == [migration.version]
+        assert await schema(empty_database) == before, f"{migration.name}'s down left changes behind"
+        await migrator.up(1)
+
+
+async def test_agents_migration_adds_what_agents_need(empty_database: str) -> None:
+    """0003: agents can be disabled, audit records name a conversation, and the agent console's
+    and the audit API's queries have their indexes."""
+    await Migrator(empty_database).up()
+    rows = await schema(empty_database)
+    columns = {(r[1], r[2]) for r in rows if r[0] == "column"}
+    assert {("agents", "disabled"), ("audit_logs", "conversation_id")} <= columns
+    indexes = {r[1] for r in rows if r[0] == "index"}
+    assert {
+        "conversations_business_updated",
+        "audit_logs_business_conversation",
+        "audit_logs_business_actor",
+        "audit_logs_business_action",
+        "agents_business_created",
+    } <= indexes
+
+
 async def test_the_guide_indexes_exist(empty_database: str) -> None:
     await Migrator(empty_database).up()
     conn = await asyncpg.connect(empty_database)

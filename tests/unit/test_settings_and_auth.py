@@ -7,8 +7,8 @@ import time
 import jwt
 import pytest
 
-from core.types import BusinessId, ConversationId
-from gateway.auth import TokenIssuer, bearer_token
+from core.types import AgentId, BusinessId, ConversationId
+from gateway.auth import TokenIssuer, bearer_token, looks_like_token
 from gateway.errors import Unauthorized
 from gateway.settings import Settings, SettingsError
 
@@ -65,6 +65,52 @@ def test_forged_expired_and_malformed_tokens_are_refused() -> None:
     unsigned = jwt.encode({**old, "iat": now, "exp": now + 60}, None, algorithm="none")
     with pytest.raises(Unauthorized):
         issuer.verify(unsigned)
+
+
+def test_an_agent_token_names_its_agent_and_no_conversation() -> None:
+    issuer = TokenIssuer(SECRET, ttl=60, agent_ttl=7200)
+    token = issuer.issue_agent(BusinessId("b"), AgentId("a-1"))
+    p = issuer.verify(token)
+    assert (p.business_id, p.role, p.subject, p.conversation_id) == ("b", "agent", "a-1", None)
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience="chatgw")
+    assert claims["exp"] - claims["iat"] == 7200 == issuer.agent_ttl
+    assert {"role", "bid", "sub", "iat", "exp"} <= claims.keys()
+    assert "cid" not in claims
+
+
+def test_an_agent_token_cannot_be_bent_into_a_conversation() -> None:
+    """A forged `cid` in an agent token is ignored, and a user token without one is refused."""
+    now = int(time.time())
+    base = {"iss": "chatgw", "aud": "chatgw", "sub": "a", "bid": "b", "iat": now, "exp": now + 60}
+    issuer = TokenIssuer(SECRET, ttl=60)
+    agent = jwt.encode({**base, "role": "agent", "cid": "c"}, SECRET, algorithm="HS256")
+    assert issuer.verify(agent).conversation_id is None
+    user = jwt.encode({**base, "role": "user"}, SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="must name its conversation"):
+        issuer.verify(user)
+    admin = jwt.encode({**base, "role": "admin"}, SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="unknown role"):
+        issuer.verify(admin)
+
+
+def test_agent_tokens_last_a_working_day_unless_configured() -> None:
+    assert Settings.from_env({}).agent_token_ttl == 8 * 3600
+    assert TokenIssuer(SECRET, ttl=60).agent_ttl == 8 * 3600
+    assert Settings.from_env({"CHATGW_AGENT_TOKEN_TTL_S": "600"}).agent_token_ttl == 600
+    with pytest.raises(SettingsError, match="CHATGW_AGENT_TOKEN_TTL_S must be >= 60"):
+        Settings.from_env({"CHATGW_AGENT_TOKEN_TTL_S": "5"})
+    with pytest.raises(SettingsError, match="CHATGW_AGENT_TOKEN_TTL_S must be an integer"):
+        Settings.from_env({"CHATGW_AGENT_TOKEN_TTL_S": "a day"})
+    with pytest.raises(ValueError, match="agent_ttl"):
+        TokenIssuer(SECRET, ttl=60, agent_ttl=0)
+
+
+def test_tokens_are_told_from_api_keys() -> None:
+    issuer = TokenIssuer(SECRET, ttl=60)
+    assert looks_like_token(issuer.issue_agent(BusinessId("b"), AgentId("a")))
+    assert looks_like_token(issuer.issue_widget(BusinessId("b"), "u", ConversationId("c")))
+    for key in ("demo-admin-key-for-the-e2e-suite", "Xy_9-abcDEF0123456789abcdefghijkl", "a.b.c", ""):
+        assert not looks_like_token(key)
 
 
 def test_bearer_header_parsing() -> None:

@@ -1,0 +1,70 @@
+"""`python -m tests.tenant_gateway serve --host H --port P`: the gateway exactly as `chatgw serve`
+runs it, with a second business beside the demo one, for tests of isolation between businesses.
+
+The gateway only ever seeds the demo business; on the embedded default a test has no other way
+into the process's memory, so this process seeds the second business itself, once the gateway's
+own start-up is done and before it serves (on PostgreSQL the seed is idempotent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+
+from core.models import Business
+from core.types import BusinessId
+from gateway.app import create_app
+from gateway.auth import hash_api_key
+from gateway.cli import uvicorn_config
+from gateway.context import Gateway
+from gateway.drain import DrainingServer
+from gateway.logs import configure_logging
+from gateway.settings import Settings
+
+OTHER_BUSINESS = Business(
+    business_id=BusinessId("00000000-0000-4000-8000-0000000000b2"),
+    public_id="other-shop",
+    name="Another Shop",
+)
+OTHER_API_KEY = "other-shop-admin-key-for-the-e2e-suite"
+
+
+async def seed_other_business(gw: Gateway) -> None:
+    business = await gw.store.ensure_business(OTHER_BUSINESS)
+    await gw.store.set_api_key(business.business_id, hash_api_key(OTHER_API_KEY))
+
+
+def with_other_business(app: Starlette) -> Starlette:
+    """`app`, whose start-up also seeds the second business."""
+    startup = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with startup(app):
+            await seed_other_business(app.state.gateway)
+            yield
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tests.tenant_gateway")
+    parser.add_argument("command", choices=["serve"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    configure_logging(settings.log_level, settings.log_format)
+    app = with_other_business(create_app(settings))
+    server = DrainingServer(uvicorn_config(app, settings, host=args.host, port=args.port), app.state.gateway)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
