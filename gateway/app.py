@@ -23,14 +23,18 @@ from core.scripted_llm import ScriptedLLM
 from gateway import admin_api, agents_api, http_api
 from gateway.auth import TokenIssuer, hash_api_key
 from gateway.backends import make_backends
+from gateway.connection import serve_socket
 from gateway.context import Gateway
 from gateway.demo import DEMO_BUSINESS, DEMO_FLOW
 from gateway.hub import Hub
 from gateway.metrics import Metrics
-from gateway.session import serve_socket
+from gateway.presence import Presence
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A user socket's presence lasts this long without a renewal (its instance renews every third).
+PRESENCE_TTL_S = 60.0
 
 WEB_DEMO_DIR = Path(__file__).resolve().parent.parent / "web_demo"
 
@@ -75,6 +79,7 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
     metrics.watch(pool=backends.pool_stats, reconnects=backends.broker_reconnects)
     hub = Hub(broker)
     hub.on_flow_changed = conversations.flows.invalidate
+    hub.on_answer_ended = conversations.on_answer_ended
     return Gateway(
         settings=settings,
         store=store,
@@ -84,6 +89,7 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
         hub=hub,
         tokens=TokenIssuer(settings.secret, ttl=settings.token_ttl, agent_ttl=settings.agent_token_ttl),
         metrics=metrics,
+        presence=Presence(broker, ttl=PRESENCE_TTL_S),
         checks=backends.checks,
     )
 
@@ -126,10 +132,12 @@ def create_app(
         try:
             await seed_demo(gw)
             gw.conversations.start()
+            gw.presence.start()
             if on_ready is not None:
                 on_ready()
             yield
         finally:
+            await gw.presence.close()
             await gw.conversations.aclose(grace=settings.graceful_shutdown)
             await gw.broker.close()
             await gw.store.close()

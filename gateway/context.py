@@ -13,6 +13,7 @@ from gateway.auth import TokenIssuer
 from gateway.backends import Check
 from gateway.hub import Hub
 from gateway.metrics import Metrics
+from gateway.presence import Presence
 from gateway.settings import Settings
 
 
@@ -28,6 +29,7 @@ class Gateway:
     hub: Hub
     tokens: TokenIssuer
     metrics: Metrics
+    presence: Presence
     checks: dict[str, tuple[str, Check]]
     """Dependency name -> (backend name, readiness check), for /readyz and the start log."""
     sessions: set[Any] = field(default_factory=set)

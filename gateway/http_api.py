@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse, Response
 
 from core.conversation import message_payload
 from core.errors import CoreError, Forbidden, InvalidInput, TooLarge, Unavailable
-from core.models import Message
-from core.types import BusinessId, ConversationId, StageName
+from core.models import Conversation, Message
+from core.types import BusinessId, ConversationId, EventType, StageName
 from gateway.auth import active_agent, bearer_token, business_for_api_key, looks_like_token
 from gateway.context import Gateway
 from gateway.errors import GatewayError
@@ -114,6 +114,7 @@ async def create_widget_session(request: Request) -> Response:
         flow = await gw.conversations.flows.get(bid)
         start = next((s.name for s in flow.stages if s.is_entry), business.entry_stage)
         conversation = await gw.store.create_conversation(bid, end_user, StageName(start))
+        await _announce(gw, conversation)
         status = 201
     else:
         if not isinstance(cid, str) or not cid:
@@ -136,6 +137,21 @@ async def create_widget_session(request: Request) -> Response:
         },
         status,
     )
+
+
+async def _announce(gw: Gateway, conversation: Conversation) -> None:
+    """Tell the business's agents that a conversation was created (a live view: best effort)."""
+    payload = {
+        "mode": conversation.mode.value,
+        "stage": conversation.stage,
+        "created_at": conversation.created_at.isoformat(),
+    }
+    try:
+        await gw.broker.publish_feed(
+            conversation.business_id, conversation.conversation_id, EventType.CONVERSATION, payload
+        )
+    except CoreError as exc:
+        log.warning("announcing a new conversation failed: %s", exc.message)
 
 
 @api

@@ -8,23 +8,31 @@ holds for business feeds (the view of a whole business that agent sessions watch
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from core.broker import Broker
 from core.keyed_lock import KeyedLock
 from core.models import Event
-from core.types import BusinessId, ConversationId
+from core.types import BusinessId, ConversationId, ResponseId
 from gateway.protocol import encode, event_frame
 
 # Event fields only agents receive: a stage event's extracted data (personal data of the user).
 _PRIVATE = frozenset({"data"})
 
 
+class View(enum.Enum):
+    """How a member sees a conversation's events. Users: without the private fields. Agents: with
+    them, and every frame names its conversation (one agent socket follows many)."""
+
+    USER = "user"
+    AGENT = "agent"
+
+
 class Member(Protocol):
     session_id: str
-    sees_private: bool
-    """Agents see the private fields of events (a stage event's extracted data); users do not."""
+    view: View
 
     def deliver(self, event: Event, frame: str) -> None:
         """Take one event; must not block (queue it)."""
@@ -43,6 +51,7 @@ class Hub:
         self._feeds: set[BusinessId] = set()
         self._feed_locks: KeyedLock[BusinessId] = KeyedLock()
         self.on_flow_changed: Callable[[BusinessId], None] | None = None
+        self.on_answer_ended: Callable[[ConversationId, ResponseId], None] | None = None
         broker.set_listener(self)
 
     async def join(self, conversation_id: ConversationId, member: Member) -> None:
@@ -79,7 +88,9 @@ class Hub:
         members = self._feed_members.get(business_id)
         if not members:
             return
-        frame = encode({**event_frame(event), "conversation_id": event.conversation_id})
+        frame = encode(
+            {"type": "feed", "conversation_id": event.conversation_id, "event": event_frame(event)}
+        )
         for member in tuple(members):
             member.deliver(event, frame)
 
@@ -100,23 +111,35 @@ class Hub:
         members = self._members.get(event.conversation_id)
         if not members:
             return
-        full = event_frame(event)
-        frame = encode(full)
-        public = encode(public_frame(full, False)) if _PRIVATE & full.keys() else frame
+        frames: dict[View, str] = {}  # each view encoded once, when a member needs it
         for member in tuple(members):
             if event.origin is not None and member.session_id == event.origin:
                 continue
-            member.deliver(event, frame if member.sees_private else public)
+            frame = frames.get(member.view)
+            if frame is None:
+                frame = frames[member.view] = encode(view_frame(event, member.view))
+            member.deliver(event, frame)
 
     def on_control(self, message: Mapping[str, Any]) -> None:
-        if message.get("type") == "flow_changed" and self.on_flow_changed is not None:
+        kind = message.get("type")
+        if kind == "flow_changed" and self.on_flow_changed is not None:
             self.on_flow_changed(BusinessId(str(message.get("business_id"))))
+        elif kind == "answer_ended" and self.on_answer_ended is not None:
+            cid, rid = message.get("conversation_id"), message.get("response_id")
+            if isinstance(cid, str) and isinstance(rid, str):
+                self.on_answer_ended(ConversationId(cid), ResponseId(rid))
 
     def on_gap(self, conversation_id: ConversationId) -> None:
         for member in tuple(self._members.get(conversation_id, ())):
             member.resync()
 
 
-def public_frame(frame: dict[str, Any], sees_private: bool) -> dict[str, Any]:
-    """The frame as a member sees it: without the private fields unless it may see them."""
-    return frame if sees_private else {k: v for k, v in frame.items() if k not in _PRIVATE}
+def view_frame(event: Event, view: View) -> dict[str, Any]:
+    """The wire frame of a conversation event as a member with this view sees it."""
+    frame = event_frame(event)
+    if view is View.AGENT:
+        frame["conversation_id"] = event.conversation_id
+        return frame
+    if _PRIVATE & frame.keys():
+        return {k: v for k, v in frame.items() if k not in _PRIVATE}
+    return frame

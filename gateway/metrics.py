@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from core.types import AnswerStatus
 from gateway.protocol import CLIENT_TYPES
@@ -15,6 +22,7 @@ _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds
         self.sockets = Gauge("chatgw_ws_connections", "Open WebSocket connections.", registry=r)
         self.frames_in = Counter(
             "chatgw_ws_frames_in", "Client frames received, by type.", ["type"], registry=r
@@ -51,6 +59,20 @@ class Metrics:
         )
         self.cache = Counter(
             "chatgw_template_cache", "Flow and template cache lookups, by result.", ["result"], registry=r
+        )
+
+        self.agent_connections = Gauge(
+            "chatgw_agent_connections", "Open agent WebSocket connections.", registry=r
+        )
+        self.takeovers = Counter(
+            "chatgw_takeovers", "Takeovers that changed the mode, by business.", ["business"], registry=r
+        )
+        self.handbacks = Counter("chatgw_handbacks", "Handbacks, by business.", ["business"], registry=r)
+        self.takeover_seconds = Histogram(
+            "chatgw_takeover_to_ai_end_seconds",
+            "From a takeover frame arriving to the ai_end of the answer it ended being published.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
         )
 
     def frame_in(self, frame_type: str) -> None:

@@ -44,6 +44,9 @@ class Settings:
     max_frame_bytes: int = 64 * 1024
     max_message_chars: int = 4000
     outbox_frames: int = 2048
+    agent_max_subscriptions: int = 50
+    snapshot_window_s: int = 86_400
+    snapshot_limit: int = 200
     replay_window: int = 1000
     delta_flush_ms: float = 15.0
     delta_max_chars: int = 512
@@ -94,6 +97,9 @@ class Settings:
             max_frame_bytes=e.integer("CHATGW_MAX_FRAME_BYTES", 64 * 1024, low=1024, high=16 * 1024 * 1024),
             max_message_chars=e.integer("CHATGW_MAX_MESSAGE_CHARS", 4000, low=1),
             outbox_frames=e.integer("CHATGW_OUTBOX_FRAMES", 2048, low=16),
+            agent_max_subscriptions=e.integer("CHATGW_AGENT_MAX_SUBSCRIPTIONS", 50, low=1),
+            snapshot_window_s=e.integer("CHATGW_SNAPSHOT_WINDOW_S", 86_400, low=60),
+            snapshot_limit=e.integer("CHATGW_SNAPSHOT_LIMIT", 200, low=1),
             replay_window=e.integer("CHATGW_REPLAY_WINDOW", 1000, low=1),
             delta_flush_ms=e.number("CHATGW_DELTA_FLUSH_MS", 15.0, low=0, high=1000),
             delta_max_chars=e.integer("CHATGW_DELTA_MAX_CHARS", 512, low=1),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import orjson
@@ -36,7 +36,7 @@ class Client:
     frames: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    async def open(cls, gw: GatewayProcess, **kwargs: Any) -> Client:
+    async def open(cls, gw: GatewayProcess, **kwargs: Any) -> Self:
         ws = await connect(gw.ws, open_timeout=10, max_size=2**22, **kwargs)
         return cls(ws)
 

@@ -14,7 +14,7 @@ import redis.asyncio
 from core.models import Event
 from core.types import BusinessId, ConversationId, EventType
 from gateway.backends.redis_broker import RedisBroker
-from gateway.hub import Hub
+from gateway.hub import Hub, View
 from tests.databases import delete_redis_keys, redis_url
 
 
@@ -23,7 +23,7 @@ class Watcher:
 
     def __init__(self, name: str) -> None:
         self.session_id = name
-        self.sees_private = True
+        self.view = View.AGENT
         self.frames: list[str] = []
 
     def deliver(self, event: Event, frame: str) -> None:
@@ -71,8 +71,17 @@ async def test_subscriptions_are_reference_counted(
     async with asyncio.timeout(5):
         while len(one.frames) < 2 or len(two.frames) < 2:  # the conversation's event, the feed's
             await asyncio.sleep(0.01)
-    feed_frames = [orjson.loads(f) for f in one.frames if b"conversation_id" in f.encode()]
-    assert feed_frames == [{"type": "message", "seq": 1, "text": "hi", "conversation_id": conversation}]
+    frames = [orjson.loads(f) for f in one.frames]
+    assert [f for f in frames if f["type"] == "feed"] == [
+        {
+            "type": "feed",
+            "conversation_id": conversation,
+            "event": {"type": "message", "seq": 1, "text": "hi"},
+        }
+    ]
+    assert [f for f in frames if f["type"] != "feed"] == [
+        {"type": "message", "seq": 1, "text": "hi", "conversation_id": conversation}
+    ]
 
     await hub.leave(conversation, one)
     await hub.leave_feed(business, one)

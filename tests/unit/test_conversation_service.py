@@ -212,3 +212,58 @@ async def test_a_stop_before_the_answer_began_cancels_it() -> None:
             await asyncio.sleep(0.005)
     assert recorder.of(EventType.AI_START) == []
     assert recorder.of(EventType.AI_END) == []
+
+
+async def test_a_takeover_mid_answer_ends_it_and_no_answer_starts_while_human() -> None:
+    """The answer ends taken_over with the text streamed so far (stored so); the user's next
+    message is stored and published but not answered; the agent's message goes out as role agent."""
+    service, cid, recorder, store = await setup(ScriptedLLM(tokens_per_second=200, tokens=500))
+    agent = await store.create_agent(BUSINESS.business_id, "Sam")
+    await service.post_user_message(BUSINESS, cid, "m1", "long")
+    async with asyncio.timeout(5):
+        while len(recorder.of(EventType.DELTA)) < 3:
+            await asyncio.sleep(0.005)
+    outcome = await service.take_over(BUSINESS, cid, agent.agent_id)
+    assert outcome.changed is True
+    assert outcome.ended is not None
+    end = recorder.of(EventType.AI_END)[0]
+    assert end.payload["status"] == "taken_over"
+    assert end.payload["text"] == "".join(e.payload["text"] for e in recorder.of(EventType.DELTA))
+    assert recorder.events[-1].type is EventType.MODE
+    async with asyncio.timeout(5):
+        while service.answering(cid):
+            await asyncio.sleep(0.005)
+    deltas = len(recorder.of(EventType.DELTA))
+    stored = await store.list_messages(BUSINESS.business_id, cid, after_seq=0, limit=10)
+    answer = next(m for m in stored if m.role is Role.ASSISTANT)
+    assert (answer.status, answer.text, answer.seq) == ("taken_over", end.payload["text"], end.seq)
+    conversation = await store.get_conversation(BUSINESS.business_id, cid)
+    assert (conversation.mode, conversation.agent_id) == ("human", agent.agent_id)
+
+    await service.post_user_message(BUSINESS, cid, "m2", "hello?")
+    ack = await service.post_agent_message(BUSINESS, cid, agent.agent_id, "a1", "Sam here.")
+    await asyncio.sleep(0.05)
+    assert len(recorder.of(EventType.AI_START)) == 1
+    assert len(recorder.of(EventType.DELTA)) == deltas
+    said = recorder.of(EventType.MESSAGE)[-1]
+    assert (said.payload["role"], said.payload["text"], said.seq) == ("agent", "Sam here.", ack.seq)
+    audit = await store.list_audit(BUSINESS.business_id, limit=10)
+    actions = {record.entry.action_type for record in audit}
+    assert {"conversation.takeover", "agent.message"} <= actions
+
+
+async def test_a_handback_answers_a_waiting_user_with_the_agents_words_in_the_prompt() -> None:
+    llm = FailingLLM(good=1)
+    service, cid, recorder, store = await setup(llm)
+    agent = await store.create_agent(BUSINESS.business_id, "Sam")
+    await service.take_over(BUSINESS, cid, agent.agent_id)
+    await service.post_user_message(BUSINESS, cid, "m1", "do you ship to Norway?")
+    await service.post_agent_message(BUSINESS, cid, agent.agent_id, "a1", "Yes, in three days.")
+    assert await service.hand_back(BUSINESS, cid, agent.agent_id) is False  # the agent spoke last
+    await service.take_over(BUSINESS, cid, agent.agent_id)
+    await service.post_user_message(BUSINESS, cid, "m2", "and to Sweden?")
+    assert await service.hand_back(BUSINESS, cid, agent.agent_id) is True  # the user waits
+    await wait_answers(recorder, 1)
+    prompt = llm.prompts[-1]
+    assert ChatMessage("assistant", "Yes, in three days.") in prompt
+    assert prompt[-1] == ChatMessage("user", "Customer says: and to Sweden?")
