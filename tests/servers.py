@@ -57,7 +57,11 @@ class GatewayProcess:
                 self.process.wait(5)
 
 
-def start_gateway(tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> GatewayProcess:
+def start_gateway(
+    tmp_dir: Path, extra_env: Mapping[str, str] | None = None, *, cwd: Path = ROOT
+) -> GatewayProcess:
+    """`python -m gateway serve` on a free port, from `cwd` (the checkout unless a test runs an
+    installed copy), once it answers /healthz."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env.update(
@@ -75,7 +79,7 @@ def start_gateway(tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> 
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
