@@ -241,6 +241,7 @@
       key: f.message_id, kind: "message", role: f.role, text: f.text, seq: f.seq,
       clientMsgId: f.client_msg_id || null, status: null,
     });
+    if (f.role === "agent") view.typing({ role: "agent", state: false });
     if (f.role !== "user" && !p) noteUnread();
   }
 
@@ -317,17 +318,23 @@
     scheduleSave();
   }
 
+  function historyItem(m) {
+    var key = m.role === "assistant" && m.response_id ? m.response_id : m.message_id;
+    return { key: key, kind: "message", role: m.role, text: m.text, seq: m.seq, clientMsgId: m.client_msg_id || null, status: m.status || null };
+  }
+
+  // After a reset: the stored messages, the notices still meaningful, and what is still pending.
   function rebuild(history, keepNotices) {
-    var notices = keepNotices ? items.filter(function (it) { return it.kind === "notice" && it.seq <= history.seq; }) : [];
-    items = [];
+    var kept = keepNotices ? items.filter(function (it) { return it.kind === "notice" && it.seq <= history.seq; }) : [];
+    var stored = history.messages.map(historyItem);
+    var sent = {};
+    stored.forEach(function (it) { if (it.clientMsgId) sent[it.clientMsgId] = true; });
+    pending = pending.filter(function (p) { return !sent[p.id]; });
+    items = stored.concat(kept).sort(function (a, b) { return a.seq - b.seq; });
     byKey.clear();
-    view.clear();
-    history.messages.forEach(function (m) {
-      var key = m.role === "assistant" && m.response_id ? m.response_id : m.message_id;
-      if (m.client_msg_id) settlePending(m.client_msg_id);
-      addItem({ key: key, kind: "message", role: m.role, text: m.text, seq: m.seq, clientMsgId: m.client_msg_id || null, status: m.status || null });
-    });
-    notices.forEach(addItem);
+    items.forEach(function (it) { byKey.set(it.key, it); });
+    setStreaming(null);
+    view.renderAll();
   }
 
   // -- the connection -------------------------------------------------------------------------------
@@ -344,6 +351,7 @@
     var lastError = null;
     var stopped = false;
     var resetGen = 0;
+    var welcomeMode = "ai";
 
     function connect() {
       clearTimeout(timer);
@@ -403,7 +411,9 @@
       clearTimeout(helloTimer);
       live = true;
       attempt = 0;
-      conv.mode = f.mode;
+      welcomeMode = f.mode;
+      // On a resume the replayed `mode` events bring the mode (and their notices) in order.
+      if (!resumed) conv.mode = f.mode;
       if (!resumed) {
         conv.epoch = f.epoch;
         var behind = f.seq > conv.seq;
@@ -419,9 +429,8 @@
 
     function mergeHistory() {
       fetchHistory().then(function (h) {
-        h.messages.forEach(function (m) {
-          var key = m.role === "assistant" && m.response_id ? m.response_id : m.message_id;
-          if (!byKey.has(key)) addItem({ key: key, kind: "message", role: m.role, text: m.text, seq: m.seq, clientMsgId: m.client_msg_id || null, status: m.status || null });
+        h.messages.map(historyItem).forEach(function (it) {
+          if (!byKey.has(it.key)) addItem(it);
         });
         scheduleSave();
       }, function () { /* the live conversation still works; history shows after the next reset */ });
@@ -436,6 +445,8 @@
           rebuild(h, f.epoch === conv.epoch);
           conv.epoch = f.epoch;
           conv.seq = f.seq;
+          conv.mode = welcomeMode;
+          view.status();
           var events = held;
           held = null;
           events.forEach(onEvent);
@@ -599,6 +610,10 @@
         starting = null;
         view.connection("off");
         view.banner(plainHttpError(e));
+        // Without a conversation yet, try again while the trouble may pass (not for a refusal).
+        if (!conv && (e.status === 0 || e.status === 429 || e.status >= 500)) {
+          setTimeout(function () { start(false).catch(function () {}); }, 5000 + Math.random() * 5000);
+        }
         throw e;
       }
     );
@@ -695,7 +710,8 @@
     ".root{--accent:" + (cfg.accent || "#1d4ed8") + ";--ink:#1b1f24;--muted:#4b5563;--line:#d7dbe2;font:15px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:var(--ink)}",
     ".launcher{position:fixed;right:20px;bottom:20px;z-index:2147483000;width:60px;height:60px;border-radius:50%;border:0;background:var(--accent);color:#fff;cursor:pointer;box-shadow:0 4px 16px rgba(0,0,0,.25);display:grid;place-items:center}",
     ".launcher svg{width:28px;height:28px}",
-    ".launcher:focus-visible,button:focus-visible,textarea:focus-visible,a:focus-visible,.log:focus-visible{outline:3px solid #f59e0b;outline-offset:2px}",
+    ".launcher:focus-visible,button:focus-visible,a:focus-visible,.log:focus-visible{outline:3px solid #f59e0b;outline-offset:2px}",
+    "textarea:focus{outline:2px solid var(--accent);outline-offset:0;border-color:var(--accent)}",
     ".badge{position:absolute;top:-2px;right:-2px;min-width:22px;height:22px;padding:0 6px;border-radius:11px;background:#b91c1c;color:#fff;font-size:12px;font-weight:700;line-height:22px;text-align:center}",
     ".panel{position:fixed;right:20px;bottom:92px;z-index:2147483000;width:380px;max-width:calc(100% - 40px);height:600px;max-height:calc(100% - 112px);display:flex;flex-direction:column;background:#fff;border-radius:14px;box-shadow:0 8px 32px rgba(0,0,0,.28);overflow:hidden}",
     ".panel[hidden]{display:none}",
@@ -1138,6 +1154,7 @@
     if (conv) start(false).catch(function () {});
     if (cfg.open || isOpen) view.open(false);
     window.addEventListener("pagehide", saveNow);
+    document.addEventListener("visibilitychange", function () { if (document.hidden) saveNow(); });
     window.addEventListener("online", function () { link.now(); });
     window.addEventListener("offline", function () { link.offline(); });
     window.chatgw = { open: function () { view.open(); }, close: function () { view.close(); } };
