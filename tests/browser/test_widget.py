@@ -283,3 +283,35 @@ def test_a_new_conversation_starts_empty_and_survives_a_reload(
     texts = [b["text"] for b in w.bubbles()]
     assert texts[0] == "Second conversation"
     assert len(texts) == 2
+
+
+def test_the_chat_works_from_the_keyboard_alone(
+    new_context: NewContext, page_gateway: GatewayProcess, shots: Screenshots
+) -> None:
+    """The launcher is reachable with Tab and labelled; Enter opens the panel with the focus in the
+    labelled message box; Enter sends; Escape closes it and gives the focus back to the launcher."""
+    w = widget(new_context, page_gateway)
+    w.page.goto(f"{page_gateway.http}/demo/")
+    launcher = w.page.locator("button.launcher")
+    assert launcher.get_attribute("aria-expanded") == "false"
+    assert "Open chat" in (launcher.get_attribute("aria-label") or "")
+    for _ in range(40):
+        w.page.keyboard.press("Tab")
+        if w.page.evaluate("() => document.activeElement?.dataset.chatgw === 'demo'"):
+            break
+    else:
+        raise AssertionError("Tab never reached the widget")
+    w.page.keyboard.press("Enter")
+    w.wait_online()
+    assert launcher.get_attribute("aria-expanded") == "true"
+    box = w.page.get_by_label("Your message")
+    assert box.evaluate("el => el === el.getRootNode().activeElement")
+    w.page.keyboard.type("Typed from the keyboard")
+    w.page.keyboard.press("Enter")
+    answer = w.wait_answer(chars=1)
+    shots.take(w.page, "answering")
+    final = w.follow(answer.key, answer.text).final
+    w.page.keyboard.press("Escape")
+    assert w.page.locator(".panel").is_hidden()
+    assert launcher.evaluate("el => el === el.getRootNode().activeElement")
+    assert [b["text"] for b in w.bubbles()] == ["Typed from the keyboard", final.text]
