@@ -889,7 +889,7 @@
     var STATUS_TEXT = {
       stopped: "Stopped.",
       taken_over: "An agent took over from the assistant here.",
-      failed: "Sorry, this answer failed. Please ask again.",
+      failed: "This answer could not be finished.",
       interrupted: "This answer was interrupted. Please ask again if it is incomplete.",
     };
     var WHO = { assistant: "Assistant", agent: "Agent", user: "You said", system: "" };
@@ -898,12 +898,13 @@
       var li = lis.get(it.key);
       if (!li) return;
       var wasNear = nearBottom();
-      li.className = it.kind === "notice" ? "notice" : it.role;
+      // The gateway's own messages (role system, such as "could not finish that answer") read as notices.
+      li.className = it.kind === "notice" || it.role === "system" ? "notice" : it.role;
       li.dataset.role = it.role;
       li.dataset.state = it.status || "sent";
       li.dataset.seq = String(it.seq);
       var who = li.children[0];
-      who.textContent = it.kind === "notice" ? "" : WHO[it.role] || it.role;
+      who.textContent = it.kind === "notice" ? "" : WHO[it.role] || "";
       who.className = it.role === "user" ? "who sr" : "who"; // the look says it; screen readers hear it
       who.hidden = !who.textContent;
       var textEl = li.children[1].firstChild;

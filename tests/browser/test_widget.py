@@ -7,14 +7,16 @@ an answer grow, reload in its middle or cut the network under it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from playwright.sync_api import BrowserContext
 
+from core.conversation import FAILED_NOTICE
 from tests.browser.conftest import Screenshots
 from tests.browser.widget_page import Network, WidgetPage, assert_grows
-from tests.servers import GatewayProcess
+from tests.llm_server import LLMServer, drop_after
+from tests.servers import GatewayProcess, start_gateway
 
 pytestmark = pytest.mark.browser
 
@@ -315,3 +317,38 @@ def test_the_chat_works_from_the_keyboard_alone(
     assert w.page.locator(".panel").is_hidden()
     assert launcher.evaluate("el => el === el.getRootNode().activeElement")
     assert [b["text"] for b in w.bubbles()] == ["Typed from the keyboard", final.text]
+
+
+@pytest.fixture(scope="module")
+def failing_model() -> Iterator[LLMServer]:
+    with LLMServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def model_gateway(
+    failing_model: LLMServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """The embedded default answering through an OpenAI-compatible endpoint the test scripts."""
+    env = {"OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": failing_model.base_url, "LLM_MODEL": "main-model"}
+    gw = start_gateway(tmp_path_factory.mktemp("model-gateway"), env)
+    yield gw
+    gw.stop()
+
+
+def test_a_failed_answer_is_said_in_plain_words(
+    new_context: NewContext, model_gateway: GatewayProcess, failing_model: LLMServer, shots: Screenshots
+) -> None:
+    """The model's stream breaks mid-answer: the bubble keeps what came, says it could not be
+    finished, and the gateway's apology shows as a notice."""
+    failing_model.script(drop_after(2, "Half ", "an ", "answer"))
+    w = widget(new_context, model_gateway)
+    w.open()
+    w.send("Tell me everything")
+    w.page.wait_for_selector("li[data-role=assistant][data-state=failed]")
+    w.page.wait_for_selector("li.notice")
+    shots.take(w.page, "failed")
+    answer = w.page.locator("li[data-role=assistant]")
+    assert answer.locator(".text").text_content() == "Half an "
+    assert answer.locator(".meta").text_content() == "This answer could not be finished."
+    assert w.page.locator("li.notice .text").text_content() == FAILED_NOTICE
