@@ -738,7 +738,7 @@
     "li.failed .meta,.meta.bad{color:#b91c1c}",
     "li.notice{align-items:center}",
     "li.notice .bubble{background:transparent;border:0;color:var(--muted);font-size:13px;text-align:center;padding:2px 8px}",
-    "li.pending .bubble{opacity:.75}",
+    "li.pending .bubble{background:#fff;color:var(--ink);border:1px dashed var(--accent)}",
     ".meta button{font:inherit;color:#1d4ed8;background:none;border:0;padding:0 2px;text-decoration:underline;cursor:pointer}",
     ".dots{display:inline-flex;gap:4px;padding:4px 0}",
     ".dots i{width:7px;height:7px;border-radius:50%;background:#6b7280;animation:b 1.2s infinite}",
