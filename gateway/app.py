@@ -6,13 +6,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
+from starlette.routing import Route, WebSocketRoute
 
 from core.broker import Broker
 from core.conversation import ConversationService, CoreSettings
@@ -20,7 +18,7 @@ from core.errors import Conflict
 from core.llm import LLMProvider
 from core.models import AuditEntry
 from core.scripted_llm import ScriptedLLM
-from gateway import admin_api, agents_api, http_api
+from gateway import admin_api, agents_api, http_api, static
 from gateway.auth import TokenIssuer, hash_api_key
 from gateway.backends import make_backends
 from gateway.connection import serve_socket
@@ -35,8 +33,6 @@ log = logging.getLogger(__name__)
 
 # A user socket's presence lasts this long without a renewal (its instance renews every third).
 PRESENCE_TTL_S = 60.0
-
-WEB_DEMO_DIR = Path(__file__).resolve().parent.parent / "web_demo"
 
 
 def make_llm(settings: Settings, observer: Metrics) -> LLMProvider:
@@ -153,7 +149,7 @@ def create_app(
         Route("/metrics", http_api.metrics, methods=["GET"]),
         *admin_api.routes(),
         *agents_api.routes(),
-        Mount("/", StaticFiles(directory=WEB_DEMO_DIR, html=True), name="web_demo"),
+        *static.routes(),
     ]
     middleware = [
         # The widget runs on businesses' own sites: its HTTP calls are cross-origin. They carry a

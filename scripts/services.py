@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Make sure a PostgreSQL server and a Redis server answer for the test suite, and print their URLs.
+"""Make sure a PostgreSQL server and a Redis server answer for the test suite, and print their URLs;
+make sure Chromium is installed for the browser tests, and print its path.
 
 Usage (from scripts/test):
 
     eval "$(python3 scripts/services.py)"
 
-On success stdout carries exactly two lines and nothing else:
+On success stdout carries exactly three lines and nothing else:
 
     export TEST_DATABASE_URL='postgresql://...'
     export TEST_REDIS_URL='redis://...'
+    export TEST_CHROMIUM='/usr/bin/chromium'
 
 Every progress or diagnostic message goes to stderr, prefixed with "chatgw-services: ".
 
@@ -32,7 +34,12 @@ For each service, in order:
    and otherwise go to step 2.
 4. Otherwise fail: exit status 1 and a message on stderr naming what is missing and how to provide it.
 
-Nothing is ever skipped: either both services answer and the exit status is 0, or it is 1.
+Chromium (for the browser tests, driven by Playwright; no test tool downloads a browser): the
+executable at TEST_CHROMIUM, or /usr/bin/chromium; when it is missing, as root with apt-get, the
+Debian package chromium is installed; otherwise it fails saying so.
+
+Nothing is ever skipped: either both services answer and Chromium is there and the exit status is 0,
+or it is 1.
 This file uses the Python standard library only: it runs before any dependency is installed.
 """
 
@@ -600,6 +607,25 @@ def ensure_redis(url: str) -> str:
     return start_redis(redis_server)
 
 
+DEFAULT_CHROMIUM = "/usr/bin/chromium"
+
+
+def ensure_chromium(path: str) -> str:
+    """The path of a Chromium executable for the browser tests: path itself, installed if need be."""
+    if os.access(path, os.X_OK):
+        log(f"Chromium: using {path}")
+        return path
+    if path == DEFAULT_CHROMIUM and can_apt_install():
+        log(f"Chromium: {path} is missing; installing the Debian package chromium")
+        apt_install("chromium")
+        if os.access(path, os.X_OK):
+            return path
+    raise ServiceError(
+        f"Chromium is not installed at {path}; the browser tests need it: install the Debian package "
+        "chromium (apt-get install chromium) or set TEST_CHROMIUM to a Chromium executable"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0],
@@ -608,11 +634,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.parse_args(argv)
     database_url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_DATABASE_URL
     redis_url = os.environ.get("TEST_REDIS_URL") or DEFAULT_REDIS_URL
+    chromium = os.environ.get("TEST_CHROMIUM") or DEFAULT_CHROMIUM
     errors: list[str] = []
     found: dict[str, str] = {}
     for name, label, ensure, url in (
         ("TEST_DATABASE_URL", "PostgreSQL", ensure_postgres, database_url),
         ("TEST_REDIS_URL", "Redis", ensure_redis, redis_url),
+        ("TEST_CHROMIUM", "Chromium", ensure_chromium, chromium),
     ):
         try:
             found[name] = ensure(url)

@@ -58,9 +58,14 @@ class GatewayProcess:
 
 
 def start_gateway(
-    tmp_dir: Path, extra_env: Mapping[str, str] | None = None, *, module: str = "gateway"
+    tmp_dir: Path,
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    module: str = "gateway",
+    cwd: Path = ROOT,
 ) -> GatewayProcess:
-    """`python -m <module> serve` on a free port (`module`: the gateway, or a test's launcher of it)."""
+    """`python -m <module> serve` on a free port (`module`: the gateway, or a test's launcher of it),
+    from `cwd` (the checkout unless a test runs an installed copy), once it answers /healthz."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env.update(
@@ -78,7 +83,7 @@ def start_gateway(
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "services.py"
-EXPORT = re.compile(r"^export (TEST_DATABASE_URL|TEST_REDIS_URL)='([^']*)'$")
+EXPORT = re.compile(r"^export (TEST_DATABASE_URL|TEST_REDIS_URL|TEST_CHROMIUM)='([^']*)'$")
 STARTED = re.compile(r"^chatgw-services: started (postgresql|redis) port=(\d+) dir=(.+)$", re.MULTILINE)
-SCRUBBED = ("TEST_DATABASE_URL", "TEST_REDIS_URL")
+SCRUBBED = ("TEST_DATABASE_URL", "TEST_REDIS_URL", "TEST_CHROMIUM")
 
 RunScript = Callable[[Mapping[str, str]], subprocess.CompletedProcess[str]]
 
@@ -68,12 +68,12 @@ def stop_started_servers(stderr: str) -> None:
 
 
 def exported(stdout: str) -> dict[str, str]:
-    """The two export lines of stdout as a dict; fails unless stdout is exactly those two lines."""
+    """The three export lines of stdout as a dict; fails unless stdout is exactly those three lines."""
     lines = stdout.splitlines()
-    assert len(lines) == 2, stdout
+    assert len(lines) == 3, stdout
     matches = [EXPORT.match(line) for line in lines]
     urls = {m.group(1): m.group(2) for m in matches if m is not None}
-    assert list(urls) == ["TEST_DATABASE_URL", "TEST_REDIS_URL"], stdout
+    assert list(urls) == ["TEST_DATABASE_URL", "TEST_REDIS_URL", "TEST_CHROMIUM"], stdout
     assert stdout == "".join(f"export {name}='{url}'\n" for name, url in urls.items())
     return urls
 
@@ -142,16 +142,18 @@ def test_exports_survive_shell_quoting() -> None:
     assert result.stdout == value
 
 
-def test_default_environment_prints_two_exports_that_answer(run_script: RunScript) -> None:
+def test_default_environment_prints_exports_that_answer(run_script: RunScript) -> None:
     result = run_script({})
     assert result.returncode == 0, result.stderr
     urls = exported(result.stdout)
     assert services.postgres_answers(urls["TEST_DATABASE_URL"])
     assert services.redis_answers(urls["TEST_REDIS_URL"])
+    assert os.access(urls["TEST_CHROMIUM"], os.X_OK)
     if not STARTED.search(result.stderr):  # the defaults answered: they are what is printed
         assert urls == {
             "TEST_DATABASE_URL": services.DEFAULT_DATABASE_URL,
             "TEST_REDIS_URL": services.DEFAULT_REDIS_URL,
+            "TEST_CHROMIUM": services.DEFAULT_CHROMIUM,
         }
         assert "PostgreSQL: using" in result.stderr
         assert "Redis: using" in result.stderr
@@ -190,6 +192,7 @@ def test_closed_ports_start_throwaway_servers(run_script: RunScript) -> None:
     assert urls == {
         "TEST_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{pg_port}/postgres",
         "TEST_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "TEST_CHROMIUM": services.DEFAULT_CHROMIUM,
     }
     assert services.postgres_answers(urls["TEST_DATABASE_URL"])
     assert services.redis_answers(urls["TEST_REDIS_URL"])
@@ -221,3 +224,9 @@ def test_missing_everything_fails_naming_what_to_install(
 def test_passwords_stay_out_of_messages() -> None:
     assert services.redact("redis://user:s3cret@127.0.0.1:6379/0") == "redis://user:***@127.0.0.1:6379/0"
     assert services.redact(services.DEFAULT_DATABASE_URL) == services.DEFAULT_DATABASE_URL
+
+
+def test_a_missing_chromium_fails_saying_what_to_install(tmp_path: Path) -> None:
+    """A Chromium that is not there is an error naming the Debian package, never a skip."""
+    with pytest.raises(services.ServiceError, match="install the Debian package chromium"):
+        services.ensure_chromium(str(tmp_path / "no-chromium"))
