@@ -309,3 +309,37 @@ async def test_a_cap_on_subscriptions_per_agent_connection(gateway_factory: Any)
     await console.recv_type("unsubscribed")
     assert (await console.subscribe(widgets[2].conversation_id))["type"] == "subscribed"
     await console.close()
+
+
+async def test_an_agent_that_drops_mid_answer_resumes_where_it_was(slow_gateway: GatewayProcess) -> None:
+    """The agent's socket dies mid-answer; a new one subscribes with resume and gets the rest: every
+    seq once, in order, the deltas joined equal to the ai_end's text."""
+    gw = slow_gateway
+    widget = new_widget(gw)
+    user = await Client.open(gw)
+    await user.hello(widget)
+    agent = new_agent(gw)
+    first = await AgentClient.open(gw)
+    await first.agent_hello(agent)
+    subscribed = await first.subscribe(widget.conversation_id)
+    start = await user.ask_and_read(cmid(), "a long answer, please", deltas=2)
+    while len([f for f in first.of(widget.conversation_id) if f["type"] == "delta"]) < 2:
+        await first.recv()
+    seen = [f for f in first.of(widget.conversation_id) if f["type"] != "subscribed"]
+    last_seq = seen[-1]["seq"]
+    first.ws.transport.abort()
+
+    second = await AgentClient.open(gw)
+    await second.agent_hello(agent)
+    resumed = await second.subscribe(
+        widget.conversation_id, resume={"epoch": subscribed["epoch"], "last_seq": last_seq}
+    )
+    assert resumed["resumed"] is True
+    while not any(f["type"] == "ai_end" for f in second.of(widget.conversation_id)):
+        await second.recv()
+    rest = [f for f in second.of(widget.conversation_id) if f["type"] != "subscribed"]
+    assert_contiguous(seen + rest, subscribed["seq"] + 1)
+    end = rest[-1]
+    assert end["text"] == joined_deltas(seen + rest, start["response_id"])
+    await user.close()
+    await second.close()

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from core.conversation import FAILED_NOTICE
+from tests.e2e.agents import AgentClient, new_agent
 from tests.e2e.client import Client, joined_deltas, new_widget
 from tests.llm_server import LLMServer, drop_after, ok, slow
 from tests.servers import GatewayProcess, start_gateway
@@ -101,3 +102,41 @@ async def test_a_stop_closes_the_http_stream_to_the_provider(
     assert seen.client_disconnected  # the provider saw the gateway hang up...
     assert seen.pieces_sent < 200  # ...and stopped generating
     await client.close()
+
+
+async def test_after_a_handback_the_model_hears_what_the_agent_said(
+    openai_gateway: GatewayProcess, llm_server: LLMServer
+) -> None:
+    """A handback with the user waiting answers at once; the model's prompt holds the agent's
+    words as the assistant's side of the conversation, then the user's waiting message."""
+    llm_server.always(ok("Sure, ", "happy to help."))
+    widget = new_widget(openai_gateway)
+    user = await Client.open(openai_gateway)
+    await user.hello(widget)
+    agent = new_agent(openai_gateway)
+    console = await AgentClient.open(openai_gateway)
+    await console.agent_hello(agent)
+    cid = widget.conversation_id
+    await console.act("takeover", cid)
+    await user.recv_type("mode")
+    await user.send({"type": "message", "client_msg_id": "h-1", "text": "Do you ship to Norway?"})
+    await user.recv_type("ack")
+    await console.send(
+        {"type": "message", "conversation_id": cid, "client_msg_id": "a-1", "text": "Yes, within three days."}
+    )
+    while (await user.recv_type("message"))["role"] != "agent":
+        pass  # the user's own message may come before or after its ack
+    await user.send({"type": "message", "client_msg_id": "h-2", "text": "And to Sweden?"})
+    await user.recv_type("ack")
+    assert not [r for r in llm_server.requests if r.stream]  # nothing asked of the model while human
+    await console.act("handback", cid)
+    end = (await user.until_ai_end())[-1]
+    assert (end["status"], end["text"]) == ("complete", "Sure, happy to help.")
+    prompt = next(r for r in reversed(llm_server.requests) if r.stream).messages
+    said = [(m["role"], m["content"]) for m in prompt]
+    assert ("assistant", "Yes, within three days.") in said
+    assert said.index(("assistant", "Yes, within three days.")) < len(said) - 1
+    assert said[-1][0] == "user"
+    assert "And to Sweden?" in said[-1][1]
+    await user.close()
+    await console.close()
