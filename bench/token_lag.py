@@ -42,8 +42,10 @@ COLUMNS: list[tuple[str, str]] = [
     ("TTFT total p50 ms", "latency_ms.ttft_total.p50"),
     ("ack p99 ms", "latency_ms.ack.p99"),
     ("gateway CPU s", "gateway_cpu.cpu_seconds"),
-    ("gateway CPU µs/delta", "gateway_cpu.us_per_delta_frame"),
-    ("client load", "client.busiest_process_load"),
+    ("gateway CPU, cores", "bench.gateway_cores"),
+    ("gateway CPU µs/delta frame", "gateway_cpu.us_per_delta_frame"),
+    ("gateway CPU µs/model token", "bench.us_per_model_token"),
+    ("client CPU, % of a core", "bench.client_percent"),
     ("load avg (1 min)", "bench.loadavg"),
 ]
 
@@ -90,15 +92,27 @@ def one_run(args: argparse.Namespace, conversations: int, env: dict[str, str], t
         model.stop()
     if not run.report:
         raise RuntimeError(f"the load tool failed ({run.status}):\n{run.stderr}")
-    run.report["bench"] = {"loadavg": load, "status": run.status, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return run.report
+    report = run.report
+    cpu, tokens = report["gateway_cpu"]["cpu_seconds"], report["deltas"]["tokens_user"]
+    report["bench"] = {
+        "loadavg": load,
+        "status": run.status,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # Each model token reaches every socket of its conversation once: per model token is the
+        # gateway's cost of relaying it to all of them, plus its share of the per-message work.
+        "us_per_model_token": cpu * 1e6 / tokens if cpu is not None and tokens else None,
+        "gateway_cores": cpu / report["window_s"] if cpu is not None else None,
+        "client_percent": 100 * (report["client"]["busiest_process_load"] or 0),
+    }
+    return report
 
 
 def summary(values: list[float | None]) -> str:
     known = [v for v in values if v is not None]
     if not known:
         return "-"
-    return f"{statistics.median(known):.1f} ({min(known):.1f}-{max(known):.1f})"
+    digits = 2 if max(known) < 10 else 1 if max(known) < 100 else 0
+    return f"{statistics.median(known):.{digits}f} ({min(known):.{digits}f}-{max(known):.{digits}f})"
 
 
 def main() -> None:

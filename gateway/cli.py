@@ -22,8 +22,6 @@ def main(argv: list[str] | None = None) -> int:
         return _tool(argv[0])(argv[1:])
     parser = argparse.ArgumentParser(prog="chatgw", description="Real-time WebSocket chat gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, summary in _TOOLS.items():
-        commands.add_parser(name, help=summary, add_help=False)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default $PORT or 8000)")
@@ -34,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     down = steps.add_parser("down", help="undo applied migrations, newest first")
     down.add_argument("steps", nargs="?", type=_steps, default=1, help="how many, or 'all' (default: 1)")
     steps.add_parser("status", help="list migrations and whether each is applied")
+    for name, summary in _TOOLS.items():  # listed for --help; dispatched above
+        commands.add_parser(name, help=summary, add_help=False)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()

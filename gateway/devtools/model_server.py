@@ -22,7 +22,7 @@ Endpoints:
 - `GET /v1/models`: one model, `chatgw-model-server` (any model name is accepted in requests).
 - `GET /stats`: the configuration and counters: requests, streams, whole completions, streams
   completed, client disconnects (a stream the client closed before its end), active streams,
-  tokens sent, bad requests.
+  tokens sent, bad requests, and the server's own CPU seconds so far.
 
 Jitter: each token's due time (the first included) is delayed by a uniform random 0..jitter; the
 schedule itself does not drift. It is cheap by design: SSE bytes are written directly from
@@ -121,7 +121,7 @@ class ModelServer:
             "tokens": c.tokens,
             "jitter_ms": c.jitter * 1000,
         }
-        return {"config": config, **asdict(self.stats)}
+        return {"config": config, **asdict(self.stats), "cpu_seconds": round(time.process_time(), 3)}
 
     async def _chat(self, receive: Receive, send: Send) -> None:
         request = await _read_json(receive)

@@ -12,7 +12,7 @@ from gateway.loadtest import report
 from gateway.loadtest.config import ConfigError, parse
 from gateway.loadtest.runner import RunError, run
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 3
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_CANNOT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def main(argv: list[str]) -> int:
@@ -26,6 +26,9 @@ def main(argv: list[str]) -> int:
     except RunError as exc:
         print(f"chatgw loadtest: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    except KeyboardInterrupt:  # a second Ctrl-C: no report
+        print("chatgw loadtest: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     document = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
     if config.json_out:
         try:

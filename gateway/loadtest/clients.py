@@ -1,7 +1,8 @@
 """The load tool's clients: one class per kind of socket, and the conversation that holds them.
 
 A kind is a `SocketClient` subclass: how it says hello, what it does while the run lasts (`act`),
-and what it makes of the frames it receives (the `on_*` hooks). Every socket checks its stream
+and what it makes of the frames it receives (the `on_*` hooks); `Conversation` decides how many of
+each kind a conversation has. Every socket checks its stream
 (`StreamCheck`), counts deltas and measures each token's lag from the model server's send-time
 marker. A socket the server closes is counted with its close code; the run goes on without it.
 """
@@ -60,7 +61,7 @@ class SocketClient:
         self.closing = False  # we close it: its close code is not the server's doing
         self.reader: asyncio.Task[None] | None = None
         self.last_frame = 0  # monotonic ns of the last frame received
-        self._lag = run.tally.hist[f"token_lag_{self.kind}"]
+        self._lag = run.tally.histogram(f"token_lag_{self.kind}")
         self._frames_key = f"delta_frames_{self.kind}"
         self._tokens_key = f"tokens_{self.kind}"
 

@@ -264,5 +264,7 @@ percentiles (ack, time to first token total and added by the gateway, per-token 
 late deltas, seq gaps and duplicates, errors by code, the gateways' CPU per delivered delta.
 
 Exit status: 0 the run completed with no integrity problem; 1 it completed but saw seq gaps,
-duplicates, late deltas, unacknowledged messages or unfinished answers; 2 bad options; 3 it could
-not run (no connection made, a client process failed)."""
+duplicates, late deltas, unacknowledged messages or unfinished answers, or a client process failed
+(its counts are missing); 2 bad options; 3 it could not run (no socket opened, no client process
+finished). Ctrl-C ends the sending early and still
+reports; a second Ctrl-C stops at once (130)."""

@@ -43,8 +43,9 @@ def build(
     frames = c["delta_frames_user"] + c["delta_frames_watcher"]
     tokens = c["tokens_user"] + c["tokens_watcher"]
     lag = Histogram()
-    lag.merge(tally.hist["token_lag_user"])
-    lag.merge(tally.hist["token_lag_watcher"])
+    for name, histogram in tally.hist.items():
+        if name.startswith("token_lag_"):
+            lag.merge(histogram)
     latencies = {name: tally.hist[name].summary_ms() for name in tally.hist}
     latencies["token_lag"] = lag.summary_ms()
     cpu = [g["cpu_seconds"] for g in gateways if g["cpu_seconds"] is not None]
@@ -209,7 +210,7 @@ def table(report: dict[str, Any]) -> str:
     if model is not None:
         lines.append(
             f"model server   {model['requests']} requests, {model['streams']} streams, "
-            f"{model['disconnects']} disconnects, {model['tokens_sent']} tokens sent"
+            f"{model['disconnects']} disconnects, {model['tokens_sent']} tokens sent, {model['cpu_seconds']} s CPU"
         )
     return "\n".join(lines)
 

@@ -283,6 +283,7 @@ def _model_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
     if before is None or after is None:
         return None
     delta: dict[str, Any] = {key: after[key] - before[key] for key in _MODEL_COUNTERS}
+    delta["cpu_seconds"] = round(after["cpu_seconds"] - before["cpu_seconds"], 3)
     delta["active_streams_at_end"] = after["active_streams"]
     delta["config"] = after["config"]
     return delta

@@ -20,6 +20,10 @@ class Tally:
         self.keyed: dict[str, Counter[str]] = {name: Counter() for name in KEYED}
         self.hist: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
 
+    def histogram(self, name: str) -> Histogram:
+        """The histogram `name`, created on first use (a new kind of client brings its own)."""
+        return self.hist.setdefault(name, Histogram())
+
     def add_check(self, check: StreamCheck) -> None:
         """Add one socket's stream check (once, when the socket is done)."""
         c = self.counts

@@ -63,6 +63,7 @@ async def test_a_stream_has_the_configured_tokens_each_with_its_send_time(model:
     assert (stats["requests"], stats["streams"], stats["streams_completed"]) == (1, 1, 1)
     assert (stats["tokens_sent"], stats["disconnects"], stats["active_streams"]) == (8, 0, 0)
     assert stats["config"] == {"ttft_ms": 20.0, "tokens_per_second": 400.0, "tokens": 8, "jitter_ms": 0.0}
+    assert stats["cpu_seconds"] > 0
 
 
 async def test_whole_answers_serve_structured_output_and_stage_choices(model: ModelServerProcess) -> None:
