@@ -95,6 +95,7 @@ def run(config: LoadConfig, *, err: TextIO = sys.stderr) -> dict[str, Any]:
     pool = _Pool(plans)
     workers = _Workers(config.processes)
     progress = _Progress(config, err)
+    cpu_before: dict[str, float | None] = dict.fromkeys(_urls(config))  # unknown if Ctrl-C comes first
     try:
         try:
             _collect(workers, workers.ready, pool, lambda: progress.connecting(workers))
@@ -246,9 +247,13 @@ class _Progress:
         )
 
 
+def _urls(config: LoadConfig) -> list[str]:
+    return list(dict.fromkeys(t.http for t in config.targets))
+
+
 def _gateway_cpu(config: LoadConfig) -> dict[str, float | None]:
     """`process_cpu_seconds_total` of each target (None where /metrics does not say)."""
-    return {url: _cpu_seconds(url) for url in dict.fromkeys(t.http for t in config.targets)}
+    return {url: _cpu_seconds(url) for url in _urls(config)}
 
 
 def _cpu_seconds(url: str) -> float | None:
