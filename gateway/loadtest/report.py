@@ -169,9 +169,9 @@ def table(report: dict[str, Any]) -> str:
     lines += [
         f"messages       {msgs['sent']} sent, {msgs['acked']} acked ({msgs['acks_per_s']}/s), "
         f"{msgs['unacked']} unacked, {msgs['refused']} refused, {msgs['stops_sent']} stops sent",
-        f"answers        {ans['started']} started, {ans['ended']} ended {_pairs(ans['by_status'])}, "
-        f"{ans['unfinished']} unfinished, tokens per complete answer "
-        f"{ans['tokens_per_complete_answer']['min']}..{ans['tokens_per_complete_answer']['max']}",
+        f"answers        {ans['started']} started, {ans['ended']} ended"
+        f"{' (' + _pairs(ans['by_status']) + ')' if ans['by_status'] else ''}, {ans['unfinished']} unfinished, "
+        f"tokens per complete answer {_span(ans['tokens_per_complete_answer'])}",
         f"deltas         {deltas['frames']} frames ({deltas['frames_per_s']}/s; users {deltas['frames_user']}, "
         f"watchers {deltas['frames_watcher']}), {deltas['tokens']} tokens ({deltas['tokens_per_s']}/s)",
         "",
@@ -217,6 +217,11 @@ def table(report: dict[str, Any]) -> str:
 
 def _pairs(mapping: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(mapping.items()))
+
+
+def _span(bounds: dict[str, int | None]) -> str:
+    low, high = bounds["min"], bounds["max"]
+    return "-" if low is None else str(low) if low == high else f"{low}..{high}"
 
 
 def _ms(value: float | None) -> str:
