@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 
 import uvicorn
 from starlette.applications import Starlette
@@ -16,6 +17,9 @@ from gateway.settings import Settings, SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _TOOLS:  # tools with their own options; they need no gateway settings
+        return _tool(argv[0])(argv[1:])
     parser = argparse.ArgumentParser(prog="chatgw", description="Real-time WebSocket chat gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
@@ -28,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     down = steps.add_parser("down", help="undo applied migrations, newest first")
     down.add_argument("steps", nargs="?", type=_steps, default=1, help="how many, or 'all' (default: 1)")
     steps.add_parser("status", help="list migrations and whether each is applied")
+    for name, summary in _TOOLS.items():  # listed for --help; dispatched above
+        commands.add_parser(name, help=summary, add_help=False)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -37,6 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve_command(settings, host=args.host or settings.host, port=args.port or settings.port)
     return migrate_command(settings, args.action, args.steps if args.action != "status" else None)
+
+
+_TOOLS = {
+    "loadtest": "load-test running gateways over many sockets (see: chatgw loadtest --help)",
+    "model-server": "a local OpenAI-compatible streaming model for load tests (see: chatgw model-server --help)",
+}
+
+
+def _tool(name: str) -> Callable[[list[str]], int]:
+    if name == "loadtest":
+        from gateway.loadtest.cli import main as loadtest
+
+        return loadtest
+    from gateway.devtools.model_server import main as model_server
+
+    return model_server
 
 
 def _steps(value: str) -> int | None:

@@ -1,0 +1,162 @@
+"""Per-token lag and the gateway's CPU per delivered delta, at rising numbers of conversations.
+
+For each run and each level (a number of concurrent conversations) it starts `chatgw model-server`
+and a fresh gateway process (the embedded default unless `--backend postgres+redis`), answering
+through the model server, and runs `chatgw loadtest` against it; it keeps each JSON report. The
+levels are interleaved within each run (run 1: every level, then run 2: every level, ...) so that
+all levels see the same state of a shared machine. It prints, per level, the median of the runs
+with the lowest and highest in brackets.
+
+    .venv/bin/python bench/token_lag.py --levels 10,20,40,80 --runs 3
+    .venv/bin/python bench/token_lag.py --levels 40 --runs 3 --backend postgres+redis
+
+The default workload: a model at 200 ms to the first token, then 20 tokens/s, 40-token answers; a
+message every 3 s per conversation; one user and one watcher socket per conversation; 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.loadtest_support import model_env, run_loadtest, start_model_server  # noqa: E402
+from tests.servers import start_gateway  # noqa: E402
+
+COLUMNS: list[tuple[str, str]] = [
+    ("delta frames/s", "deltas.frames_per_s"),
+    ("tokens/s", "deltas.tokens_per_s"),
+    ("token lag p50 ms", "latency_ms.token_lag.p50"),
+    ("token lag p99 ms", "latency_ms.token_lag.p99"),
+    ("token lag max ms", "latency_ms.token_lag.max"),
+    ("TTFT added p99 ms", "latency_ms.ttft_added.p99"),
+    ("TTFT total p50 ms", "latency_ms.ttft_total.p50"),
+    ("ack p99 ms", "latency_ms.ack.p99"),
+    ("gateway CPU s", "gateway_cpu.cpu_seconds"),
+    ("gateway CPU, cores", "bench.gateway_cores"),
+    ("gateway CPU µs/delta frame", "gateway_cpu.us_per_delta_frame"),
+    ("gateway CPU µs/model token", "bench.us_per_model_token"),
+    ("client CPU, % of a core", "bench.client_percent"),
+    ("load avg (1 min)", "bench.loadavg"),
+]
+
+
+def pick(report: dict[str, Any], path: str) -> float | None:
+    value: Any = report
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return None if value is None else float(value)
+
+
+def backend_env(name: str) -> dict[str, str]:
+    if name == "memory":
+        return {}
+    from tests.databases import migrated_database, redis_url, sync
+
+    return {
+        "DATABASE_URL": sync(migrated_database()),
+        "REDIS_URL": redis_url(),
+        "CHATGW_REDIS_PREFIX": "chatgw-bench:",
+    }
+
+
+def one_run(args: argparse.Namespace, conversations: int, env: dict[str, str], tmp: Path) -> dict[str, Any]:
+    model = start_model_server(
+        tmp,
+        *("--ttft-ms", str(args.ttft_ms), "--tokens-per-second", str(args.tps), "--tokens", str(args.tokens)),
+    )
+    gateway = None
+    try:
+        gateway = start_gateway(tmp, {**env, **model_env(model), "CHATGW_LOG_LEVEL": "WARNING"})
+        load = os.getloadavg()[0]
+        run = run_loadtest(
+            tmp,
+            *("--url", gateway.http, "--model-server", model.url, "--quiet"),
+            *("--conversations", str(conversations), "--watchers-per-conversation", str(args.watchers)),
+            *("--message-interval", str(args.interval), "--duration", str(args.duration)),
+            *("--processes", str(args.processes)),
+            timeout=args.duration + 300,
+        )
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        model.stop()
+    if not run.report:
+        raise RuntimeError(f"the load tool failed ({run.status}):\n{run.stderr}")
+    report = run.report
+    cpu, tokens = report["gateway_cpu"]["cpu_seconds"], report["deltas"]["tokens_user"]
+    report["bench"] = {
+        "loadavg": load,
+        "status": run.status,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # Each model token reaches every socket of its conversation once: per model token is the
+        # gateway's cost of relaying it to all of them, plus its share of the per-message work.
+        "us_per_model_token": cpu * 1e6 / tokens if cpu is not None and tokens else None,
+        "gateway_cores": cpu / report["window_s"] if cpu is not None else None,
+        "client_percent": 100 * (report["client"]["busiest_process_load"] or 0),
+    }
+    return report
+
+
+def summary(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    digits = 2 if max(known) < 10 else 1 if max(known) < 100 else 0
+    return f"{statistics.median(known):.{digits}f} ({min(known):.{digits}f}-{max(known):.{digits}f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--levels", default="10,20,40,80", help="numbers of conversations, comma-separated")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--interval", type=float, default=3.0, help="seconds between a user's messages")
+    parser.add_argument("--watchers", type=int, default=1, help="watcher sockets per conversation")
+    parser.add_argument("--ttft-ms", type=float, default=200.0)
+    parser.add_argument("--tps", type=float, default=20.0, help="model tokens per second")
+    parser.add_argument("--tokens", type=int, default=40, help="tokens per answer")
+    parser.add_argument("--processes", type=int, default=1, help="load tool client processes")
+    parser.add_argument("--backend", choices=["memory", "postgres+redis"], default="memory")
+    parser.add_argument("--out", type=Path, help="directory for the raw JSON reports")
+    args = parser.parse_args()
+    levels = [int(n) for n in args.levels.split(",")]
+    env = backend_env(args.backend)
+    results: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(1, args.runs + 1):
+            for n in levels:
+                report = one_run(args, n, env, Path(tmp))
+                results[n].append(report)
+                lag = report["latency_ms"]["token_lag"]
+                print(
+                    f"run {run} level {n}: token lag p50 {lag['p50']} p99 {lag['p99']} ms, "
+                    f"{report['gateway_cpu']['us_per_delta_frame']} µs/delta, load avg {report['bench']['loadavg']:.1f}, "
+                    f"exit {report['bench']['status']}",
+                    flush=True,
+                )
+                if args.out:
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    (args.out / f"level{n}-run{run}.json").write_text(json.dumps(report, indent=1))
+    print()
+    print("| metric | " + " | ".join(f"{n} conversations" for n in levels) + " |")
+    print("| --- |" + " --- |" * len(levels))
+    for label, path in COLUMNS:
+        print(
+            f"| {label} | " + " | ".join(summary([pick(r, path) for r in results[n]]) for n in levels) + " |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""`chatgw loadtest` against real gateway processes answering through `chatgw model-server`: the
+report agrees with what was sent and with what the model server counted, on the embedded default
+and on PostgreSQL + Redis; stopped answers close the model's stream; and sockets the server closes
+(a gateway told to stop mid-run) are counted, with the run still reporting."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.loadtest_support import (
+    ModelServerProcess,
+    assert_consistent,
+    model_env,
+    run_loadtest,
+    start_loadtest,
+    start_model_server,
+)
+from tests.servers import GatewayProcess, start_gateway
+
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServerProcess]:
+    """Short, fast answers: every answer is over long before the user's next message."""
+    server = start_model_server(
+        tmp_path_factory.mktemp("model"),
+        "--ttft-ms",
+        "20",
+        "--tokens",
+        str(TOKENS),
+        "--tokens-per-second",
+        "200",
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateway_on(tmp_path: Path, model: ModelServerProcess) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start gateways that answer through the model server (or the one in `env`)."""
+    started: list[GatewayProcess] = []
+
+    def start(env: dict[str, str] | None = None) -> GatewayProcess:
+        gw = start_gateway(tmp_path, {**model_env(model), "CHATGW_LOG_LEVEL": "WARNING", **(env or {})})
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+def args(gw: GatewayProcess, model: ModelServerProcess, *extra: str) -> list[str]:
+    return ["--url", gw.http, "--model-server", model.url, "--quiet", *extra]
+
+
+def test_a_small_run_reports_what_was_sent(
+    gateway_on: Callable[..., GatewayProcess],
+    model: ModelServerProcess,
+    backend_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    gw = gateway_on(backend_env)
+    run = run_loadtest(
+        tmp_path,
+        *args(gw, model, "--conversations", "4", "--watchers-per-conversation", "1"),
+        *("--message-interval", "0.5", "--duration", "2", "--processes", "2"),
+    )
+    assert run.status == 0, run.stderr
+    report = run.report
+    assert_consistent(report, conversations=4, watchers=1)
+    answers = report["answers"]
+    assert answers["by_status"] == {"complete": answers["ended"]}
+    assert answers["tokens_per_complete_answer"] == {"min": TOKENS, "max": TOKENS}
+    assert report["deltas"]["tokens_user"] == TOKENS * answers["ended"]
+    assert report["model_server"]["disconnects"] == 0
+    assert report["model_server"]["tokens_sent"] == report["deltas"]["tokens_user"]
+    assert report["config"]["processes"] == 2
+    assert "chatgw loadtest: 4 conversations" in run.stdout
+
+
+def test_stopped_answers_end_stopped_and_close_the_model_stream(
+    gateway_on: Callable[..., GatewayProcess], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    slow = start_model_server(
+        tmp_path_factory.mktemp("slow-model"),
+        "--ttft-ms",
+        "10",
+        "--tokens",
+        "100",
+        "--tokens-per-second",
+        "20",
+    )
+    try:
+        gw = gateway_on(model_env(slow))
+        run = run_loadtest(
+            tmp_path,
+            *args(gw, slow, "--conversations", "3", "--watchers-per-conversation", "0", "--stop-rate", "1"),
+            *("--message-interval", "1", "--duration", "2"),
+        )
+        assert run.status == 0, run.stderr
+        answers, messages = run.report["answers"], run.report["messages"]
+        assert answers["started"] >= 3
+        assert answers["by_status"] == {"stopped": answers["started"]}
+        assert messages["stops_sent"] == answers["started"]
+        assert messages["acked"] == messages["sent"]
+        slow.wait_stats(lambda s: s["disconnects"] == answers["started"] and s["active_streams"] == 0)
+    finally:
+        slow.stop()
+
+
+def test_sockets_the_server_closes_are_counted_and_the_run_reports(
+    gateway_on: Callable[..., GatewayProcess], model: ModelServerProcess, tmp_path: Path
+) -> None:
+    gw = gateway_on({"CHATGW_RECONNECT_SPREAD_MS": "0", "CHATGW_GRACEFUL_SHUTDOWN_S": "1"})
+    process, out = start_loadtest(
+        tmp_path, *args(gw, model, "--conversations", "3", "--message-interval", "0.5", "--duration", "4")
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while _open_sockets(gw) < 6:  # every socket is open: stop the gateway under the load
+            assert time.monotonic() < deadline, "the load tool never opened its sockets"
+            time.sleep(0.05)
+        gw.process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    report = json.loads(out.read_text())
+    assert process.returncode in (0, 1), stderr
+    assert "Traceback" not in stderr
+    connections = report["connections"]
+    assert connections["closed_by_server"] == 6
+    assert connections["close_codes"] == {"1012": 6}
+    assert report["integrity"]["reconnect_frames"] == 6
+    assert report["integrity"]["seq_gaps"] == report["integrity"]["seq_duplicates"] == 0
+
+
+def _open_sockets(gw: GatewayProcess) -> float:
+    try:
+        text = httpx.get(f"{gw.http}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("chatgw_ws_connections "):
+            return float(line.split()[1])
+    return 0
