@@ -1,8 +1,9 @@
 """Fan-out of streamed answers: the reference servers side by side, stepping the number of rooms up.
 
-For each server (`--servers`, see refservers.KINDS) and each run, it steps the number of rooms R
-up (doubling from `--start`, then bisecting between the last R that passed and the first that
-failed) and, at each R, on a freshly started server:
+Each run climbs a ladder of room counts R (`--ladder`); at each R every server (`--servers`, see
+refservers.KINDS) takes its turn, one after another, so that all see the same machine state. A
+server leaves the ladder at its first failing R (except that R = `--compare` is run for all). At
+each step, on a freshly started server:
 
 1. opens 2R sockets from `--clients` client processes (per room a user and a watcher; with
    `socketio-2` the watcher is on the second instance) and joins them to their rooms, which
@@ -13,18 +14,22 @@ failed) and, at each R, on a freshly started server:
    seconds the server process(es) used in the window are read from /proc/<pid>/stat.
 
 A step passes when the p99 lag is at most `--p99-ms` (50) and at least 95% of the frames the
-workload schedules in the window arrived. The largest passing R is the server's capacity.
+workload schedules in the window arrived. The largest R passed before the first failure is the
+server's capacity in that run. The machine is shared: before each step the driver waits (up to
+`--quiet-wait` s) for the machine's busy cores to fall below `--quiet-below`, and each step records
+how many cores, on average, were kept busy in the window by anything other than the server and
+the clients (`others_cores`).
 
 Report: one JSON object per step on `--json` (append), with the fields
 
     server, instances, run, rooms, sockets, window_s, expected_frames_per_s, frames_per_s,
-    lag_ms {p50, p95, p99, max}, cpu_s, cpu_us_per_frame, passed
+    lag_ms {p50, p95, p99, max}, cpu_s, cpu_us_per_frame, client_cpu_s, others_cores, busy_cores_before, passed
 
 and, at the end, a table per server: the largest passing R, and the step figures at that R and at
 R = `--compare` (median over the runs, min-max in brackets).
 
     .venv/bin/python bench/fanout.py --runs 3
-    .venv/bin/python bench/fanout.py --servers starlette --start 100 --runs 1
+    .venv/bin/python bench/fanout.py --servers starlette --ladder 100,200,300 --runs 1
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import signal
 import statistics
 import sys
 import time
@@ -44,9 +50,17 @@ from pathlib import Path
 import refservers
 from clients import SocketSpec, open_joined, read_pieces
 from websockets.asyncio.client import ClientConnection
-from workload import FRAMES_PER_ROOM_PER_S, cpu_seconds, percentile, raise_file_limit
+from workload import (
+    FRAMES_PER_ROOM_PER_S,
+    cpu_seconds,
+    machine_busy_seconds,
+    percentile,
+    raise_file_limit,
+    wait_for_quiet,
+)
 
 CONNECTS_AT_ONCE = 64
+LADDER = [25, 50, 75, 100, 150, 200, 300, 400, 500, 600, 800, 1000]
 
 
 @dataclass
@@ -62,6 +76,9 @@ class Step:
     lag_ms: dict[str, float]
     cpu_s: float
     cpu_us_per_frame: float
+    client_cpu_s: float
+    others_cores: float  # what else kept the machine's cores busy in the window, on average
+    busy_cores_before: float  # the machine's busy cores just before the step
     passed: bool
 
 
@@ -117,6 +134,7 @@ def socket_specs(server: refservers.Running, rooms: int) -> list[SocketSpec]:
 
 
 def run_step(kind: str, run: int, rooms: int, args: argparse.Namespace) -> Step:
+    before = wait_for_quiet(args.quiet_below, args.quiet_wait)
     server = refservers.start(kind)
     ctx = multiprocessing.get_context("fork")
     procs: list[multiprocessing.process.BaseProcess] = []
@@ -142,9 +160,14 @@ def run_step(kind: str, run: int, rooms: int, args: argparse.Namespace) -> Step:
         for pipe in pipes:
             pipe.send((start, end))
         time.sleep(max(0.0, start - time.time()))
+        client_pids = [p.pid for p in procs if p.pid is not None]
         cpu_start = sum(cpu_seconds(pid) for pid in server.pids)
+        clients_start = sum(cpu_seconds(pid) for pid in client_pids)
+        busy_start = machine_busy_seconds()
         time.sleep(max(0.0, end - time.time()))
         cpu_used = sum(cpu_seconds(pid) for pid in server.pids) - cpu_start
+        clients_used = sum(cpu_seconds(pid) for pid in client_pids) - clients_start
+        busy = machine_busy_seconds() - busy_start
         lags: list[float] = []
         for pipe in pipes:
             if not pipe.poll(60):
@@ -173,41 +196,40 @@ def run_step(kind: str, run: int, rooms: int, args: argparse.Namespace) -> Step:
         lag_ms={k: round(v, 2) for k, v in lag_ms.items()},
         cpu_s=round(cpu_used, 3),
         cpu_us_per_frame=round(cpu_used / len(lags) * 1e6, 1) if lags else float("nan"),
+        client_cpu_s=round(clients_used, 3),
+        others_cores=round(max(0.0, busy - cpu_used - clients_used) / args.window, 2),
+        busy_cores_before=round(before, 2),
         passed=bool(lags) and lag_ms["p99"] <= args.p99_ms and frames_per_s >= 0.95 * expected,
     )
 
 
-def capacity(kind: str, run: int, args: argparse.Namespace, record: list[Step]) -> int:
-    """Step R up for one server; returns the largest R that passed (0 if none)."""
-
-    def step(rooms: int) -> bool:
-        try:
-            result = run_step(kind, run, rooms, args)
-        except RuntimeError as exc:
-            print(f"  {kind} R={rooms}: {exc}", flush=True)
-            return False
-        record.append(result)
-        report(result, args)
-        return result.passed
-
-    good, bad = 0, 0
-    rooms = args.start
-    while rooms <= args.max_rooms:
-        if not step(rooms):
-            bad = rooms
-            break
-        good = rooms
-        rooms *= 2
-    if bad:
-        for _ in range(args.bisect):
-            middle = (good + bad) // 2
-            if middle in (good, bad):
-                break
-            if step(middle):
-                good = middle
+def ladder_run(kinds: list[str], run: int, args: argparse.Namespace, record: list[Step]) -> dict[str, int]:
+    """One run: every R of the ladder, each server in turn at that R (so that all servers see the
+    same machine state), until each has failed once. The R in `--compare` is run for every server
+    whatever happened before. Returns, per server, the largest R passed before its first failure."""
+    capacity = dict.fromkeys(kinds, 0)
+    failed: set[str] = set()
+    for rooms in args.ladder:
+        for kind in kinds:
+            if kind in failed and rooms != args.compare:
+                continue
+            try:
+                result = run_step(kind, run, rooms, args)
+            except RuntimeError as exc:
+                print(f"  run {run} {kind} R={rooms}: {exc}", flush=True)
+                failed.add(kind)
+                continue
+            record.append(result)
+            report(result, args)
+            if kind in failed:
+                continue
+            if result.passed:
+                capacity[kind] = rooms
             else:
-                bad = middle
-    return good
+                failed.add(kind)
+        if failed.issuperset(kinds) and rooms >= args.compare:
+            break
+    return capacity
 
 
 def report(step: Step, args: argparse.Namespace) -> None:
@@ -215,7 +237,8 @@ def report(step: Step, args: argparse.Namespace) -> None:
     print(
         f"  run {step.run} {step.server:<11} R={step.rooms:<5} {step.frames_per_s:8.0f}/{step.expected_frames_per_s:.0f} frames/s"
         f"  lag p50 {lag['p50']:6.1f} p95 {lag['p95']:6.1f} p99 {lag['p99']:7.1f} max {lag['max']:7.1f} ms"
-        f"  cpu {step.cpu_us_per_frame:6.1f} us/frame  {'pass' if step.passed else 'FAIL'}",
+        f"  cpu {step.cpu_us_per_frame:6.1f} us/frame  others {step.others_cores:.2f} cores"
+        f"  {'pass' if step.passed else 'FAIL'}",
         flush=True,
     )
     if args.json:
@@ -234,21 +257,20 @@ def spread(values: list[float], digits: int = 1) -> str:
 
 def summarise(kinds: list[str], record: list[Step], capacities: dict[str, list[int]], compare: int) -> None:
     print(
-        "\n| server | largest R with p99 <= limit | frames/s at it | p99 lag at it (ms) | CPU us/frame at it |"
+        "\n| server | largest R, p99 <= limit | frames/s at it | p99 lag at it (ms) | server CPU us/frame at it |"
     )
     print("| --- | --- | --- | --- | --- |")
     for kind in kinds:
         at_cap = [
-            s for s in record if s.server == kind and s.passed and s.rooms == max_passed(record, kind, s.run)
+            s for s in record if s.server == kind and s.passed and s.rooms == capacities[kind][s.run - 1]
         ]
         print(
             f"| {kind} | {spread([float(c) for c in capacities[kind]], 0)} | "
             f"{spread([s.frames_per_s for s in at_cap], 0)} | {spread([s.lag_ms['p99'] for s in at_cap])} | "
             f"{spread([s.cpu_us_per_frame for s in at_cap])} |"
         )
-    print(
-        f"\nAt R = {compare} rooms ({2 * compare} sockets, {compare * FRAMES_PER_ROOM_PER_S:.0f} frames/s scheduled):\n"
-    )
+    scheduled = compare * FRAMES_PER_ROOM_PER_S
+    print(f"\nAt R = {compare} rooms ({2 * compare} sockets, {scheduled:.0f} frames/s scheduled):\n")
     print("| server | frames/s | lag p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | server CPU us/frame |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for kind in kinds:
@@ -258,10 +280,28 @@ def summarise(kinds: list[str], record: list[Step], capacities: dict[str, list[i
             f"| {kind} | {spread([s.frames_per_s for s in steps], 0)} | {spread(lag['p50'])} | {spread(lag['p95'])} "
             f"| {spread(lag['p99'])} | {spread(lag['max'])} | {spread([s.cpu_us_per_frame for s in steps])} |"
         )
+    print("\np99 lag (ms) by R, median (min-max) over the runs that reached it, [passed/runs]:\n")
+    print("| R | " + " | ".join(kinds) + " |")
+    print("| --- |" + " --- |" * len(kinds))
+    for rooms in sorted({s.rooms for s in record}):
+        cells = []
+        for kind in kinds:
+            steps = [s for s in record if s.server == kind and s.rooms == rooms]
+            passed = sum(s.passed for s in steps)
+            cells.append(
+                f"{spread([s.lag_ms['p99'] for s in steps])} [{passed}/{len(steps)}]" if steps else "-"
+            )
+        print(f"| {rooms} | " + " | ".join(cells) + " |")
 
 
-def max_passed(record: list[Step], kind: str, run: int) -> int:
-    return max((s.rooms for s in record if s.server == kind and s.run == run and s.passed), default=0)
+def _ladder(value: str) -> list[int]:
+    try:
+        steps = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated whole numbers") from None
+    if not steps or steps[0] < 1 or steps != sorted(set(steps)):
+        raise argparse.ArgumentTypeError("expected rising numbers of rooms, each at least 1")
+    return steps
 
 
 def main() -> None:
@@ -273,28 +313,35 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2, help="client processes")
-    parser.add_argument("--start", type=int, default=50, help="first R (rooms)")
-    parser.add_argument("--max-rooms", type=int, default=6400)
-    parser.add_argument("--bisect", type=int, default=2, help="bisection steps after the first failure")
+    parser.add_argument("--ladder", type=_ladder, default=LADDER, help="comma-separated R (rooms), rising")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--window", type=float, default=6.0)
     parser.add_argument("--p99-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.7,
+        help="before each step, wait for the machine's busy cores to fall below this",
+    )
+    parser.add_argument("--quiet-wait", type=float, default=120.0, help="...for at most this many seconds")
     parser.add_argument("--compare", type=int, default=100, help="R reported side by side for every server")
     parser.add_argument("--json", default=None, help="append one JSON object per step to this file")
     args = parser.parse_args()
+    # A terminated run still stops the servers and client processes it started (finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kinds = [k for k in args.servers.split(",") if k]
     unknown = [k for k in kinds if k not in refservers.KINDS]
     if unknown:
         parser.error(f"unknown server(s): {', '.join(unknown)}; known: {', '.join(refservers.KINDS)}")
-    if args.clients < 1 or args.runs < 1 or args.start < 1:
-        parser.error("--clients, --runs and --start must be at least 1")
+    if args.clients < 1 or args.runs < 1:
+        parser.error("--clients and --runs must be at least 1")
     raise_file_limit()
     record: list[Step] = []
     capacities: dict[str, list[int]] = {k: [] for k in kinds}
     for run in range(1, args.runs + 1):
-        for kind in kinds:  # servers alternate within each run: same machine state for all
-            capacities[kind].append(capacity(kind, run, args, record))
-            print(f"run {run} {kind}: largest R {capacities[kind][-1]}", flush=True)
+        for kind, rooms in ladder_run(kinds, run, args, record).items():
+            capacities[kind].append(rooms)
+            print(f"run {run} {kind}: largest R {rooms}", flush=True)
     summarise(kinds, record, capacities, args.compare)
 
 

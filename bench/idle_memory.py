@@ -26,7 +26,9 @@ import argparse
 import asyncio
 import math
 import multiprocessing
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -239,6 +241,8 @@ def main() -> None:
         "--settle", type=float, default=3.0, help="seconds between the last socket and the reading"
     )
     args = parser.parse_args()
+    # A terminated run still stops the servers and client processes it started (finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kinds = [k for k in args.servers.split(",") if k]
     if unknown := [k for k in kinds if k not in KINDS]:
         parser.error(f"unknown server(s): {', '.join(unknown)}; known: {', '.join(KINDS)}")

@@ -74,6 +74,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of the machine have spent busy since boot (/proc/stat: all but idle
+    and iowait), to tell how much else ran beside a benchmark."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(f) for f in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS
+
+
+def wait_for_quiet(below_cores: float, max_wait: float, sample: float = 2.0) -> float:
+    """On a shared machine: wait (at most max_wait seconds) until the machine's busy cores,
+    averaged over `sample` seconds, fall below `below_cores`; returns the last average. Call it
+    while nothing of the benchmark's own runs."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        start = machine_busy_seconds()
+        time.sleep(sample)
+        busy = (machine_busy_seconds() - start) / sample
+        if busy < below_cores or time.monotonic() >= deadline:
+            return busy
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of the process now (VmRSS in /proc/<pid>/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
