@@ -11,7 +11,8 @@ each step, on a freshly started server:
    each piece stamped with its send time);
 2. waits `--warmup` seconds, then measures for `--window` seconds: every piece that arrives in the
    window gives one lag sample (arrival time - send time; one clock, one machine), and the CPU
-   seconds the server process(es) used in the window are read from /proc/<pid>/stat.
+   seconds the server process(es) used in the window are read from /proc/<pid>/stat (for the
+   socket.io kinds, those of their Redis server too, separately).
 
 A step passes when the p99 lag is at most `--p99-ms` (50) and at least 95% of the frames the
 workload schedules in the window arrived. The largest R passed before the first failure is the
@@ -23,7 +24,8 @@ the clients (`others_cores`).
 Report: one JSON object per step on `--json` (append), with the fields
 
     server, instances, run, rooms, sockets, window_s, expected_frames_per_s, frames_per_s,
-    lag_ms {p50, p95, p99, max}, cpu_s, cpu_us_per_frame, client_cpu_s, others_cores, busy_cores_before, passed
+    lag_ms {p50, p95, p99, max}, cpu_s, cpu_us_per_frame, redis_cpu_us_per_frame, client_cpu_s,
+    others_cores, busy_cores_before, passed
 
 and, at the end, a table per server: the largest passing R, and the step figures at that R and at
 R = `--compare` (median over the runs, min-max in brackets).
@@ -76,6 +78,7 @@ class Step:
     lag_ms: dict[str, float]
     cpu_s: float
     cpu_us_per_frame: float
+    redis_cpu_us_per_frame: float  # the socket.io kinds' own Redis server (0 for the others)
     client_cpu_s: float
     others_cores: float  # what else kept the machine's cores busy in the window, on average
     busy_cores_before: float  # the machine's busy cores just before the step
@@ -161,12 +164,15 @@ def run_step(kind: str, run: int, rooms: int, args: argparse.Namespace) -> Step:
             pipe.send((start, end))
         time.sleep(max(0.0, start - time.time()))
         client_pids = [p.pid for p in procs if p.pid is not None]
+        redis_pid = server.redis.pid if server.redis else None
+        redis_start = cpu_seconds(redis_pid) if redis_pid else 0.0
         cpu_start = sum(cpu_seconds(pid) for pid in server.pids)
         clients_start = sum(cpu_seconds(pid) for pid in client_pids)
         busy_start = machine_busy_seconds()
         time.sleep(max(0.0, end - time.time()))
         cpu_used = sum(cpu_seconds(pid) for pid in server.pids) - cpu_start
         clients_used = sum(cpu_seconds(pid) for pid in client_pids) - clients_start
+        redis_used = cpu_seconds(redis_pid) - redis_start if redis_pid else 0.0
         busy = machine_busy_seconds() - busy_start
         lags: list[float] = []
         for pipe in pipes:
@@ -196,8 +202,9 @@ def run_step(kind: str, run: int, rooms: int, args: argparse.Namespace) -> Step:
         lag_ms={k: round(v, 2) for k, v in lag_ms.items()},
         cpu_s=round(cpu_used, 3),
         cpu_us_per_frame=round(cpu_used / len(lags) * 1e6, 1) if lags else float("nan"),
+        redis_cpu_us_per_frame=round(redis_used / len(lags) * 1e6, 1) if lags else float("nan"),
         client_cpu_s=round(clients_used, 3),
-        others_cores=round(max(0.0, busy - cpu_used - clients_used) / args.window, 2),
+        others_cores=round(max(0.0, busy - cpu_used - clients_used - redis_used) / args.window, 2),
         busy_cores_before=round(before, 2),
         passed=bool(lags) and lag_ms["p99"] <= args.p99_ms and frames_per_s >= 0.95 * expected,
     )
@@ -237,7 +244,7 @@ def report(step: Step, args: argparse.Namespace) -> None:
     print(
         f"  run {step.run} {step.server:<11} R={step.rooms:<5} {step.frames_per_s:8.0f}/{step.expected_frames_per_s:.0f} frames/s"
         f"  lag p50 {lag['p50']:6.1f} p95 {lag['p95']:6.1f} p99 {lag['p99']:7.1f} max {lag['max']:7.1f} ms"
-        f"  cpu {step.cpu_us_per_frame:6.1f} us/frame  others {step.others_cores:.2f} cores"
+        f"  cpu {step.cpu_us_per_frame:6.1f} (+redis {step.redis_cpu_us_per_frame:.1f}) us/frame  others {step.others_cores:.2f} cores"
         f"  {'pass' if step.passed else 'FAIL'}",
         flush=True,
     )
@@ -271,14 +278,17 @@ def summarise(kinds: list[str], record: list[Step], capacities: dict[str, list[i
         )
     scheduled = compare * FRAMES_PER_ROOM_PER_S
     print(f"\nAt R = {compare} rooms ({2 * compare} sockets, {scheduled:.0f} frames/s scheduled):\n")
-    print("| server | frames/s | lag p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | server CPU us/frame |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| server | frames/s | lag p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | server CPU us/frame | Redis CPU us/frame |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind in kinds:
         steps = [s for s in record if s.server == kind and s.rooms == compare]
         lag = {k: [s.lag_ms[k] for s in steps] for k in ("p50", "p95", "p99", "max")}
         print(
             f"| {kind} | {spread([s.frames_per_s for s in steps], 0)} | {spread(lag['p50'])} | {spread(lag['p95'])} "
-            f"| {spread(lag['p99'])} | {spread(lag['max'])} | {spread([s.cpu_us_per_frame for s in steps])} |"
+            f"| {spread(lag['p99'])} | {spread(lag['max'])} | {spread([s.cpu_us_per_frame for s in steps])} "
+            f"| {spread([s.redis_cpu_us_per_frame for s in steps])} |"
         )
     print("\np99 lag (ms) by R, median (min-max) over the runs that reached it, [passed/runs]:\n")
     print("| R | " + " | ".join(kinds) + " |")
@@ -323,7 +333,7 @@ def main() -> None:
         default=0.7,
         help="before each step, wait for the machine's busy cores to fall below this",
     )
-    parser.add_argument("--quiet-wait", type=float, default=120.0, help="...for at most this many seconds")
+    parser.add_argument("--quiet-wait", type=float, default=15.0, help="...for at most this many seconds")
     parser.add_argument("--compare", type=int, default=100, help="R reported side by side for every server")
     parser.add_argument("--json", default=None, help="append one JSON object per step to this file")
     args = parser.parse_args()

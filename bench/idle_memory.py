@@ -159,6 +159,7 @@ def open_sockets(
             if state != phase:
                 raise RuntimeError(f"a client process failed: {detail}")
         if phase == "sessions":
+            print(f"  sessions created at {time.strftime('%X')}", file=sys.stderr, flush=True)
             on_sessions.append(rss_bytes(target.pid))
             for pipe in pipes:
                 pipe.send("go")
@@ -188,7 +189,11 @@ def measure(kind: str, n: int, settle: float, tmp: Path) -> Sample:
         time.sleep(1)
         before = rss_bytes(target.pid)
         sessions: list[int] = []
+        started = time.monotonic()
         pipes, procs = open_sockets(target, n, sessions)
+        print(
+            f"  {kind}: {n} sockets open in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True
+        )
         time.sleep(settle)
         after = rss_bytes(target.pid)
         close_sockets(pipes, procs)
