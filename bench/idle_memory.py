@@ -265,7 +265,11 @@ def main() -> None:
         for run in range(1, args.runs + 1):
             for n in sizes:
                 for kind in kinds:
-                    sample = measure(kind, n, args.settle, Path(tmp))
+                    try:
+                        sample = measure(kind, n, args.settle, Path(tmp))
+                    except (RuntimeError, OSError) as exc:  # a process stopped from outside, say
+                        print(f"run {run} {kind} {n} failed ({exc}); trying once more", flush=True)
+                        sample = measure(kind, n, args.settle, Path(tmp))
                     samples.append(sample)
                     print(
                         f"run {run} {kind:<10} {n:>6} sockets: before {sample.before / 2**20:7.1f} MiB, "

@@ -43,15 +43,17 @@ class Running:
         return [p.pid for p in self.processes]
 
     def stop(self) -> None:
-        for p in [*self.processes, *([self.redis] if self.redis else [])]:
-            if p.poll() is None:
-                p.terminate()
-        for p in [*self.processes, *([self.redis] if self.redis else [])]:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        """Stop the servers, then their Redis (so that they do not see it go first)."""
+        for group in (self.processes, [self.redis] if self.redis else []):
+            for p in group:
+                if p.poll() is None:
+                    p.terminate()
+            for p in group:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
 
 
 def start_redis() -> tuple[str, subprocess.Popen[bytes] | None]:

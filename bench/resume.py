@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import orjson
+from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -109,6 +110,16 @@ async def one_backend(backend: str, run: int, args: argparse.Namespace, gaps: li
             await asyncio.to_thread(delete_redis_keys, prefix)
 
 
+async def with_retry(backend: str, run: int, args: argparse.Namespace, gaps: list[int]) -> dict[int, float]:
+    """One backend's run, tried again once (on a fresh gateway) if its gateway or a socket failed:
+    on a shared machine a process can be stopped from outside."""
+    try:
+        return await one_backend(backend, run, args, gaps)
+    except (RuntimeError, OSError, ConnectionClosed, TimeoutError) as exc:
+        print(f"run {run} {backend} failed ({type(exc).__name__}: {exc}); trying once more", flush=True)
+        return await one_backend(backend, run, args, gaps)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -131,7 +142,7 @@ async def main() -> None:
     results: dict[str, list[dict[int, float]]] = {b: [] for b in backends}
     for run in range(1, args.runs + 1):
         for backend in backends:  # alternate within each run: the same machine state for both
-            results[backend].append(await one_backend(backend, run, args, gaps))
+            results[backend].append(await with_retry(backend, run, args, gaps))
             cells = ", ".join(f"K={k} {ms:.1f} ms" for k, ms in results[backend][-1].items())
             print(f"run {run} {backend}: median of {args.repeats} resumes: {cells}", flush=True)
     print(f"\nms from hello with resume to the last replayed event (median of {args.runs} runs, min-max):\n")
