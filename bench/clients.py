@@ -10,15 +10,50 @@ machine's two cores with the server being measured.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from multiprocessing.connection import Connection
+from typing import Any, Literal, TypeVar
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
 Proto = Literal["plain", "socketio"]
+T = TypeVar("T")
+ATTEMPTS = 3
+
+
+async def from_driver(pipe: Connection) -> Any:
+    """The driver's next word, awaited without blocking the event loop (and without a thread that
+    would keep the process alive if the driver went away)."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(pipe.fileno(), wake)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(pipe.fileno())
+    return pipe.recv()
+
+
+async def retried(attempt: Callable[[], Awaitable[T]]) -> T:
+    """Open a socket, trying up to ATTEMPTS times: on a loaded machine a handshake can time out
+    while the server's accept queue is long."""
+    for n in range(1, ATTEMPTS + 1):
+        try:
+            return await attempt()
+        except (OSError, TimeoutError):
+            if n == ATTEMPTS:
+                raise
+            await asyncio.sleep(n)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

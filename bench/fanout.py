@@ -50,7 +50,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import refservers
-from clients import SocketSpec, open_joined, read_pieces
+from clients import SocketSpec, from_driver, open_joined, read_pieces, retried
 from websockets.asyncio.client import ClientConnection
 from workload import (
     FRAMES_PER_ROOM_PER_S,
@@ -105,7 +105,7 @@ async def _client(pipe: Connection, specs: list[SocketSpec]) -> None:
 
     async def one(spec: SocketSpec) -> ClientConnection:
         async with gate:
-            return await open_joined(spec)
+            return await retried(lambda: open_joined(spec))
 
     try:
         sockets = await asyncio.gather(*(one(s) for s in specs))
@@ -116,7 +116,7 @@ async def _client(pipe: Connection, specs: list[SocketSpec]) -> None:
         asyncio.create_task(read_pieces(ws, s.proto, on_piece)) for ws, s in zip(sockets, specs, strict=True)
     ]
     pipe.send(("ready", len(sockets)))
-    window[0], window[1] = await asyncio.to_thread(pipe.recv)
+    window[0], window[1] = await from_driver(pipe)
     await asyncio.sleep(max(0.0, window[1] - time.time()) + 0.1)
     pipe.send(("lags", lags))
     for task in readers:

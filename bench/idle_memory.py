@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import orjson
 import refservers
-from clients import Proto, SocketSpec, keep_open, open_joined
+from clients import Proto, SocketSpec, from_driver, keep_open, open_joined, retried
 from websockets.asyncio.client import ClientConnection, connect
 from workload import raise_file_limit, rss_bytes
 
@@ -83,15 +83,17 @@ async def _client(pipe: Connection, target: Target, count: int, first: int) -> N
     try:
         tokens = await _sessions(target, count) if target.kind == "gateway" else []
         pipe.send(("sessions", len(tokens)))
-        await asyncio.to_thread(pipe.recv)
+        await from_driver(pipe)
         gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
 
         async def one(i: int) -> ClientConnection:
             async with gate:
                 if target.kind == "gateway":
-                    return await _gateway_socket(target.port, tokens[i])
-                proto = refservers.KINDS[target.kind][1]
-                return await open_joined(SocketSpec(target.port, proto, f"idle{first + i}", "watcher"))
+                    return await retried(lambda: _gateway_socket(target.port, tokens[i]))
+                spec = SocketSpec(
+                    target.port, refservers.KINDS[target.kind][1], f"idle{first + i}", "watcher"
+                )
+                return await retried(lambda: open_joined(spec))
 
         sockets = await asyncio.gather(*(one(i) for i in range(count)))
     except Exception as exc:
@@ -100,7 +102,7 @@ async def _client(pipe: Connection, target: Target, count: int, first: int) -> N
     proto: Proto = "socketio" if target.kind == "socketio" else "plain"
     holders = [asyncio.create_task(keep_open(ws, proto)) for ws in sockets]
     pipe.send(("ready", len(sockets)))
-    await asyncio.to_thread(pipe.recv)
+    await from_driver(pipe)
     for task in holders:
         task.cancel()
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
@@ -151,18 +153,22 @@ def open_sockets(
         pipes.append(ours)
         procs.append(proc)
         first += count
-    for phase in ("sessions", "ready"):
-        for pipe in pipes:
-            if not pipe.poll(300):
-                raise RuntimeError(f"a client process did not report '{phase}' within 300 s")
-            state, detail = pipe.recv()
-            if state != phase:
-                raise RuntimeError(f"a client process failed: {detail}")
-        if phase == "sessions":
-            print(f"  sessions created at {time.strftime('%X')}", file=sys.stderr, flush=True)
-            on_sessions.append(rss_bytes(target.pid))
+    try:
+        for phase in ("sessions", "ready"):
             for pipe in pipes:
-                pipe.send("go")
+                if not pipe.poll(300):
+                    raise RuntimeError(f"a client process did not report '{phase}' within 300 s")
+                state, detail = pipe.recv()
+                if state != phase:
+                    raise RuntimeError(f"a client process failed: {detail}")
+            if phase == "sessions":
+                on_sessions.append(rss_bytes(target.pid))
+                for pipe in pipes:
+                    pipe.send("go")
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
     return pipes, procs
 
 
