@@ -102,19 +102,20 @@ async def _client(pipe: Connection, specs: list[SocketSpec]) -> None:
             lags.append(now - sent)
 
     gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
+    sockets: list[ClientConnection] = []
+    readers: list[asyncio.Task[None]] = []
 
-    async def one(spec: SocketSpec) -> ClientConnection:
+    async def one(spec: SocketSpec) -> None:
         async with gate:
-            return await retried(lambda: open_joined(spec))
+            ws = await retried(lambda: open_joined(spec))
+        sockets.append(ws)
+        readers.append(asyncio.create_task(read_pieces(ws, spec.proto, on_piece)))  # pings answered at once
 
     try:
-        sockets = await asyncio.gather(*(one(s) for s in specs))
+        await asyncio.gather(*(one(s) for s in specs))
     except Exception as exc:
         pipe.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    readers = [
-        asyncio.create_task(read_pieces(ws, s.proto, on_piece)) for ws, s in zip(sockets, specs, strict=True)
-    ]
     pipe.send(("ready", len(sockets)))
     window[0], window[1] = await from_driver(pipe)
     await asyncio.sleep(max(0.0, window[1] - time.time()) + 0.1)

@@ -10,7 +10,9 @@ For each N in `--sockets` and each server (`--servers`), on a freshly started se
    reference servers get a `join` as a watcher of a room of its own (socket.io: after the
    Engine.IO and namespace handshakes); gateway sockets send `hello` with their token and get
    `welcome`;
-5. wait `--settle` seconds, read RSS: `after`. Per socket: (after - before) / N bytes.
+5. wait `--settle` seconds, read RSS: `after`. Per socket: (after - before) / N bytes. The
+   clients then check that all N sockets were still open at the reading (else the measurement
+   is tried once more, then the script stops).
 
 Servers alternate within each run; figures are the median of `--runs` runs with min-max.
 Soft limits on open files are raised to the hard limit in every process (20,000 here, which is
@@ -80,29 +82,34 @@ def client_process(pipe: Connection, target: Target, count: int, first: int) -> 
 
 
 async def _client(pipe: Connection, target: Target, count: int, first: int) -> None:
+    proto: Proto = "socketio" if target.kind == "socketio" else "plain"
+    holders: list[asyncio.Task[None]] = []
+    sockets: list[ClientConnection] = []
     try:
         tokens = await _sessions(target, count) if target.kind == "gateway" else []
         pipe.send(("sessions", len(tokens)))
         await from_driver(pipe)
         gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
 
-        async def one(i: int) -> ClientConnection:
+        async def one(i: int) -> None:
             async with gate:
                 if target.kind == "gateway":
-                    return await retried(lambda: _gateway_socket(target.port, tokens[i]))
-                spec = SocketSpec(
-                    target.port, refservers.KINDS[target.kind][1], f"idle{first + i}", "watcher"
-                )
-                return await retried(lambda: open_joined(spec))
+                    ws = await retried(lambda: _gateway_socket(target.port, tokens[i]))
+                else:
+                    spec = SocketSpec(target.port, proto, f"idle{first + i}", "watcher")
+                    ws = await retried(lambda: open_joined(spec))
+            sockets.append(ws)
+            # At once, not after the last socket opened: socket.io drops a client that does not
+            # answer its pings within 45 s, and opening thousands of sockets can take longer.
+            holders.append(asyncio.create_task(keep_open(ws, proto)))
 
-        sockets = await asyncio.gather(*(one(i) for i in range(count)))
+        await asyncio.gather(*(one(i) for i in range(count)))
     except Exception as exc:
         pipe.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    proto: Proto = "socketio" if target.kind == "socketio" else "plain"
-    holders = [asyncio.create_task(keep_open(ws, proto)) for ws in sockets]
     pipe.send(("ready", len(sockets)))
     await from_driver(pipe)
+    pipe.send(("open", sum(not task.done() for task in holders)))
     for task in holders:
         task.cancel()
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
@@ -172,13 +179,19 @@ def open_sockets(
     return pipes, procs
 
 
-def close_sockets(pipes: list[Connection], procs: list[multiprocessing.process.BaseProcess]) -> None:
+def close_sockets(pipes: list[Connection], procs: list[multiprocessing.process.BaseProcess]) -> int:
+    """Have the client processes close their sockets; returns how many were still open before."""
     for pipe in pipes:
         pipe.send("close")
+    still_open = 0
+    for pipe in pipes:
+        if pipe.poll(60):
+            still_open += pipe.recv()[1]
     for proc in procs:
         proc.join(60)
         if proc.is_alive():
             proc.kill()
+    return still_open
 
 
 def measure(kind: str, n: int, settle: float, tmp: Path) -> Sample:
@@ -202,7 +215,9 @@ def measure(kind: str, n: int, settle: float, tmp: Path) -> Sample:
         )
         time.sleep(settle)
         after = rss_bytes(target.pid)
-        close_sockets(pipes, procs)
+        still_open = close_sockets(pipes, procs)
+        if still_open != n:
+            raise RuntimeError(f"only {still_open} of {n} sockets were still open at the reading")
         return Sample(kind, n, before, sessions[0], after)
     finally:
         if gateway:
