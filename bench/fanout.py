@@ -32,6 +32,7 @@ R = `--compare` (median over the runs, min-max in brackets).
 
     .venv/bin/python bench/fanout.py --runs 3
     .venv/bin/python bench/fanout.py --servers starlette --ladder 100,200,300 --runs 1
+    .venv/bin/python bench/fanout.py --from-json fanout.jsonl   # the tables again, from the steps
 """
 
 from __future__ import annotations
@@ -263,17 +264,29 @@ def spread(values: list[float], digits: int = 1) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def summarise(kinds: list[str], record: list[Step], capacities: dict[str, list[int]], compare: int) -> None:
+def capacities_of(record: list[Step], kind: str) -> dict[int, int]:
+    """Per run: the largest R that passed with no failure at a smaller R."""
+    result: dict[int, int] = {}
+    for run in sorted({s.run for s in record if s.server == kind}):
+        best = 0
+        for step in sorted((s for s in record if s.server == kind and s.run == run), key=lambda s: s.rooms):
+            if not step.passed:
+                break
+            best = step.rooms
+        result[run] = best
+    return result
+
+
+def summarise(kinds: list[str], record: list[Step], compare: int) -> None:
+    capacities = {kind: capacities_of(record, kind) for kind in kinds}
     print(
         "\n| server | largest R, p99 <= limit | frames/s at it | p99 lag at it (ms) | server CPU us/frame at it |"
     )
     print("| --- | --- | --- | --- | --- |")
     for kind in kinds:
-        at_cap = [
-            s for s in record if s.server == kind and s.passed and s.rooms == capacities[kind][s.run - 1]
-        ]
+        at_cap = [s for s in record if s.server == kind and s.passed and s.rooms == capacities[kind][s.run]]
         print(
-            f"| {kind} | {spread([float(c) for c in capacities[kind]], 0)} | "
+            f"| {kind} | {spread([float(c) for c in capacities[kind].values()], 0)} | "
             f"{spread([s.frames_per_s for s in at_cap], 0)} | {spread([s.lag_ms['p99'] for s in at_cap])} | "
             f"{spread([s.cpu_us_per_frame for s in at_cap])} |"
         )
@@ -337,6 +350,12 @@ def main() -> None:
     parser.add_argument("--quiet-wait", type=float, default=15.0, help="...for at most this many seconds")
     parser.add_argument("--compare", type=int, default=100, help="R reported side by side for every server")
     parser.add_argument("--json", default=None, help="append one JSON object per step to this file")
+    parser.add_argument(
+        "--first-run", type=int, default=1, help="number of the first run (to append to a file)"
+    )
+    parser.add_argument(
+        "--from-json", default=None, help="measure nothing: print the tables of the steps in this file"
+    )
     args = parser.parse_args()
     # A terminated run still stops the servers and client processes it started (finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -348,12 +367,14 @@ def main() -> None:
         parser.error("--clients and --runs must be at least 1")
     raise_file_limit()
     record: list[Step] = []
-    capacities: dict[str, list[int]] = {k: [] for k in kinds}
-    for run in range(1, args.runs + 1):
-        for kind, rooms in ladder_run(kinds, run, args, record).items():
-            capacities[kind].append(rooms)
-            print(f"run {run} {kind}: largest R {rooms}", flush=True)
-    summarise(kinds, record, capacities, args.compare)
+    if args.from_json:
+        record = [Step(**json.loads(line)) for line in Path(args.from_json).read_text().splitlines() if line]
+        kinds = [k for k in kinds if any(s.server == k for s in record)]
+    else:
+        for run in range(args.first_run, args.first_run + args.runs):
+            for kind, rooms in ladder_run(kinds, run, args, record).items():
+                print(f"run {run} {kind}: largest R {rooms}", flush=True)
+    summarise(kinds, record, args.compare)
 
 
 if __name__ == "__main__":
