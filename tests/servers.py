@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -57,7 +57,10 @@ class GatewayProcess:
                 self.process.wait(5)
 
 
-def start_gateway(tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> GatewayProcess:
+def start_gateway(
+    tmp_dir: Path, extra_env: Mapping[str, str] | None = None, args: Sequence[str] = ()
+) -> GatewayProcess:
+    """`python -m gateway serve` on a free port, with `args` added to the command line."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env.update(
@@ -74,7 +77,7 @@ def start_gateway(tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> 
     log_path = tmp_dir / f"gateway-{port}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
             cwd=ROOT,
             env=env,
             stdout=log_file,
