@@ -111,11 +111,20 @@ class SSEDecoder:
             self._size += len(value) + 1
 
 
+class ProviderError(Exception):
+    """A chunk that is an error object (`{"error": {...}}`): the provider's answer failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 def read_chunk(data: bytes) -> tuple[str, Usage | None]:
     """The text (`choices[0].delta.content`, "" when absent) and the usage of one chunk's JSON.
 
     Lenient where the gateway does not care (unknown fields, a chunk without choices, usage that
-    is not two integers); `ValueError` naming the problem where the text cannot be read.
+    is not two integers); `ValueError` naming the problem where the text cannot be read, and
+    `ProviderError` with the provider's message for an error object.
     """
     try:
         chunk = orjson.loads(data)
@@ -123,6 +132,8 @@ def read_chunk(data: bytes) -> tuple[str, Usage | None]:
         raise ValueError(f"a chunk is not JSON: {_excerpt(data)}") from None
     if not isinstance(chunk, dict):
         raise ValueError(f"a chunk is not a JSON object: {_excerpt(data)}")
+    if chunk.get("error"):
+        raise ProviderError(_error_message(chunk))
     text = ""
     choices = chunk.get("choices")
     if choices:  # the usage chunk (and some keep-alive chunks) have no choices at all
@@ -150,20 +161,11 @@ def _excerpt(data: bytes, limit: int = 120) -> str:
     return repr(text + "…" if len(data) > limit else text)
 
 
-def _stream_error(data: bytes) -> str | None:
-    """The message of an error the provider sent inside the stream, or None if `data` is none."""
-    if b'"error"' not in data:  # cheap test first: almost every chunk is a plain chunk
-        return None
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(body, dict) or not body.get("error"):
-        return None
-    return _error_message(body)
-
-
 def _error_message(body: object) -> str:
+    """The message of an error event's or error chunk's body (`{"error": {"message": ...}}`,
+    `{"message": ...}` or plain text)."""
+    if isinstance(body, str) and body:
+        return body
     if isinstance(body, dict):
         error = body.get("error", body)
         if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
@@ -171,6 +173,13 @@ def _error_message(body: object) -> str:
         if isinstance(error, str) and error:
             return error
     return "an error occurred during streaming"
+
+
+def _loads_or_text(data: bytes) -> object:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.decode("utf-8", "replace")
 
 
 class ChunkReader:
@@ -252,11 +261,13 @@ class ChunkReader:
                 pieces.append(text)
 
     def _read_event(self, event: bytes, data: bytes) -> tuple[str, Usage | None]:
-        message = _error_message(_loads_or_text(data)) if event == b"error" else _stream_error(data)
-        if message is not None:
-            raise openai.APIError(message, self._response.request, body=_loads_or_text(data))
+        if event == b"error":
+            body = _loads_or_text(data)
+            raise openai.APIError(_error_message(body), self._response.request, body=body)
         try:
             return read_chunk(data)
+        except ProviderError as exc:
+            raise openai.APIError(exc.message, self._response.request, body=_loads_or_text(data)) from None
         except ValueError as exc:
             raise self._format_error(str(exc)) from exc
 
@@ -267,8 +278,6 @@ class ChunkReader:
             return None
         except httpx2.TimeoutException as exc:
             raise openai.APITimeoutError(request=self._response.request) from exc
-        except openai.APIError:
-            raise
         except Exception as exc:  # whatever the transport raises while reading: the connection failed
             raise openai.APIConnectionError(
                 message=f"the stream broke: {type(exc).__name__}: {exc}", request=self._response.request
@@ -286,10 +295,3 @@ class ChunkReader:
                     async for _ in self._chunks:
                         pass
         await self._closer.aclose()
-
-
-def _loads_or_text(data: bytes) -> object:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data.decode("utf-8", "replace")

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from core.llm import Usage
-from core.openai_sse import MAX_EVENT_BYTES, SSEDecoder, SSEFormatError, read_chunk
+from core.openai_sse import MAX_EVENT_BYTES, ProviderError, SSEDecoder, SSEFormatError, read_chunk
 
 CHUNK = b'{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}'
 
@@ -122,3 +122,24 @@ def test_a_malformed_chunk_is_refused_with_the_problem_named(data: bytes, proble
     with pytest.raises(ValueError, match=problem) as caught:
         read_chunk(data)
     assert data[:10].decode() in str(caught.value)  # the offending chunk is quoted
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            b'{"error": {"message": "the model is overloaded", "type": "server_error"}}',
+            "the model is overloaded",
+        ),
+        (b'{"error": "rate limit"}', "rate limit"),
+        (b'{"error": {"code": 500}}', "an error occurred during streaming"),
+    ],
+)
+def test_an_error_chunk_gives_the_providers_message(data: bytes, message: str) -> None:
+    with pytest.raises(ProviderError) as caught:
+        read_chunk(data)
+    assert caught.value.message == message
+
+
+def test_an_empty_error_field_is_not_an_error() -> None:
+    assert read_chunk(b'{"error": null, "choices": [{"delta": {"content": "ok"}}]}') == ("ok", None)
