@@ -129,6 +129,7 @@ class Supervisor:
             log.warning(
                 "worker %d (pid %s) exited with %s: starting another", worker.index, worker.process.pid, code
             )
+            worker.ready_pipe.close()
             time.sleep(_RESTART_DELAY_S)
             self._workers[position] = self._start(worker.index, sock)
 
