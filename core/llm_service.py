@@ -5,14 +5,16 @@ Guarantees, on top of those of `core.llm`:
 - Retries happen only before the first token. `stream()` returns once the request is open AND the
   first piece of text has arrived, so every retry, every fallback and the first-token timeout are
   over before the caller shows anything. A 429, a 5xx, a 408 or 409, a connection error or a
-  timeout is retried on the same model up to `max_attempts` times, with exponential backoff and
+  timeout, an error the provider sends inside the stream, or a stream that cannot be read is
+  retried on the same model up to `max_attempts` times, with exponential backoff and
   full jitter (a 429's `Retry-After` is honoured instead, capped at `backoff_cap`); then the next
   model of the chain `[model, *fallback_models]` is tried. Any other 4xx is not retried on the same
   model: the next model is tried at once. When every model failed, `LLMError` names the last
   failure.
-- After the first token nothing is retried: a dropped connection, or a stream that sends nothing
-  for `request_timeout` seconds, raises `LLMError` from the iterator. The caller keeps the partial
-  text it has and ends the answer as failed.
+- After the first token nothing is retried: a dropped connection, a stream that sends nothing (or
+  only keep-alive comments) for `request_timeout` seconds, an error event or a malformed chunk
+  raises `LLMError` from the iterator, after the pieces that came before it. The caller keeps the
+  partial text it has and ends the answer as failed.
 - `aclose()` on a stream, or cancelling the task that iterates it, closes the HTTP response, so the
   provider sees the client go away and stops generating. It is safe to call more than once and
   after the end.
@@ -22,11 +24,15 @@ Guarantees, on top of those of `core.llm`:
   holds its concurrency slot until it ends, fails or is closed.
 - `complete()` is the non-streaming call (stage selection, data extraction), with the same
   retries, fallbacks and limits; `request_timeout` bounds each attempt as a whole.
+
+The client sends every request; a streamed answer's body is read by `core.openai_sse` (one JSON
+parse per event instead of the client's object per chunk).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import math
@@ -35,15 +41,16 @@ import time
 import types
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import openai
 from aiolimiter import AsyncLimiter
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
 
 from core.errors import LLMError, Unavailable
 from core.llm import ChatMessage, Completion, Usage  # Completion is re-exported from here too
+from core.openai_sse import ChunkReader, StreamFormatError
 
 __all__ = ["Completion", "LLMErrorObserver", "OpenAILLM", "OpenAIStream"]
 
@@ -57,8 +64,9 @@ _ROLES = frozenset({"system", "developer", "user", "assistant"})
 class LLMErrorObserver(Protocol):
     """What OpenAILLM reports: one `error(code)` per failed attempt or failed stream.
 
-    Codes: "llm_rate_limited", "llm_server_error", "llm_timeout", "llm_connection",
-    "llm_rejected" (a 4xx that is not retried) and "llm_conflict" (409).
+    Codes: "llm_rate_limited", "llm_server_error" (also an error sent inside the stream),
+    "llm_timeout", "llm_connection", "llm_rejected" (a 4xx that is not retried), "llm_conflict"
+    (409) and "llm_bad_response" (a stream that cannot be read).
     `core.observer.Observer` satisfies this.
     """
 
@@ -99,24 +107,22 @@ class OpenAIStream:
         self,
         *,
         model: str,
-        first: str | None,
-        source: openai.AsyncStream[ChatCompletionChunk] | None,
+        first: list[str],
+        reader: ChunkReader | None,
         usage: Usage | None,
-        request_timeout: float,
         release: Callable[[], None],
         report: Callable[[str], None],
     ) -> None:
         self.model = model
         self.usage: Usage | None = None
         self._first = first
-        self._source = source
+        self._reader = reader
         self._pending_usage = usage
-        self._request_timeout = request_timeout
         self._release: Callable[[], None] | None = release
         self._report = report
         self._closed = False
         self._iterator: AsyncGenerator[str, None] | None = None
-        if source is None:  # the answer ended before any text
+        if reader is None:  # the answer ended before any text
             self._finish()
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -128,17 +134,18 @@ class OpenAIStream:
         # The finally runs on normal end, on error, on the consumer's cancellation (raised at the
         # await below) and when the generator is closed: each closes the HTTP response.
         try:
-            if self._first is not None:
-                first, self._first = self._first, None
-                yield first
-            while self._source is not None and not self.is_closed():
-                try:
-                    async with asyncio.timeout(self._request_timeout):
-                        chunk = await anext(self._source)
-                except StopAsyncIteration:
-                    self._finish()
+            pieces, self._first = self._first, []
+            while not self.is_closed():
+                for piece in pieces:
+                    yield piece
+                    if self.is_closed():  # closed by another task while the consumer held this piece
+                        return
+                reader = self._reader
+                if reader is None:
                     return
-                except (TimeoutError, openai.APIError) as exc:
+                try:
+                    pieces = await reader.read()
+                except openai.APIError as exc:
                     if self.is_closed():  # closed by another task while we waited: a quiet end
                         return
                     failure = _classify(exc, self.model)
@@ -146,11 +153,10 @@ class OpenAIStream:
                     raise LLMError(
                         f"the answer stream failed after its first token: {failure.describe()}"
                     ) from exc
-                if chunk.usage is not None:
-                    self._pending_usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                text = _chunk_text(chunk)
-                if text:
-                    yield text
+                if not pieces:  # [DONE], or the end of the body
+                    self._pending_usage = reader.usage
+                    self._finish()
+                    return
         finally:
             await self.aclose()
 
@@ -172,12 +178,10 @@ class OpenAIStream:
         """Stop the answer: close the HTTP response (the provider sees the disconnect and stops
         generating) and free the business's concurrency slot. Idempotent; safe after the end."""
         self._closed = True
-        source, self._source = self._source, None
+        reader, self._reader = self._reader, None
         try:
-            if source is not None:
-                # `AsyncStream.close()` awaits `response.aclose()` on the underlying HTTP response
-                # (openai/_streaming.py); `aclose()` is only an alias of it in recent releases.
-                await source.close()
+            if reader is not None:
+                await reader.aclose()
         finally:
             self._free_slot()
         # Finish our own generator too when no one is inside it (a consumer that stopped reading),
@@ -204,9 +208,10 @@ class OpenAILLM:
         backoff_cap: float = 4.0,
         first_token_timeout: float = 20.0,
         request_timeout: float = 60.0,
-        max_concurrency_per_business: int = 8,
-        requests_per_minute_per_business: int = 120,
+        max_concurrency_per_business: int = 256,
+        requests_per_minute_per_business: int = 3000,
         observer: LLMErrorObserver | None = None,
+        transport: Literal["aiohttp", "httpx2"] = "aiohttp",
     ) -> None:
         if not isinstance(api_key, str) or not api_key:
             raise ValueError("api_key must be a non-empty string")
@@ -233,6 +238,8 @@ class OpenAILLM:
             raise ValueError("max_concurrency_per_business must be >= 1")
         if requests_per_minute_per_business < 1:
             raise ValueError("requests_per_minute_per_business must be >= 1")
+        if transport not in ("aiohttp", "httpx2"):
+            raise ValueError("transport must be 'aiohttp' or 'httpx2'")
         self.model = model
         self.models: tuple[str, ...] = tuple(chain)
         self._api_key = api_key
@@ -245,6 +252,7 @@ class OpenAILLM:
         self._concurrency = max_concurrency_per_business
         self._per_minute = requests_per_minute_per_business
         self._observer = observer
+        self._transport = transport
         self._client: openai.AsyncOpenAI | None = None
         self._closed = False
         # One bucket per business seen; business ids are few and long-lived, so none is evicted.
@@ -265,16 +273,22 @@ class OpenAILLM:
         if self._closed:
             raise Unavailable("the LLM service is closed")
         if self._client is None:
+            # `read` is the inactivity timeout between two reads of a response.
+            timeout = openai.Timeout(
+                self._request_timeout, connect=min(self._first_token_timeout, self._request_timeout)
+            )
             self._client = openai.AsyncOpenAI(
                 api_key=self._api_key,
                 base_url=self._base_url,
                 # This service owns retries (only before the first token, with fallbacks and
                 # per-business limits): the client must not retry on its own as well.
                 max_retries=0,
-                # `read` is the inactivity timeout between two reads of a response.
-                timeout=openai.Timeout(
-                    self._request_timeout, connect=min(self._first_token_timeout, self._request_timeout)
-                ),
+                timeout=timeout,
+                # The client's aiohttp transport (openai[aiohttp]) reads a streamed body for about
+                # half the CPU of its default one (bench/README.md); both behave the same here.
+                http_client=openai.DefaultAioHttpClient(timeout=timeout)
+                if self._transport == "aiohttp"
+                else None,
             )
         return self._client
 
@@ -314,46 +328,49 @@ class OpenAILLM:
     ) -> OpenAIStream:
         await bucket.limiter.acquire()
         client = self._get_client()
-        source: openai.AsyncStream[ChatCompletionChunk] | None = None
-        usage: Usage | None = None
+        reader: ChunkReader | None = None
         try:
             async with asyncio.timeout(self._first_token_timeout):
-                source = await client.chat.completions.create(
-                    model=model,
-                    messages=params,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
-                while True:
-                    try:
-                        chunk = await anext(source)
-                    except StopAsyncIteration:  # the answer ended without any text
-                        await source.close()
-                        return self._new_stream(model, None, None, usage, bucket)
-                    if chunk.usage is not None:
-                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    text = _chunk_text(chunk)
-                    if text:
-                        return self._new_stream(model, text, source, usage, bucket)
+                reader = await self._request_stream(client, model, params)
+                pieces = await reader.read()
         except BaseException:
-            if source is not None:
-                await source.close()
+            if reader is not None:
+                await reader.aclose()
             raise
+        if pieces:
+            return self._new_stream(model, pieces, reader, None, bucket)
+        await reader.aclose()  # the answer ended without any text
+        return self._new_stream(model, [], None, reader.usage, bucket)
+
+    async def _request_stream(
+        self, client: openai.AsyncOpenAI, model: str, params: list[ChatCompletionMessageParam]
+    ) -> ChunkReader:
+        """Send the streamed request through the client (auth, status errors, timeouts) and read
+        its body ourselves: the client's per-chunk objects cost more than the rest of the gateway."""
+        closer = contextlib.AsyncExitStack()
+        response = await closer.enter_async_context(
+            client.chat.completions.with_streaming_response.create(
+                model=model,
+                messages=params,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        return ChunkReader(response.http_response, closer=closer, idle_timeout=self._request_timeout)
 
     def _new_stream(
         self,
         model: str,
-        first: str | None,
-        source: openai.AsyncStream[ChatCompletionChunk] | None,
+        first: list[str],
+        reader: ChunkReader | None,
         usage: Usage | None,
         bucket: _Bucket,
     ) -> OpenAIStream:
         return OpenAIStream(
             model=model,
             first=first,
-            source=source,
+            reader=reader,
             usage=usage,
-            request_timeout=self._request_timeout,
             release=bucket.semaphore.release,
             report=self._report,
         )
@@ -448,17 +465,12 @@ def _to_params(messages: Sequence[ChatMessage]) -> list[ChatCompletionMessagePar
     return params
 
 
-def _chunk_text(chunk: ChatCompletionChunk) -> str:
-    # The usage chunk (and some providers' keep-alive chunks) have no choices at all.
-    if not chunk.choices:
-        return ""
-    return chunk.choices[0].delta.content or ""
-
-
 def _classify(exc: BaseException, model: str) -> _Failure:
     """What a failed attempt was, and whether it is worth trying again on the same model."""
     if isinstance(exc, TimeoutError):
         return _Failure(model, "llm_timeout", "no answer in time", retryable=True)
+    if isinstance(exc, StreamFormatError):
+        return _Failure(model, "llm_bad_response", exc.message, retryable=True)
     if isinstance(exc, openai.APITimeoutError):  # before APIConnectionError: it is a subclass
         return _Failure(model, "llm_timeout", "the request timed out", retryable=True)
     if isinstance(exc, openai.APIConnectionError):

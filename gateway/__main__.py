@@ -2,4 +2,6 @@ import sys
 
 from gateway.cli import main
 
-sys.exit(main())
+# Guarded: `chatgw serve --workers N` spawns processes that import this module again.
+if __name__ == "__main__":
+    sys.exit(main())

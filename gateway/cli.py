@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import importlib.util
+import logging
+import socket
 import sys
 from collections.abc import Callable
 
@@ -15,6 +19,8 @@ from gateway.drain import DrainingServer
 from gateway.logs import configure_logging
 from gateway.settings import Settings, SettingsError
 
+log = logging.getLogger(__name__)
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -25,6 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default $PORT or 8000)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="processes serving the port (default 1); more than 1 needs DATABASE_URL and REDIS_URL",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop (default auto: uvloop when it is installed, else asyncio)",
+    )
     migrate = commands.add_parser("migrate", help="apply or undo database migrations (needs DATABASE_URL)")
     steps = migrate.add_subparsers(dest="action", required=True)
     up = steps.add_parser("up", help="apply pending migrations")
@@ -41,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatgw: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        return serve_command(settings, host=args.host or settings.host, port=args.port or settings.port)
+        return serve_command(
+            settings,
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            workers=args.workers,
+            loop=args.loop,
+        )
     return migrate_command(settings, args.action, args.steps if args.action != "status" else None)
 
 
@@ -71,6 +95,16 @@ def _steps(value: str) -> int | None:
     if steps < 1:
         raise argparse.ArgumentTypeError("expected a number >= 1 or 'all'")
     return steps
+
+
+def _workers(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of processes") from None
+    if not 1 <= workers <= 256:
+        raise argparse.ArgumentTypeError("expected a number from 1 to 256")
+    return workers
 
 
 def migrate_command(settings: Settings, action: str, steps: int | None) -> int:
@@ -106,13 +140,57 @@ def migrate_command(settings: Settings, action: str, steps: int | None) -> int:
     return 0
 
 
-def serve_command(settings: Settings, *, host: str, port: int) -> int:
+def serve_command(settings: Settings, *, host: str, port: int, workers: int = 1, loop: str = "auto") -> int:
+    if workers > 1 and not (settings.database_url and settings.redis_url):
+        print(
+            f"chatgw serve: --workers {workers} needs DATABASE_URL and REDIS_URL: on the embedded "
+            "memory backends each worker would keep its own conversations",
+            file=sys.stderr,
+        )
+        return 2
+    if loop == "auto":
+        loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    elif loop == "uvloop" and not importlib.util.find_spec("uvloop"):
+        print("chatgw serve: --loop uvloop: uvloop is not installed", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
+    log.info("serving on %s:%d: %d worker(s), %s event loop", host, port, workers, loop)
+    run = functools.partial(run_server, settings, host=host, port=port, loop=loop, workers=workers)
+    if workers == 1:
+        return run()
+    from gateway.workers import Supervisor
+
+    stop_timeout = settings.graceful_shutdown + 30  # a drain's own bounds, and some slack
+    return Supervisor(run, host=host, port=port, workers=workers, stop_timeout=stop_timeout).run()
+
+
+def run_server(
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    loop: str,
+    workers: int = 1,
+    sockets: list[socket.socket] | None = None,
+    on_ready: Callable[[], None] | None = None,
+    announce: bool = True,
+) -> int:
+    """One gateway process: its app on uvicorn with the gateway's drain. `sockets` are the
+    listening sockets a supervisor bound (one worker of several); otherwise it binds host:port."""
+    if sockets is not None:  # a worker process: its logging is not set up yet
+        configure_logging(settings.log_level, settings.log_format)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
 
-    def announce() -> None:
-        print(f"chatgw is ready: open {base}/ (demo) - WebSocket ws://{shown}:{port}/ws", flush=True)
+    def ready() -> None:
+        if on_ready is not None:
+            on_ready()
+        if not announce:
+            return
+        processes = f" ({workers} workers)" if workers > 1 else ""
+        print(
+            f"chatgw is ready: open {base}/ (demo) - WebSocket ws://{shown}:{port}/ws{processes}", flush=True
+        )
         if settings.demo_api_key_is_random:
             print(
                 f"demo admin API key (random; set CHATGW_DEMO_API_KEY to fix it): {settings.demo_api_key}",
@@ -120,24 +198,28 @@ def serve_command(settings: Settings, *, host: str, port: int) -> int:
             )
 
     try:
-        app = create_app(settings, on_ready=announce)
+        app = create_app(settings, on_ready=ready)
     except ValueError as exc:
         print(f"chatgw: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn_config(app, settings, host=host, port=port)
+    config = uvicorn_config(app, settings, host=host, port=port, loop=loop)
     server = DrainingServer(config, app.state.gateway)
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started else 1
 
 
-def uvicorn_config(app: Starlette, settings: Settings, *, host: str, port: int) -> uvicorn.Config:
-    """How the gateway runs under uvicorn: sans-I/O websockets (with write backpressure), keepalive
-    pings on, per-message deflate off (memory and CPU per socket), frames capped at
-    CHATGW_MAX_FRAME_BYTES (larger ones close with 1009), and a bounded graceful shutdown."""
+def uvicorn_config(
+    app: Starlette, settings: Settings, *, host: str, port: int, loop: str = "auto"
+) -> uvicorn.Config:
+    """How the gateway runs under uvicorn: on `loop` ("uvloop", "asyncio", or "auto": uvloop when
+    installed), sans-I/O websockets (with write backpressure), keepalive pings on, per-message
+    deflate off (memory and CPU per socket), frames capped at CHATGW_MAX_FRAME_BYTES (larger ones
+    close with 1009), and a bounded graceful shutdown."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
+        loop=loop,
         ws="websockets-sansio",
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ws_ping_interval,

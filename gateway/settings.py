@@ -30,8 +30,8 @@ class Settings:
     llm_model: str = "gpt-4o-mini"
     llm_fallback_models: tuple[str, ...] = ()
     llm_first_token_timeout: float = 20.0
-    llm_concurrency: int = 8
-    llm_requests_per_minute: int = 120
+    llm_concurrency: int = 256
+    llm_requests_per_minute: int = 3000
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     secret_is_random: bool = True
     demo_api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
@@ -83,8 +83,10 @@ class Settings:
                 m.strip() for m in (e.get("LLM_FALLBACK_MODELS") or "").split(",") if m.strip()
             ),
             llm_first_token_timeout=e.number("CHATGW_LLM_FIRST_TOKEN_TIMEOUT_S", 20.0, low=0.1),
-            llm_concurrency=e.integer("CHATGW_LLM_CONCURRENCY", 8, low=1),
-            llm_requests_per_minute=e.integer("CHATGW_LLM_REQUESTS_PER_MINUTE", 120, low=1),
+            llm_concurrency=e.integer("CHATGW_LLM_CONCURRENCY", defaults.llm_concurrency, low=1),
+            llm_requests_per_minute=e.integer(
+                "CHATGW_LLM_REQUESTS_PER_MINUTE", defaults.llm_requests_per_minute, low=1
+            ),
             secret=secret or defaults.secret,
             secret_is_random=secret is None,
             demo_api_key=demo_key or defaults.demo_api_key,

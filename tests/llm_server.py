@@ -12,7 +12,8 @@ port, so the real `openai` client talks to it over real HTTP. It serves `POST /v
 What each request gets is scripted: `script(*behaviours, model=...)` queues behaviours consumed one
 per request (for that model, or for any model), `always(behaviour, model=...)` answers every
 request once the queues are empty. An unscripted request gets a 400. Behaviours: `ok`, `slow`,
-`json_answer`, `status`, `hang_before_first_token`, `drop_after`, `stall_after`.
+`json_answer`, `status`, `hang_before_first_token`, `drop_after`, `stall_after`, and `raw_sse`
+(exactly the bytes the test gives: split lines, comments, malformed chunks, error events).
 
 Everything seen is recorded as `SeenRequest`s: the model, the messages, the whole body, and for a
 streamed answer how many pieces were sent and whether the client disconnected before the end. That
@@ -42,7 +43,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from tests.servers import free_port
 
-Kind = Literal["ok", "status", "hang", "drop", "stall"]
+Kind = Literal["ok", "status", "hang", "drop", "stall", "raw"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class Behaviour:
     retry_after: str | None = None
     message: str = ""
     drop_after: int = 0  # for "drop" and "stall": the pieces sent before it
+    keepalive_every: float = 0.0  # for "raw": then send ": keep-alive" comments this often, forever
 
 
 def ok(*pieces: str, delay: float = 0.0) -> Behaviour:
@@ -93,6 +95,13 @@ def drop_after(n_pieces: int, *pieces: str, delay: float = 0.0) -> Behaviour:
 def stall_after(n_pieces: int, *pieces: str) -> Behaviour:
     """Stream the first `n_pieces` of `pieces`, then send nothing until the client leaves."""
     return Behaviour("stall", pieces=pieces, drop_after=n_pieces)
+
+
+def raw_sse(*parts: str, delay: float = 0.0, keepalive_every: float = 0.0) -> Behaviour:
+    """A 200 event stream whose body is exactly `parts`, each written on its own `delay` seconds
+    after the previous one (so that the client reads them separately); then, with
+    `keepalive_every`, a `: keep-alive` comment that often until the client leaves, else the end."""
+    return Behaviour("raw", pieces=parts, delay=delay, keepalive_every=keepalive_every)
 
 
 _UNSCRIPTED = status(400, message="no scripted behaviour for this request")
@@ -365,6 +374,9 @@ class _SSEAnswer(_Answer):
                 "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
             }
         )
+        if behaviour.kind == "raw":
+            await self._raw(send)
+            return
         await send(self._chunk({"role": "assistant", "content": ""}))
         if behaviour.kind == "hang":
             await self._hang()
@@ -399,6 +411,20 @@ class _SSEAnswer(_Answer):
             )
         self.seen.completed = True
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _raw(self, send: Send) -> None:
+        behaviour = self.seen.behaviour
+        for index, part in enumerate(behaviour.pieces):
+            if index and await self._pause(behaviour.delay):
+                return
+            await send({"type": "http.response.body", "body": part.encode(), "more_body": True})
+            self.seen.pieces_sent += 1
+        while behaviour.keepalive_every and not self.server._stopping.is_set():
+            if await self._pause(behaviour.keepalive_every):
+                return
+            await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+        self.seen.completed = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _event(payload: dict[str, Any]) -> Message:

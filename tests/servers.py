@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -60,12 +60,14 @@ class GatewayProcess:
 def start_gateway(
     tmp_dir: Path,
     extra_env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
     *,
     module: str = "gateway",
     cwd: Path = ROOT,
 ) -> GatewayProcess:
-    """`python -m <module> serve` on a free port (`module`: the gateway, or a test's launcher of it),
-    from `cwd` (the checkout unless a test runs an installed copy), once it answers /healthz."""
+    """`python -m <module> serve` on a free port with `args` added to the command line (`module`:
+    the gateway, or a test's launcher of it), from `cwd` (the checkout unless a test runs an
+    installed copy), once it answers /healthz."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env.update(
@@ -82,7 +84,7 @@ def start_gateway(
     log_path = tmp_dir / f"gateway-{port}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port), *args],
             cwd=cwd,
             env=env,
             stdout=log_file,

@@ -7,6 +7,7 @@ closing a stream are seen by the server exactly as a provider would see them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from tests.llm_server import (
     hang_before_first_token,
     json_answer,
     ok,
+    raw_sse,
     slow,
     stall_after,
     status,
@@ -379,6 +381,156 @@ async def test_the_concurrency_limit_is_per_business_and_held_until_the_stream_c
     await third.aclose()
 
 
+def chunk(text: str) -> str:
+    """One content chunk as a provider sends it, ending with its empty line."""
+    payload = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}}],
+    }
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+USAGE = 'data: {"id": "c", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}\n\n'
+DONE = "data: [DONE]\n\n"
+
+
+async def test_lines_split_across_network_reads_are_put_back_together(
+    server: LLMServer, make_llm: Callable[..., OpenAILLM]
+) -> None:
+    body = chunk("Hel") + chunk("lo") + USAGE + DONE
+    cut = [0, 7, 40, len(chunk("Hel")) + 3, len(body) - 5, len(body)]
+    server.script(raw_sse(*(body[a:b] for a, b in itertools.pairwise(cut)), delay=0.05))
+    llm = make_llm()
+
+    stream = await llm.stream(PROMPT)
+
+    assert await read_all(stream) == ["Hel", "lo"]
+    assert stream.usage == Usage(prompt_tokens=9, completion_tokens=2)
+    [seen] = server.requests
+    assert seen.pieces_sent == len(cut) - 1  # the body really went out in that many writes
+
+
+async def test_multi_line_data_comments_and_crlf_are_read_as_the_standard_says(
+    server: LLMServer, make_llm: Callable[..., OpenAILLM]
+) -> None:
+    server.script(
+        raw_sse(
+            ": connected\r\n\r\n",
+            'data: {"choices": [{"index": 0,\r\ndata:  "delta": {"content": "multi"}}]}\r\n\r\n',
+            ": keep-alive\n\n",
+            "event: message\nid: 2\n" + chunk(" line"),
+            USAGE + DONE,
+        )
+    )
+    llm = make_llm()
+
+    stream = await llm.stream(PROMPT)
+
+    assert await read_all(stream) == ["multi", " line"]
+    assert stream.usage == Usage(prompt_tokens=9, completion_tokens=2)
+
+
+async def test_a_stream_that_ends_without_done_ends_normally(
+    server: LLMServer, make_llm: Callable[..., OpenAILLM], codes: Codes
+) -> None:
+    server.script(raw_sse(chunk("no "), chunk("done"), USAGE))
+    llm = make_llm()
+
+    stream = await llm.stream(PROMPT)
+
+    assert await read_all(stream) == ["no ", "done"]
+    assert stream.usage == Usage(prompt_tokens=9, completion_tokens=2)
+    assert codes.codes == []
+
+
+async def test_a_malformed_chunk_after_the_first_token_fails_the_stream_naming_it(
+    server: LLMServer, make_llm: Callable[..., OpenAILLM], codes: Codes
+) -> None:
+    server.script(
+        raw_sse(chunk("fine "), 'data: {"choices": [{"delta": {"content": 42}}]}\n\n', chunk("never"))
+    )
+    llm = make_llm(fallback_models=[BACKUP])
+
+    stream = await llm.stream(PROMPT)
+    received: list[str] = []
+    with pytest.raises(LLMError) as caught:
+        await read_into(stream, received)
+
+    assert received == ["fine "]
+    assert "malformed stream" in caught.value.message
+    assert "content is not a string" in caught.value.message
+    assert "llm_bad_response" in caught.value.message
+    assert server.models() == [MAIN]  # nothing is retried after the first token
+    assert codes.codes == ["llm_bad_response"]
+
+
+async def test_a_stream_that_is_not_json_before_its_first_token_is_retried_then_falls_back(
+    server: LLMServer, make_llm: Callable[..., OpenAILLM], codes: Codes
+) -> None:
+    server.always(raw_sse("data: <html>Bad gateway</html>\n\n"), model=MAIN)
+    server.script(ok("from the backup"), model=BACKUP)
+    llm = make_llm(fallback_models=[BACKUP], max_attempts=2)
+
+    stream = await llm.stream(PROMPT)
+
+    assert stream.model == BACKUP
+    assert await read_all(stream) == ["from the backup"]
+    assert server.models() == [MAIN, MAIN, BACKUP]
+    assert codes.codes == ["llm_bad_response"] * 2
+
+
+async def test_an_error_event_mid_stream_fails_it_with_the_providers_message(
+    server: LLMServer, make_llm: Callable[..., OpenAILLM], codes: Codes
+) -> None:
+    error = (
+        'event: error\ndata: {"error": {"message": "the model is overloaded", "type": "server_error"}}\n\n'
+    )
+    server.script(raw_sse(chunk("half "), error))
+    llm = make_llm()
+
+    stream = await llm.stream(PROMPT)
+    received: list[str] = []
+    with pytest.raises(LLMError) as caught:
+        await read_into(stream, received)
+
+    assert received == ["half "]
+    assert "the model is overloaded" in caught.value.message
+    assert codes.codes == ["llm_server_error"]
+
+
+async def test_an_error_chunk_before_the_first_token_is_retried(
+    server: LLMServer, make_llm: Callable[..., OpenAILLM], codes: Codes
+) -> None:
+    server.script(raw_sse('data: {"error": {"message": "try again"}}\n\n'), ok("second time"))
+    llm = make_llm(max_attempts=2)
+
+    stream = await llm.stream(PROMPT)
+
+    assert await read_all(stream) == ["second time"]
+    assert server.models() == [MAIN, MAIN]
+    assert codes.codes == ["llm_server_error"]
+
+
+async def test_keep_alives_alone_after_the_first_token_time_out_and_close_the_request(
+    server: LLMServer, make_llm: Callable[..., OpenAILLM], codes: Codes
+) -> None:
+    server.script(raw_sse(chunk("one "), keepalive_every=0.1))
+    llm = make_llm(request_timeout=0.6)
+
+    stream = await llm.stream(PROMPT)
+    received: list[str] = []
+    with pytest.raises(LLMError) as caught:
+        await read_into(stream, received)
+
+    assert received == ["one "]
+    assert "llm_timeout" in caught.value.message
+    [seen] = server.requests
+    await server.wait_for(lambda: seen.finished)
+    assert seen.client_disconnected
+    assert codes.codes == ["llm_timeout"]
+
+
 def test_openai_llm_is_an_llm_provider() -> None:
     provider: LLMProvider = OpenAILLM(api_key="k", base_url=None, model="m")  # checked by mypy
     assert provider.name == "openai"
@@ -399,6 +551,7 @@ def test_openai_llm_is_an_llm_provider() -> None:
         {"max_concurrency_per_business": 0},
         {"requests_per_minute_per_business": 0},
         {"base_url": "ftp://example.com"},
+        {"transport": "requests"},
     ],
 )
 def test_bad_settings_are_refused_at_once(overrides: dict[str, Any]) -> None:
