@@ -37,7 +37,7 @@ class LoadConfig:
     duration: float = 30.0
     stop_rate: float = 0.0
     processes: int = 1
-    connect_rate: float = 200.0
+    connect_rate: float = 50.0
     drain_timeout: float = 10.0
     model_server: str | None = None
     json_stdout: bool = False
@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--connect-rate",
         type=float,
-        default=200.0,
+        default=50.0,
         metavar="N",
-        help="conversations opened per second, all processes together (default 200)",
+        help="conversations opened per second, all processes together (default 50)",
     )
     add(
         "--drain-timeout",
