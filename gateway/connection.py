@@ -64,11 +64,14 @@ class _Close:
 class Refused(Exception):
     """Ends the connection at hello (or later) with an error frame and a close code."""
 
-    def __init__(self, code: CloseCode, error: ErrorCode, message: str) -> None:
+    def __init__(
+        self, code: CloseCode, error: ErrorCode, message: str, *, retry_after_ms: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.error = error
         self.message = message
+        self.retry_after_ms = retry_after_ms
 
 
 class Role(Protocol):
@@ -226,7 +229,7 @@ class Connection:
 
     def refuse(self, refused: Refused) -> None:
         self.gw.metrics.error(refused.error.value)
-        self.send(error_frame(refused.error, refused.message))
+        self.send(error_frame(refused.error, refused.message, retry_after_ms=refused.retry_after_ms))
         self.close(refused.code, refused.message[:120])
 
     async def _receive_hello(self) -> Hello | None:
@@ -267,7 +270,12 @@ class Connection:
 
                 self.role = await WidgetRole.start(self, principal, hello)
         except Unavailable as exc:
-            raise Refused(CloseCode.TRY_AGAIN_LATER, ErrorCode.UNAVAILABLE, exc.message) from None
+            raise Refused(
+                CloseCode.TRY_AGAIN_LATER,
+                ErrorCode.UNAVAILABLE,
+                exc.message,
+                retry_after_ms=exc.retry_after_ms,
+            ) from None
         log.info("socket opened", extra=self.log_extra())
 
     def check_origin(self, allowed: tuple[str, ...]) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from gateway.migrate import Migrator
 from tests.databases import with_database
-from tests.e2e.client import Client, new_widget
+from tests.e2e.client import Client, Widget, new_widget
 from tests.servers import GatewayProcess, load_services, start_gateway
 
 
@@ -34,6 +34,21 @@ async def send_until_acked(client: Client, client_msg_id: str, text: str) -> tup
         assert frame["code"] == "unavailable", frame
         assert frame["retry_after_ms"] > 0
         errors += 1
+        await asyncio.sleep(frame["retry_after_ms"] / 1000 / 4)
+
+
+async def hello_until_welcome(gw: GatewayProcess, widget: Widget) -> Client:
+    """Connect and say hello; after an `unavailable` (close 1013) reconnect after `retry_after_ms`,
+    as the protocol says."""
+    while True:
+        client = await Client.open(gw)
+        await client.send({"type": "hello", "token": widget.token})
+        frame = await client.recv()
+        if frame["type"] == "welcome":
+            return client
+        assert (frame["type"], frame["code"]) == ("error", "unavailable"), frame
+        await client.ws.wait_closed()
+        assert client.ws.close_code == 1013
         await asyncio.sleep(frame["retry_after_ms"] / 1000 / 4)
 
 
@@ -80,8 +95,7 @@ async def test_connections_killed_during_traffic_lose_nothing_acked(
 
     async def chat(n: int) -> tuple[Any, list[dict[str, Any]]]:
         widget = new_widget(pg_gateway)
-        client = await Client.open(pg_gateway)
-        await client.hello(widget)
+        client = await hello_until_welcome(pg_gateway, widget)
         acks = []
         for i in range(15):
             ack, _ = await send_until_acked(client, f"c{n}-{i}", f"client {n} message {i}")
