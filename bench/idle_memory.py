@@ -295,7 +295,8 @@ def main() -> None:
                     samples.append(sample)
                     print(
                         f"run {run} {kind:<10} {n:>6} sockets: before {sample.before / 2**20:7.1f} MiB, "
-                        f"after {sample.after / 2**20:7.1f} MiB, {sample.per_socket / 1024:6.1f} KiB/socket",
+                        f"after {sample.after / 2**20:7.1f} MiB, {sample.per_socket / 1024:6.1f} KiB/socket"
+                        f" (sessions {(sample.sessions - sample.before) / n / 1024:.1f})",
                         flush=True,
                     )
     summarise(kinds, sizes, samples)
