@@ -5,9 +5,10 @@ mounted as `socketio.ASGIApp` on uvicorn with the gateway's socket settings (san
 per-message deflate off, 64 KiB frames). The Engine.IO ping (25 s) is socket.io's own keepalive.
 Per socket: the `join` event puts it in its room (a user's join starts the room's publisher).
 Per piece: the publisher calls `sio.emit("delta", piece, room=room)`; the Redis manager delivers
-it to this instance's members of the room (encoding the socket.io packet once per member) and
-PUBLISHes it (pickled) on its Redis channel, where every other instance receives it and delivers
-it to its own members. Run two instances on one channel for cross-instance fan-out.
+it to this instance's members of the room (one socket.io packet encoded per emit, an Engine.IO
+send per member) and PUBLISHes it (as JSON) on its Redis channel, where every instance, this one
+included, decodes it, and every other one delivers it to its own members. Run two instances on
+one channel for cross-instance fan-out.
 
     python bench/ref_socketio.py --port 8103 --redis redis://127.0.0.1:6379/0 --channel bench-x
 """

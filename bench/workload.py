@@ -1,4 +1,4 @@
-"""The fan-out workload shared by the reference servers, and small helpers shared by the drivers.
+"""The fan-out workload shared by the reference servers, and small utilities the drivers share.
 
 Workload (per room = one conversation, two sockets: a user and a watcher): every
 `ANSWER_EVERY_S` seconds an "answer" of `PIECES` pieces paced at `PIECES_PER_S`, each piece a
