@@ -21,6 +21,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    ClusterDownError,
     ConnectionError,
     NoScriptError,
     OutOfMemoryError,
@@ -50,6 +51,7 @@ _TRANSIENT_TYPES: Final = (
     ReadOnlyError,
     OutOfMemoryError,
     TryAgainError,
+    ClusterDownError,  # and MasterDownError
     NoScriptError,
     OSError,
     TimeoutError,
@@ -63,12 +65,25 @@ def translate(exc: BaseException, what: str) -> CoreError:
     if isinstance(exc, CoreError):
         return exc
     if isinstance(exc, _TRANSIENT_TYPES) or (
-        isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in _TRANSIENT_REPLIES
+        isinstance(exc, ResponseError) and _code(exc) in _TRANSIENT_REPLIES
     ):
-        return Unavailable(f"{what} failed: redis is unavailable ({exc!r})", retry_after_ms=RETRY_AFTER_MS)
+        return Unavailable(
+            f"{what} failed: redis is unavailable ({describe(exc)})", retry_after_ms=RETRY_AFTER_MS
+        )
     if isinstance(exc, ResponseError):
-        return CoreError(f"{what} failed: redis refused the command ({exc})")
-    return Unavailable(f"{what} failed: {exc!r}", retry_after_ms=RETRY_AFTER_MS)
+        return CoreError(f"{what} failed: redis refused the command ({describe(exc)})")
+    return Unavailable(f"{what} failed: {describe(exc)}", retry_after_ms=RETRY_AFTER_MS)
+
+
+def _code(exc: ResponseError) -> str:
+    """The error reply's code: redis-py keeps it apart for the replies it maps to a class of its
+    own, and leaves it in front of the message for the others."""
+    return exc.status_code or str(exc).split(" ", 1)[0]
+
+
+def describe(exc: BaseException) -> str:
+    """The exception's type and message (redis-py's own repr leaves the message out)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @dataclass(slots=True)
@@ -106,6 +121,8 @@ class AutoPipelineRedis(redis.asyncio.Redis):
         """Commands sent so far (for metrics and benchmarks)."""
         self.pipelines_sent = 0
         """Pipelines (round trips) they took."""
+        self.most_in_flight = 0
+        """The most pipelines that were in flight at once (for sizing the pool)."""
 
     async def execute_command(self, *args: EncodableT, **options: Any) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -135,6 +152,7 @@ class AutoPipelineRedis(redis.asyncio.Redis):
             return
         task = asyncio.get_running_loop().create_task(self._send(calls), name="redis-pipeline")
         self._in_flight.add(task)
+        self.most_in_flight = max(self.most_in_flight, len(self._in_flight))
         task.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Task[None]) -> None:

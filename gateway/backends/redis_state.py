@@ -39,7 +39,7 @@ from core.types import (
     Role,
     StageName,
 )
-from gateway.backends.redis_client import DEFAULT_POOL_SIZE, auto_pipelined, close_quietly
+from gateway.backends.redis_client import DEFAULT_POOL_SIZE, auto_pipelined, close_quietly, describe
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class RedisStateCache:
         try:
             return await operation(client)
         except _REDIS_FAILURES as exc:
-            raise Unavailable(f"the state cache failed: {exc!r}") from exc
+            raise Unavailable(f"the state cache failed: {describe(exc)}") from exc
 
 
 @dataclass(slots=True)
