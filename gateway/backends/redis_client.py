@@ -160,13 +160,10 @@ class AutoPipelineRedis(redis.asyncio.Redis):
         self._schedule()
 
     async def _send(self, calls: list[_Call]) -> None:
-        pipe = self.pipeline(transaction=False)
-        for call in calls:
-            pipe.execute_command(*call.args, **call.options)
         self.commands_sent += len(calls)
         self.pipelines_sent += 1
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._replies(calls)
         except BaseException as exc:
             failure = exc if isinstance(exc, Exception) else ConnectionError("the pipeline was cancelled")
             for call in calls:
@@ -182,6 +179,18 @@ class AutoPipelineRedis(redis.asyncio.Redis):
                 call.future.set_exception(reply)
             else:
                 call.future.set_result(reply)
+
+    async def _replies(self, calls: list[_Call]) -> list[Any]:
+        """Each call's reply, or its error reply as an exception, in order."""
+        if len(calls) == 1:  # alone: redis-py's own path, without a pipeline's bookkeeping
+            try:
+                return [await super().execute_command(*calls[0].args, **calls[0].options)]  # type: ignore[no-untyped-call]
+            except ResponseError as exc:
+                return [exc]
+        pipe = self.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command(*call.args, **call.options)
+        return await pipe.execute(raise_on_error=False)
 
 
 def auto_pipelined(
