@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import hashlib
 import struct
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.backends import redis_broker  # noqa: E402
 from tests.databases import drop_database, migrated_database, redis_url  # noqa: E402
 from tests.e2e.client import Client, new_widget  # noqa: E402
 from tests.servers import GatewayProcess, start_gateway  # noqa: E402
@@ -213,16 +215,34 @@ class RedisConnection:
         line, at = _line(self._sent, 0)
         if not line.startswith(b"*"):
             raise ValueError(f"not a RESP command: {line[:40]!r}")
-        name = ""
-        for n in range(int(line[1:])):
+        args: list[bytes] = []
+        for _ in range(int(line[1:])):
             header, at = _line(self._sent, at)
             size = int(header[1:])
             if len(self._sent) < at + size + 2:
                 raise _Incomplete
-            if n == 0:
-                name = self._sent[at : at + size].decode().upper()
+            args.append(bytes(self._sent[at : at + size]))
             at += size + 2
-        return name, at
+        return _name(args), at
+
+
+def _name(args: list[bytes]) -> str:
+    """The command's name; for the broker's scripts, the script's (and a publish's event type)."""
+    name = args[0].decode().upper()
+    if name != "EVALSHA" or len(args) < 3:
+        return name
+    script = _SCRIPTS.get(args[1].decode(), "script")
+    if script == "publish":  # EVALSHA sha 3 meta log answer channel type ...
+        return f"EVALSHA publish {args[7].decode()}"
+    return f"EVALSHA {script}"
+
+
+_SCRIPTS = {
+    hashlib.sha1(source.encode()).hexdigest(): name
+    for name, source in vars(redis_broker).items()
+    if name.startswith("_") and name.isupper() and isinstance(source, str) and "redis.call" in source
+    for name in [name.strip("_").lower()]
+}
 
 
 # -- forwarders -----------------------------------------------------------------------------------
@@ -357,8 +377,9 @@ async def main() -> None:
         print(f"  PostgreSQL statements per turn   {measured.pg_statements / n:6.2f}")
         print(f"  Redis commands per turn          {measured.redis_commands / n:6.2f}")
         print(f"  Redis round trips per turn       {measured.redis_round_trips / n:6.2f}")
-        commands = ", ".join(f"{k} {v / n:.2f}" for k, v in measured.by_command.most_common())
-        print(f"  Redis commands by name per turn: {commands}")
+        print("  Redis commands per turn:")
+        for command, times in measured.by_command.most_common():
+            print(f"    {times / n:5.2f}  {command}")
         print("  PostgreSQL statements per turn:")
         for statement, times in measured.by_statement.most_common():
             print(f"    {times / n:5.2f}  {statement}")
