@@ -330,9 +330,9 @@ class CachedStore:
         data: Mapping[str, Any],
     ) -> Conversation:
         return await self._write(
+            business_id,
             conversation_id,
             lambda: self._inner.record_turn(business_id, conversation_id, stage=stage, data=data),
-            business_id,
         )
 
     async def get_conversation(
@@ -365,16 +365,16 @@ class CachedStore:
         self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
     ) -> Conversation:
         return await self._write(
+            business_id,
             conversation_id,
             lambda: self._inner.set_active_response(business_id, conversation_id, response_id),
-            business_id,
         )
 
     async def set_epoch(
         self, business_id: BusinessId, conversation_id: ConversationId, epoch: str
     ) -> Conversation:
         return await self._write(
-            conversation_id, lambda: self._inner.set_epoch(business_id, conversation_id, epoch), business_id
+            business_id, conversation_id, lambda: self._inner.set_epoch(business_id, conversation_id, epoch)
         )
 
     async def set_message_seq(
@@ -382,9 +382,9 @@ class CachedStore:
     ) -> Conversation:
         # It may raise the conversation's last_seq: a state write like the others.
         return await self._write(
+            business_id,
             conversation_id,
             lambda: self._inner.set_message_seq(business_id, conversation_id, message_id, seq),
-            business_id,
         )
 
     async def finish_answer(
@@ -399,11 +399,11 @@ class CachedStore:
         usage: Usage | None = None,
     ) -> tuple[Message, Conversation]:
         return await self._write(
+            business_id,
             conversation_id,
             lambda: self._inner.finish_answer(
                 business_id, conversation_id, response_id, text, status, seq=seq, usage=usage
             ),
-            business_id,
             state=lambda finished: finished[1],
         )
 
@@ -420,9 +420,9 @@ class CachedStore:
 
     async def _write(
         self,
+        business_id: BusinessId,
         conversation_id: ConversationId,
         write: Callable[[], Awaitable[W]],
-        business_id: BusinessId,
         *,
         state: Callable[[W], Conversation | None] = _state_of,
     ) -> W:
