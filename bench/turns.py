@@ -6,8 +6,8 @@ For each backend it starts `python -m gateway serve` (scripted model at full spe
 starts), and has them all at once send `--turns` messages one after another, each waiting for
 its answer's end. Per turn it records, as the client sees them:
 time to `ack`, time to the first `delta`, and time to `ai_end`. It prints percentiles over all
-turns, the frames per second the clients received and the share of answers that did not end
-`complete`, per run and per backend.
+turns, the frames per second the clients received, the share of answers that did not end
+`complete`, and the gateway process's CPU time per turn, per run and per backend.
 
     .venv/bin/python bench/turns.py --runs 3
     TEST_DATABASE_URL=... TEST_REDIS_URL=... .venv/bin/python bench/turns.py --backends postgres+redis
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -76,6 +77,12 @@ async def conversation(client: Client, turns: int, samples: dict[str, list[float
     return frames
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far (Linux: /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
@@ -97,8 +104,10 @@ async def one_run(env: dict[str, str], args: argparse.Namespace) -> dict[str, fl
             samples: dict[str, list[float]] = {"ack": [], "first_delta": [], "ai_end": [], "not_complete": []}
             opening = asyncio.Semaphore(50)
             clients = await asyncio.gather(*(connected(gw, opening) for _ in range(args.conversations)))
+            cpu = process_cpu(gw.process.pid)
             started = time.perf_counter()
             frames = await asyncio.gather(*(conversation(c, args.turns, samples) for c in clients))
+            cpu = process_cpu(gw.process.pid) - cpu
             elapsed = time.perf_counter() - started
         finally:
             gw.stop()
@@ -107,6 +116,7 @@ async def one_run(env: dict[str, str], args: argparse.Namespace) -> dict[str, fl
     result["answers not complete %"] = len(failed) / (args.conversations * args.turns) * 100
     result["frames/s"] = sum(frames) / elapsed
     result["turns/s"] = args.conversations * args.turns / elapsed
+    result["gateway CPU ms/turn"] = cpu / (args.conversations * args.turns) * 1000
     return result
 
 
