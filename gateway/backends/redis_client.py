@@ -104,6 +104,8 @@ class AutoPipelineRedis(redis.asyncio.Redis):
       pipelines; calls issued together in one tick keep theirs.
     - At most `max_pipelines` pipelines are in flight at once (set it to the pool's size, so that
       a pipeline never waits for a connection); calls issued meanwhile gather into the next one.
+    - A call made while nothing is in flight or queued goes out at once, on its own (a quiet
+      process pays nothing for the batching); from then on, calls gather.
     - A call whose caller was cancelled before its pipeline went out is not sent.
 
     `pipeline()` and `pubsub()` are redis-py's own and use the pool directly.
@@ -117,6 +119,7 @@ class AutoPipelineRedis(redis.asyncio.Redis):
         self._queue: deque[_Call] = deque()
         self._scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._direct = 0  # calls sent at once, on their own, not answered yet
         self.commands_sent = 0
         """Commands sent so far (for metrics and benchmarks)."""
         self.pipelines_sent = 0
@@ -125,6 +128,8 @@ class AutoPipelineRedis(redis.asyncio.Redis):
         """The most pipelines that were in flight at once (for sizing the pool)."""
 
     async def execute_command(self, *args: EncodableT, **options: Any) -> Any:
+        if not self._queue and not self._in_flight and not self._direct:
+            return await self._send_at_once(args, options)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append(_Call(args, options, future))
         self._schedule()
@@ -139,8 +144,20 @@ class AutoPipelineRedis(redis.asyncio.Redis):
             await asyncio.wait(self._in_flight)
         await super().aclose(close_connection_pool)
 
+    async def _send_at_once(self, args: tuple[EncodableT, ...], options: dict[str, Any]) -> Any:
+        self._direct += 1
+        self.commands_sent += 1
+        self.pipelines_sent += 1
+        self.most_in_flight = max(self.most_in_flight, 1)
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        finally:
+            self._direct -= 1
+            self._schedule()
+
     def _schedule(self) -> None:
-        if not self._scheduled and self._queue and len(self._in_flight) < self._max_pipelines:
+        busy = len(self._in_flight) + self._direct
+        if not self._scheduled and self._queue and busy < self._max_pipelines:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
@@ -152,7 +169,7 @@ class AutoPipelineRedis(redis.asyncio.Redis):
             return
         task = asyncio.get_running_loop().create_task(self._send(calls), name="redis-pipeline")
         self._in_flight.add(task)
-        self.most_in_flight = max(self.most_in_flight, len(self._in_flight))
+        self.most_in_flight = max(self.most_in_flight, len(self._in_flight) + self._direct)
         task.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
