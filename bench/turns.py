@@ -2,10 +2,12 @@
 PostgreSQL + Redis, side by side in one run.
 
 For each backend it starts `python -m gateway serve` (scripted model at full speed, answers of
-`--tokens` pieces), opens `--conversations` sockets at once, and has each send `--turns` messages
-one after another, waiting for each answer's end. Per turn it records, as the client sees them:
+`--tokens` pieces), opens `--conversations` sockets (each on a new conversation, before the clock
+starts), and has them all at once send `--turns` messages one after another, each waiting for
+its answer's end. Per turn it records, as the client sees them:
 time to `ack`, time to the first `delta`, and time to `ai_end`. It prints percentiles over all
-turns and the frames per second the clients received, per run and per backend.
+turns, the frames per second the clients received, the share of answers that did not end
+`complete`, and the gateway process's CPU time per turn, per run and per backend.
 
     .venv/bin/python bench/turns.py --runs 3
     TEST_DATABASE_URL=... TEST_REDIS_URL=... .venv/bin/python bench/turns.py --backends postgres+redis
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,31 +35,52 @@ from tests.e2e.client import Client, new_widget  # noqa: E402
 from tests.servers import GatewayProcess, start_gateway  # noqa: E402
 
 
-async def conversation(gw: GatewayProcess, turns: int, samples: dict[str, list[float]]) -> int:
-    widget = new_widget(gw)
-    client = await Client.open(gw)
-    await client.hello(widget)
+async def connected(gw: GatewayProcess, opening: asyncio.Semaphore) -> Client:
+    """A socket that said hello on a new conversation (set up before the clock starts)."""
+    widget = await asyncio.to_thread(new_widget, gw)
+    async with opening:
+        client = await Client.open(gw)
+        await client.hello(widget)
+    return client
+
+
+async def conversation(client: Client, turns: int, samples: dict[str, list[float]]) -> int:
     frames = 0
     for n in range(turns):
         sent = time.perf_counter()
         await client.send({"type": "message", "client_msg_id": f"b-{n}", "text": f"question {n}"})
         first_delta = acked = None
+        frame: dict[str, Any] = {"type": "none"}
         while True:
-            frame = await client.recv(timeout=60)
+            try:
+                frame = await client.recv(timeout=60)
+            except TimeoutError:
+                break  # nothing for a minute: the turn is lost
             frames += 1
             now = time.perf_counter()
             if frame["type"] == "ack" and acked is None:
                 acked = now
             elif frame["type"] == "delta" and first_delta is None:
                 first_delta = now
+            elif frame["type"] == "error" and frame.get("client_msg_id") == f"b-{n}":
+                break  # refused (unavailable, say): a turn that did not complete
             elif frame["type"] == "ai_end":
                 break
-        samples["ack"].append((acked or now) - sent)
-        samples["first_delta"].append((first_delta or now) - sent)
-        samples["ai_end"].append(now - sent)
+        if frame["type"] != "ai_end" or frame["status"] != "complete":
+            samples["not_complete"].append(1.0)
+        if frame["type"] == "ai_end":
+            samples["ack"].append((acked or now) - sent)
+            samples["first_delta"].append((first_delta or now) - sent)
+            samples["ai_end"].append(now - sent)
     client.frames.clear()
     await client.close()
     return frames
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far (Linux: /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -76,17 +101,22 @@ async def one_run(env: dict[str, str], args: argparse.Namespace) -> dict[str, fl
             },
         )
         try:
-            samples: dict[str, list[float]] = {"ack": [], "first_delta": [], "ai_end": []}
+            samples: dict[str, list[float]] = {"ack": [], "first_delta": [], "ai_end": [], "not_complete": []}
+            opening = asyncio.Semaphore(50)
+            clients = await asyncio.gather(*(connected(gw, opening) for _ in range(args.conversations)))
+            cpu = process_cpu(gw.process.pid)
             started = time.perf_counter()
-            frames = await asyncio.gather(
-                *(conversation(gw, args.turns, samples) for _ in range(args.conversations))
-            )
+            frames = await asyncio.gather(*(conversation(c, args.turns, samples) for c in clients))
+            cpu = process_cpu(gw.process.pid) - cpu
             elapsed = time.perf_counter() - started
         finally:
             gw.stop()
+    failed = samples.pop("not_complete")
     result = {f"{k} p{p}": pct(v, p) for k, v in samples.items() for p in (50, 95, 99)}
+    result["answers not complete %"] = len(failed) / (args.conversations * args.turns) * 100
     result["frames/s"] = sum(frames) / elapsed
     result["turns/s"] = args.conversations * args.turns / elapsed
+    result["gateway CPU ms/turn"] = cpu / (args.conversations * args.turns) * 1000
     return result
 
 

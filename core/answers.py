@@ -387,7 +387,8 @@ class AnswerRunner:
             log.warning("telling the user about a failed answer failed: %s", exc.message)
 
     async def store_ended(self, ended: EndedAnswer) -> None:
-        """Store an ended answer: its row, the seq of its ai_end, the active answer cleared.
+        """Store an ended answer: its row, the seq of its ai_end, the active answer cleared (one
+        atomic step of the store).
         Failures are logged and counted: the ai_end is out already, and the store retried."""
         # Shielded as a whole: a cancelled caller (a shutdown, a closing socket) must not leave
         # the row stored but invisible in history (no seq), or the active answer set.
@@ -400,13 +401,15 @@ class AnswerRunner:
             self.observer.error(exc.code)
 
     async def _write_ended(self, ended: EndedAnswer) -> None:
-        bid, cid = ended.business_id, ended.conversation_id
-        message = await self.store.add_assistant_message(
-            bid, cid, ended.response_id, ended.text, ended.status, usage=ended.usage
+        await self.store.finish_answer(
+            ended.business_id,
+            ended.conversation_id,
+            ended.response_id,
+            ended.text,
+            ended.status,
+            seq=ended.seq,
+            usage=ended.usage,
         )
-        if ended.seq is not None:
-            await self.store.set_message_seq(bid, cid, message.message_id, ended.seq)
-        await self.store.set_active_response(bid, cid, None)
 
     # -- leases ---------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
   moves with every write of its state: a message's seq, the active answer, the mode, a turn (the
   stage), the epoch.
 - Failures are `core.errors` exceptions; no driver type escapes.
+- A write of conversation state returns the conversation as that write left it (for caches:
+  no read after the write).
 """
 
 from __future__ import annotations
@@ -104,19 +106,37 @@ class Store(Protocol):
         """Store a finished answer (with the model's token usage, when known); idempotent on
         `response_id` (returns the existing row). The message's id is the response id."""
 
+    async def finish_answer(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+        *,
+        seq: int | None,
+        usage: Usage | None = None,
+    ) -> tuple[Message, Conversation]:
+        """Everything an ended answer leaves in the store, in one atomic step: the answer as
+        `add_assistant_message` stores it (idempotent on `response_id`), its seq as
+        `set_message_seq` records it (when `seq` is not None), and the conversation's active
+        answer cleared if it is still this one. Returns the message and the conversation."""
+
     async def set_message_seq(
         self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int
-    ) -> None:
+    ) -> Conversation:
         """Record the seq of the message's event once its publish returned. Written once (the same
         value again is accepted; another value is `Conflict`). Raises the conversation's
         `last_seq` to `seq` if it is lower."""
 
     async def set_active_response(
         self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
-    ) -> None:
+    ) -> Conversation:
         """Record the answer being generated now (None when it ended)."""
 
-    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
+    async def set_epoch(
+        self, business_id: BusinessId, conversation_id: ConversationId, epoch: str
+    ) -> Conversation:
         """Record the epoch of the conversation's event log (when a log was opened anew)."""
 
     async def list_messages(

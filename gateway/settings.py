@@ -53,6 +53,7 @@ class Settings:
     ws_ping_interval: float = 20.0
     graceful_shutdown: float = 10.0
     db_pool_size: int = 10
+    redis_pool_size: int = 16
     state_ttl: int = 3600
     stream_ttl: int = 86_400
     answer_lease: float = 5.0
@@ -108,6 +109,7 @@ class Settings:
             ws_ping_interval=e.number("CHATGW_WS_PING_INTERVAL_S", 20.0, low=1),
             graceful_shutdown=e.number("CHATGW_GRACEFUL_SHUTDOWN_S", 10.0, low=0),
             db_pool_size=e.integer("CHATGW_DB_POOL_SIZE", 10, low=1, high=1000),
+            redis_pool_size=e.integer("CHATGW_REDIS_POOL_SIZE", 16, low=1, high=1000),
             state_ttl=e.integer("CHATGW_STATE_TTL_S", 3600, low=1),
             stream_ttl=e.integer("CHATGW_STREAM_TTL_S", 86_400, low=60),
             answer_lease=e.number("CHATGW_ANSWER_LEASE_S", 5.0, low=0.5, high=60),

@@ -45,7 +45,12 @@ def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backen
         if settings.redis_url:
             from gateway.backends.redis_state import CachedStore, RedisStateCache
 
-            cache = RedisStateCache(settings.redis_url, prefix=settings.redis_prefix, ttl=settings.state_ttl)
+            cache = RedisStateCache(
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                ttl=settings.state_ttl,
+                pool_size=settings.redis_pool_size,
+            )
             checks["state_cache"] = ("redis", cache.ping)
             store = CachedStore(store, cache)
     else:
@@ -71,6 +76,7 @@ def _make_broker(settings: Settings) -> tuple[Broker, Callable[[], int] | None]:
             prefix=settings.redis_prefix,
             replay_window=settings.replay_window,
             ttl=settings.stream_ttl,
+            pool_size=settings.redis_pool_size,
         )
         return redis_broker, redis_broker.reconnect_count
     from gateway.backends.memory_broker import MemoryBroker

@@ -177,9 +177,37 @@ class MemoryStore:
         rows.by_response_id[response_id] = self._append(rows, message)
         return message
 
+    async def finish_answer(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+        *,
+        seq: int | None,
+        usage: Usage | None = None,
+    ) -> tuple[Message, Conversation]:
+        # Checked first, so that a conflict leaves nothing behind; then no await in between.
+        rows = self._rows(business_id, conversation_id)
+        index = rows.by_response_id.get(response_id)
+        have = rows.messages[index].seq if index is not None else None
+        if seq is not None and have is not None and have != seq:
+            raise Conflict(f"message already has seq {have}")
+        if seq is not None and have is None and seq in rows.seqs:
+            raise Conflict(f"seq {seq} is already taken in this conversation")
+        message = await self.add_assistant_message(
+            business_id, conversation_id, response_id, text, status, usage=usage
+        )
+        if seq is not None:
+            await self.set_message_seq(business_id, conversation_id, message.message_id, seq)
+        if rows.conversation.active_response_id == response_id:
+            rows.conversation = dataclasses.replace(rows.conversation, active_response_id=None)
+        return rows.messages[self._message_index[message.message_id][1]], rows.conversation
+
     async def set_message_seq(
         self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int
-    ) -> None:
+    ) -> Conversation:
         rows = self._rows(business_id, conversation_id)
         where = self._message_index.get(message_id)
         if where is None or where[0] != conversation_id:
@@ -194,18 +222,23 @@ class MemoryStore:
         if seq > rows.conversation.last_seq:
             rows.conversation = dataclasses.replace(rows.conversation, last_seq=seq)
         rows.updated_at = self._stamp()
+        return rows.conversation
 
     async def set_active_response(
         self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
-    ) -> None:
+    ) -> Conversation:
         rows = self._rows(business_id, conversation_id)
         rows.conversation = dataclasses.replace(rows.conversation, active_response_id=response_id)
         rows.updated_at = self._stamp()
+        return rows.conversation
 
-    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
+    async def set_epoch(
+        self, business_id: BusinessId, conversation_id: ConversationId, epoch: str
+    ) -> Conversation:
         rows = self._rows(business_id, conversation_id)
         rows.conversation = dataclasses.replace(rows.conversation, epoch=epoch)
         rows.updated_at = self._stamp()
+        return rows.conversation
 
     async def list_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int

@@ -81,13 +81,65 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
-_MESSAGE_COLUMNS = (
-    "message_id, conversation_id, role, text, created_at, seq, client_msg_id, status, response_id,"
-    " prompt_tokens, completion_tokens"
+_MESSAGE_FIELDS = (
+    "message_id",
+    "conversation_id",
+    "role",
+    "text",
+    "created_at",
+    "seq",
+    "client_msg_id",
+    "status",
+    "response_id",
+    "prompt_tokens",
+    "completion_tokens",
 )
-_CONVERSATION_COLUMNS = (
-    "conversation_id, business_id, end_user_id, mode, current_stage, created_at, extracted_data,"
-    " active_response_id, last_seq, epoch, turns, turns_in_stage, agent_id"
+_CONVERSATION_FIELDS = (
+    "conversation_id",
+    "business_id",
+    "end_user_id",
+    "mode",
+    "current_stage",
+    "created_at",
+    "extracted_data",
+    "active_response_id",
+    "last_seq",
+    "epoch",
+    "turns",
+    "turns_in_stage",
+    "agent_id",
+)
+_MESSAGE_COLUMNS = ", ".join(_MESSAGE_FIELDS)
+_CONVERSATION_COLUMNS = ", ".join(_CONVERSATION_FIELDS)
+
+
+def _columns(fields: tuple[str, ...], table: str, prefix: str = "") -> str:
+    """`table.field AS prefixfield, ...`: for statements that join tables with common names."""
+    return ", ".join(f"{table}.{f} AS {prefix}{f}" for f in fields)
+
+
+# One statement records a message's seq and raises the conversation's last_seq (no transaction,
+# so one round trip); no row when the message is not there or already has another seq.
+_SET_MESSAGE_SEQ = (
+    "WITH m AS (UPDATE messages SET seq = $4 WHERE message_id = $1 AND conversation_id = $2"
+    " AND business_id = $3 AND (seq IS NULL OR seq = $4) RETURNING conversation_id)"
+    " UPDATE conversations c SET last_seq = GREATEST(c.last_seq, $4), updated_at = now()"
+    f" FROM m WHERE c.conversation_id = m.conversation_id RETURNING {_columns(_CONVERSATION_FIELDS, 'c')}"
+)
+
+# One statement stores an ended answer with its seq, raises last_seq and clears the active answer
+# if it is this one; no row when the conversation is not there or the answer was stored before.
+_FINISH_ANSWER = (
+    "WITH m AS (INSERT INTO messages (message_id, business_id, conversation_id, role, text, status,"
+    " response_id, prompt_tokens, completion_tokens, seq)"
+    " SELECT $1, business_id, conversation_id, 'assistant', $4, $5, $1, $6, $7, $8 FROM conversations"
+    " WHERE conversation_id = $3 AND business_id = $2"
+    f" ON CONFLICT (conversation_id, response_id) DO NOTHING RETURNING {_MESSAGE_COLUMNS}),"
+    " conv AS (UPDATE conversations c SET last_seq = GREATEST(c.last_seq, coalesce(m.seq, 0)),"
+    " active_response_id = CASE WHEN c.active_response_id = $1 THEN NULL ELSE c.active_response_id END,"
+    " updated_at = now() FROM m WHERE c.conversation_id = m.conversation_id"
+    f" RETURNING {_columns(_CONVERSATION_FIELDS, 'c', 'c_')})"
+    f" SELECT {_columns(_MESSAGE_FIELDS, 'm')}, conv.* FROM m, conv"
 )
 _AGENT_COLUMNS = "agent_id, business_id, name, disabled, created_at"
 _AUDIT_COLUMNS = (
@@ -126,6 +178,7 @@ class PostgresStore:
                 timeout=self._connect_timeout,
                 command_timeout=self._statement_timeout,
                 init=_init_connection,
+                reset=_keep_session,
             ),
             what="connect",
         )
@@ -244,31 +297,34 @@ class PostgresStore:
 
     async def set_active_response(
         self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
-    ) -> None:
-        await self._update_conversation(
+    ) -> Conversation:
+        return await self._update_conversation(
             "active_response_id = $3",
             business_id,
             conversation_id,
             _uuid(response_id) if response_id else None,
         )
 
-    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
-        await self._update_conversation("epoch = $3", business_id, conversation_id, epoch)
+    async def set_epoch(
+        self, business_id: BusinessId, conversation_id: ConversationId, epoch: str
+    ) -> Conversation:
+        return await self._update_conversation("epoch = $3", business_id, conversation_id, epoch)
 
     async def _update_conversation(
         self, assignment: str, business_id: BusinessId, conversation_id: ConversationId, value: Any
-    ) -> None:
-        status = await self._run(
-            lambda c: c.execute(
+    ) -> Conversation:
+        row = await self._run(
+            lambda c: c.fetchrow(
                 f"UPDATE conversations SET {assignment}, updated_at = now()"
-                " WHERE conversation_id = $1 AND business_id = $2",
+                f" WHERE conversation_id = $1 AND business_id = $2 RETURNING {_CONVERSATION_COLUMNS}",
                 _uuid(conversation_id),
                 _uuid(business_id),
                 value,
             )
         )
-        if status == "UPDATE 0":
+        if row is None:
             raise NotFound("conversation not found")
+        return _conversation(row)
 
     async def record_turn(
         self,
@@ -513,6 +569,38 @@ class PostgresStore:
         )
         return message
 
+    async def finish_answer(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+        *,
+        seq: int | None,
+        usage: Usage | None = None,
+    ) -> tuple[Message, Conversation]:
+        rid, cid, bid = _uuid(response_id), _uuid(conversation_id), _uuid(business_id)
+        prompt_tokens = usage.prompt_tokens if usage else None
+        completion_tokens = usage.completion_tokens if usage else None
+        try:
+            row = await self._run(
+                lambda c: c.fetchrow(
+                    _FINISH_ANSWER, rid, bid, cid, text, status.value, prompt_tokens, completion_tokens, seq
+                )
+            )
+            if row is not None:
+                return _message(row), _conversation(row, "c_")
+            # Stored before (a retry), or no such conversation: the slow path, atomic too.
+            stored = await self._run(lambda c: _finish_stored_answer(c, bid, cid, rid, seq))
+        except Conflict as exc:
+            if "_seq_key" not in exc.message:  # the unique (conversation_id, seq) constraint
+                raise
+            raise Conflict(f"seq {seq} is already taken in this conversation") from None
+        if stored is None:
+            raise NotFound("conversation not found")
+        return stored
+
     async def _insert_once(
         self,
         business_id: BusinessId,
@@ -560,42 +648,34 @@ class PostgresStore:
 
     async def set_message_seq(
         self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int
-    ) -> None:
-        async def run(c: asyncpg.Connection) -> asyncpg.Record | None:
-            async with c.transaction():
-                row = await c.fetchrow(
-                    "UPDATE messages SET seq = $4 WHERE message_id = $1 AND conversation_id = $2"
-                    " AND business_id = $3 AND (seq IS NULL OR seq = $4) RETURNING conversation_id",
-                    _uuid(message_id),
-                    _uuid(conversation_id),
-                    _uuid(business_id),
-                    seq,
-                )
-                if row is not None:
-                    await c.execute(
-                        "UPDATE conversations SET last_seq = GREATEST(last_seq, $2), updated_at = now()"
-                        " WHERE conversation_id = $1",
-                        row["conversation_id"],
-                        seq,
-                    )
-                return row
-
+    ) -> Conversation:
         try:
-            row = await self._run(run)
+            row = await self._run(
+                lambda c: c.fetchrow(
+                    _SET_MESSAGE_SEQ, _uuid(message_id), _uuid(conversation_id), _uuid(business_id), seq
+                )
+            )
         except Conflict:
             raise Conflict(f"seq {seq} is already taken in this conversation") from None
         if row is None:
-            existing = await self._run(
-                lambda c: c.fetchval(
-                    "SELECT seq FROM messages WHERE message_id = $1 AND conversation_id = $2 AND business_id = $3",
-                    _uuid(message_id),
-                    _uuid(conversation_id),
-                    _uuid(business_id),
-                )
+            raise await self._seq_refusal(business_id, conversation_id, message_id)
+        return _conversation(row)
+
+    async def _seq_refusal(
+        self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId
+    ) -> CoreError:
+        """Why a seq was not recorded: no such message, or it has another seq already."""
+        existing = await self._run(
+            lambda c: c.fetchval(
+                "SELECT seq FROM messages WHERE message_id = $1 AND conversation_id = $2 AND business_id = $3",
+                _uuid(message_id),
+                _uuid(conversation_id),
+                _uuid(business_id),
             )
-            if existing is None:
-                raise NotFound("message not found")
-            raise Conflict(f"message already has seq {existing}")
+        )
+        if existing is None:
+            return NotFound("message not found")
+        return Conflict(f"message already has seq {existing}")
 
     async def list_messages(
         self, business_id: BusinessId, conversation_id: ConversationId, *, after_seq: int, limit: int
@@ -605,6 +685,7 @@ class PostgresStore:
             conversation_id,
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND business_id = $2"
             " AND seq > $3 ORDER BY seq LIMIT $4",
+            "m.seq",
             after_seq,
             max(limit, 0),
         )
@@ -616,27 +697,31 @@ class PostgresStore:
             business_id,
             conversation_id,
             f"SELECT * FROM (SELECT id, {_MESSAGE_COLUMNS} FROM messages"
-            " WHERE conversation_id = $1 AND business_id = $2 ORDER BY id DESC LIMIT $3) AS recent ORDER BY id",
+            " WHERE conversation_id = $1 AND business_id = $2 ORDER BY id DESC LIMIT $3) AS recent",
+            "m.id",
             max(limit, 0),
         )
 
     async def _messages(
-        self, business_id: BusinessId, conversation_id: ConversationId, query: str, *args: Any
+        self, business_id: BusinessId, conversation_id: ConversationId, query: str, order: str, *args: Any
     ) -> list[Message]:
-        async def run(c: asyncpg.Connection) -> list[asyncpg.Record] | None:
-            exists = await c.fetchval(
-                "SELECT 1 FROM conversations WHERE conversation_id = $1 AND business_id = $2",
+        """Run `query` (messages of $1 and $2) with the conversation's existence check in the same
+        statement, ordered by `order`: no row is NotFound; a row of nulls is a conversation without
+        such messages."""
+        rows = await self._run(
+            lambda c: c.fetch(
+                f"SELECT {_columns(_MESSAGE_FIELDS, 'm')} FROM conversations"
+                f" LEFT JOIN LATERAL ({query}) AS m ON true"
+                " WHERE conversations.conversation_id = $1 AND conversations.business_id = $2"
+                f" ORDER BY {order}",
                 _uuid(conversation_id),
                 _uuid(business_id),
+                *args,
             )
-            if exists is None:
-                return None
-            return list(await c.fetch(query, _uuid(conversation_id), _uuid(business_id), *args))
-
-        rows = await self._run(run)
-        if rows is None:
+        )
+        if not rows:
             raise NotFound("conversation not found")
-        return [_message(r) for r in rows]
+        return [_message(r) for r in rows if r["message_id"] is not None]
 
     # -- connection management ----------------------------------------------------------------
 
@@ -740,6 +825,14 @@ def audit_query(
 _BUSINESS_SELECT = "SELECT business_id, public_id, name, info, allowed_origins, settings FROM businesses"
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a pooled connection as it is. asyncpg's default reset sends "SELECT
+    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL" on every release: one more round
+    trip per statement. This store takes no session advisory lock, opens no cursor, LISTENs to
+    nothing and SETs nothing on pooled connections; an open transaction is still rolled back (the
+    pool does that before calling this)."""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
@@ -761,21 +854,61 @@ def _business(row: asyncpg.Record) -> Business:
     )
 
 
-def _conversation(row: asyncpg.Record) -> Conversation:
+async def _finish_stored_answer(
+    c: asyncpg.Connection, bid: uuid.UUID, cid: uuid.UUID, rid: uuid.UUID, seq: int | None
+) -> tuple[Message, Conversation] | None:
+    """`finish_answer` for an answer stored before: its seq and the active answer, in one
+    transaction; None when the answer is not there either (no such conversation)."""
+    async with c.transaction():
+        row = await c.fetchrow(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE conversation_id = $1 AND business_id = $2 AND response_id = $3 FOR UPDATE",
+            cid,
+            bid,
+            rid,
+        )
+        if row is None:
+            return None
+        if seq is not None and row["seq"] is None:
+            row = await c.fetchrow(
+                f"UPDATE messages SET seq = $2 WHERE message_id = $1 RETURNING {_MESSAGE_COLUMNS}",
+                row["message_id"],
+                seq,
+            )
+        elif seq is not None and row["seq"] != seq:
+            raise Conflict(f"message already has seq {row['seq']}")
+        conversation = await c.fetchrow(
+            "UPDATE conversations SET last_seq = GREATEST(last_seq, coalesce($3, 0)),"
+            " active_response_id = CASE WHEN active_response_id = $4 THEN NULL ELSE active_response_id END,"
+            f" updated_at = now() WHERE conversation_id = $1 AND business_id = $2 RETURNING {_CONVERSATION_COLUMNS}",
+            cid,
+            bid,
+            seq,
+            rid,
+        )
+        return _message(row), _conversation(conversation)
+
+
+def _conversation(row: asyncpg.Record, prefix: str = "") -> Conversation:
+    def field(name: str) -> Any:
+        return row[prefix + name]
+
     return Conversation(
-        conversation_id=ConversationId(str(row["conversation_id"])),
-        business_id=BusinessId(str(row["business_id"])),
-        end_user_id=EndUserId(str(row["end_user_id"])),
-        mode=Mode(row["mode"]),
-        stage=StageName(row["current_stage"]),
-        created_at=row["created_at"],
-        data=row["extracted_data"] or {},
-        active_response_id=ResponseId(str(row["active_response_id"])) if row["active_response_id"] else None,
-        last_seq=row["last_seq"],
-        epoch=row["epoch"],
-        turns=row["turns"],
-        turns_in_stage=row["turns_in_stage"],
-        agent_id=AgentId(str(row["agent_id"])) if row["agent_id"] else None,
+        conversation_id=ConversationId(str(field("conversation_id"))),
+        business_id=BusinessId(str(field("business_id"))),
+        end_user_id=EndUserId(str(field("end_user_id"))),
+        mode=Mode(field("mode")),
+        stage=StageName(field("current_stage")),
+        created_at=field("created_at"),
+        data=field("extracted_data") or {},
+        active_response_id=ResponseId(str(field("active_response_id")))
+        if field("active_response_id")
+        else None,
+        last_seq=field("last_seq"),
+        epoch=field("epoch"),
+        turns=field("turns"),
+        turns_in_stage=field("turns_in_stage"),
+        agent_id=AgentId(str(field("agent_id"))) if field("agent_id") else None,
     )
 
 

@@ -10,6 +10,10 @@ new epoch, after the store's seq floor.
 One pub/sub connection per instance, read by one task that never dies: on a failure it logs, backs
 off (capped), reconnects, resubscribes, logs the recovery, and tells the listener `on_gap` for
 every subscribed conversation so that their sessions fill what they missed from the streams.
+
+Every other command goes through one bounded, blocking pool with automatic pipelining
+(`redis_client.AutoPipelineRedis`): the publishes of many answers in one event-loop tick are one
+round trip. The pub/sub connection is outside that pool. redis-py exceptions stop in `_call`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from core.types import (
     ResponseId,
     new_id,
 )
+from gateway.backends.redis_client import DEFAULT_POOL_SIZE, auto_pipelined, close_quietly, translate
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +253,11 @@ class RedisBroker:
         ttl: int = 86_400,
         max_backoff: float = 5.0,
         presence_ttl: float = 60.0,
+        pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
-        if replay_window < 1 or ttl < 1:
-            raise ValueError("replay_window and ttl must be >= 1")
+        if replay_window < 1 or ttl < 1 or pool_size < 1:
+            raise ValueError("replay_window, ttl and pool_size must be >= 1")
+        self._pool_size = pool_size
         self._url = url
         self._prefix = prefix
         self._window = replay_window
@@ -262,6 +269,7 @@ class RedisBroker:
         self._control_channel = f"{prefix}control"
         self._feed_prefix = f"{prefix}feed:"
         self._client: redis.asyncio.Redis | None = None
+        self._pubsub_client: redis.asyncio.Redis | None = None
         self._listener: Listener | None = None
         self._channels: set[str] = set()
         self._confirmed: dict[str, asyncio.Event] = {}
@@ -274,7 +282,13 @@ class RedisBroker:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        self._client = redis.asyncio.Redis.from_url(
+        # No resend after a timeout: the script may have run, and a second run would publish its
+        # event twice. The caller gets `Unavailable` and decides.
+        self._client = auto_pipelined(
+            self._url, pool_size=self._pool_size, timeout=5, resend_after_timeout=False
+        )
+        # The pub/sub connection is held for the reader's whole life: outside the pool.
+        self._pubsub_client = redis.asyncio.Redis.from_url(
             self._url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
         )
         for name, source in (
@@ -303,8 +317,9 @@ class RedisBroker:
             await asyncio.gather(reader, return_exceptions=True)
         await self._close_pubsub()
         client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        pubsub_client, self._pubsub_client = self._pubsub_client, None
+        await close_quietly(pubsub_client)
+        await close_quietly(client)
 
     async def ping(self) -> None:
         await self._call(lambda c: c.ping())
@@ -579,8 +594,8 @@ class RedisBroker:
 
     async def _open_pubsub(self) -> None:
         """Subscribe everything on a new connection; return once Redis confirmed it."""
-        assert self._client is not None
-        pubsub = self._client.pubsub()
+        assert self._pubsub_client is not None
+        pubsub = self._pubsub_client.pubsub()
         try:
             # The instance channel keeps at least one subscription, so reading never returns at once.
             await pubsub.subscribe(self._instance_channel, self._control_channel, *self._channels)
@@ -680,15 +695,20 @@ class RedisBroker:
         return [f"{base}:meta", f"{base}:log", f"{base}:answer"]
 
     async def _call(self, operation: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
+        """Run `operation` on the pipelining client. A script's own refusal (an error reply of one
+        word, such as MISSING or ENDED) stays a `ResponseError` for the caller to translate
+        (`_script_error`); every other failure becomes a core error here (`translate`)."""
         client = self._client
         if client is None:
             raise Unavailable("the broker is not connected")
         try:
             return await operation(client)
-        except ResponseError:
-            raise
+        except ResponseError as exc:
+            if type(exc) is ResponseError and " " not in str(exc):
+                raise
+            raise translate(exc, "the broker") from exc
         except _REDIS_FAILURES as exc:
-            raise Unavailable(f"redis is unavailable: {exc!r}", retry_after_ms=1000) from exc
+            raise translate(exc, "the broker") from exc
 
 
 def _script_error(exc: ResponseError, conversation_id: ConversationId) -> Exception:

@@ -1,7 +1,8 @@
 """The conversation-state cache (the message-handling guide's RedisStateManager).
 
 `RedisStateCache` keeps copies of `Conversation` records in Redis with a TTL; `CachedStore` puts it
-in front of any Store: reads go through it, writes go to the Store and then refresh it. The Store
+in front of any Store: reads go through it, writes go to the Store and then refresh it with the
+state the write returned (no read after a write). The Store
 stays the source of truth and Redis never holds the only copy of anything, so losing Redis (or
 flushing it) costs latency, never data. Redis types and exceptions stop in this module.
 """
@@ -9,16 +10,16 @@ flushing it) costs latency, never data. Redis types and exceptions stop in this 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
 import orjson
 import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from core.errors import Conflict, CoreError, Forbidden, InvalidInput, NotFound, Unavailable
@@ -47,10 +48,12 @@ from core.types import (
     Role,
     StageName,
 )
+from gateway.backends.redis_client import DEFAULT_POOL_SIZE, auto_pipelined, close_quietly, describe
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+W = TypeVar("W")
 
 DEFAULT_TTL: Final = 3600
 _FORMAT: Final = 3  # stored in every value: a value of another format is a miss, not a wrong state
@@ -70,16 +73,23 @@ class RedisStateCache:
     - Every stored value expires after `ttl` seconds; nothing here is the only copy of anything.
     - Redis failures (errors, refused connections, timeouts) are `Unavailable`; no redis type leaks.
       Operations fail fast: short socket timeouts and a single reconnect attempt.
+    - Commands go through a bounded, blocking pool of `pool_size` connections, and those issued in
+      one event-loop tick (by many conversations) are one pipeline: one round trip.
 
     Key: ``{prefix}conv:{conversation_id}:state``; the value is JSON (orjson).
     """
 
-    def __init__(self, url: str, *, prefix: str, ttl: int = DEFAULT_TTL) -> None:
+    def __init__(
+        self, url: str, *, prefix: str, ttl: int = DEFAULT_TTL, pool_size: int = DEFAULT_POOL_SIZE
+    ) -> None:
         if not url:
             raise ValueError("the state cache needs a Redis URL")
         if ttl < 1:
             raise ValueError("the state cache TTL must be >= 1 second")
+        if pool_size < 1:
+            raise ValueError("the state cache pool size must be >= 1")
         self._url = url
+        self._pool_size = pool_size
         self._prefix = prefix
         self._ttl = ttl
         self._client: redis.asyncio.Redis | None = None
@@ -94,20 +104,15 @@ class RedisStateCache:
     async def connect(self) -> None:
         """Create the client. Does not contact Redis: a cache that is down must not stop a start."""
         if self._client is None:
-            self._client = redis.asyncio.Redis.from_url(
-                self._url,
-                socket_timeout=2,
-                socket_connect_timeout=2,
-                health_check_interval=30,
-                # One reconnect (a pooled connection the server closed), not the default ten: a
-                # cache that does not answer at once is bypassed, not waited for.
-                retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
+            # One resend (every command here is safe to run twice), not more: a cache that does
+            # not answer at once is bypassed, not waited for.
+            self._client = auto_pipelined(
+                self._url, pool_size=self._pool_size, timeout=2, resend_after_timeout=True
             )
 
     async def close(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await close_quietly(client)
 
     async def ping(self) -> None:
         await self._call(lambda client: client.ping())
@@ -164,7 +169,21 @@ class RedisStateCache:
         try:
             return await operation(client)
         except _REDIS_FAILURES as exc:
-            raise Unavailable(f"the state cache failed: {exc!r}") from exc
+            raise Unavailable(f"the state cache failed: {describe(exc)}") from exc
+
+
+@dataclass(slots=True)
+class _Writes:
+    """This process's state writes of one conversation: how many run now, and the newest one's
+    number (numbers grow with the start of each write)."""
+
+    running: int = 0
+    latest: int = 0
+
+
+def _state_of(result: object) -> Conversation | None:
+    """The conversation state a write returned, if it returned one."""
+    return result if isinstance(result, Conversation) else None
 
 
 class CachedStore:
@@ -174,9 +193,12 @@ class CachedStore:
     `get_conversation` may be answered from the cache. Guarantees on top:
 
     - Source of truth: the cache only ever receives a state `inner` returned. After a successful
-      `create_conversation`, `set_active_response`, `set_epoch`, `set_message_seq`, `record_turn`
-      or `set_mode`, the state is
-      re-read from `inner` and stored, so the next read here returns the write.
+      state write (`create_conversation`, `set_active_response`, `set_epoch`, `set_message_seq`,
+      `record_turn`, `finish_answer`, `set_mode`), the state that write returned is stored, so the next read
+      here returns the write, at no extra read of `inner`. When other writes of the conversation
+      overlapped it in this process (their order in `inner` is unknown here), the state is re-read
+      from `inner` instead, under the lock, so a refresh never stores an older state than one
+      stored before it in this process.
     - Tenancy holds with a warm cache: a cached state is returned only to its own business; any
       other business's read goes to `inner`, which answers `NotFound` as it always does.
     - The cache is never a point of failure: when Redis fails, calls are served by `inner` alone,
@@ -187,8 +209,10 @@ class CachedStore:
       leaves its outcome unknown (`Unavailable`, a timeout, a cancellation), the whole cache is
       distrusted: reads bypass it and fill nothing, until a flush of the prefix has succeeded
       (tried again on reads once Redis answers). Outages are rare; a flush after one is cheap.
-    - Ordering in this process: refreshes and miss-fills of one conversation run under a lock, and
-      a miss-fill never overwrites a value already there (a write's refresh may have put it).
+    - Ordering in this process: refreshes and miss-fills of one conversation run under a lock, a
+      write's own result is stored only if no other write of the conversation started since it
+      did or ran when it started, and a miss-fill never overwrites a value already there (a
+      write's refresh may have put it).
 
     Limits: the distrust and the locks are per process. Two processes writing the same
     conversation at once may leave the older of their two refreshes in Redis until the next write
@@ -205,6 +229,8 @@ class CachedStore:
         self._stale_marks = 0
         self._flushed_marks = 0
         self._locks: KeyedLock[ConversationId] = KeyedLock()
+        self._writes: dict[ConversationId, _Writes] = {}
+        self._write_numbers = itertools.count(1)
 
     @property
     def cache(self) -> RedisStateCache:
@@ -352,15 +378,11 @@ class CachedStore:
         stage: StageName,
         data: Mapping[str, Any],
     ) -> Conversation:
-        recorded: list[Conversation] = []
-
-        async def write() -> None:
-            recorded.append(
-                await self._inner.record_turn(business_id, conversation_id, stage=stage, data=data)
-            )
-
-        await self._write(business_id, conversation_id, write)
-        return recorded[0]
+        return await self._write(
+            business_id,
+            conversation_id,
+            lambda: self._inner.record_turn(business_id, conversation_id, stage=stage, data=data),
+        )
 
     async def set_mode(
         self, business_id: BusinessId, conversation_id: ConversationId, mode: Mode, agent_id: AgentId | None
@@ -401,26 +423,48 @@ class CachedStore:
 
     async def set_active_response(
         self, business_id: BusinessId, conversation_id: ConversationId, response_id: ResponseId | None
-    ) -> None:
-        await self._write(
+    ) -> Conversation:
+        return await self._write(
             business_id,
             conversation_id,
             lambda: self._inner.set_active_response(business_id, conversation_id, response_id),
         )
 
-    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
-        await self._write(
+    async def set_epoch(
+        self, business_id: BusinessId, conversation_id: ConversationId, epoch: str
+    ) -> Conversation:
+        return await self._write(
             business_id, conversation_id, lambda: self._inner.set_epoch(business_id, conversation_id, epoch)
         )
 
     async def set_message_seq(
         self, business_id: BusinessId, conversation_id: ConversationId, message_id: MessageId, seq: int
-    ) -> None:
+    ) -> Conversation:
         # It may raise the conversation's last_seq: a state write like the others.
-        await self._write(
+        return await self._write(
             business_id,
             conversation_id,
             lambda: self._inner.set_message_seq(business_id, conversation_id, message_id, seq),
+        )
+
+    async def finish_answer(
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        response_id: ResponseId,
+        text: str,
+        status: AnswerStatus,
+        *,
+        seq: int | None,
+        usage: Usage | None = None,
+    ) -> tuple[Message, Conversation]:
+        return await self._write(
+            business_id,
+            conversation_id,
+            lambda: self._inner.finish_answer(
+                business_id, conversation_id, response_id, text, status, seq=seq, usage=usage
+            ),
+            state=lambda finished: finished[1],
         )
 
     # -- internals ------------------------------------------------------------------------------
@@ -435,27 +479,54 @@ class CachedStore:
         self._stale_marks += 1
 
     async def _write(
-        self, business_id: BusinessId, conversation_id: ConversationId, write: Callable[[], Awaitable[None]]
-    ) -> None:
+        self,
+        business_id: BusinessId,
+        conversation_id: ConversationId,
+        write: Callable[[], Awaitable[W]],
+        *,
+        state: Callable[[W], Conversation | None] = _state_of,
+    ) -> W:
+        """Run a state write of `inner`, then refresh the cache with the state it returned (or, if
+        other writes of the conversation overlapped it in this process, with a re-read)."""
+        writes = self._writes.setdefault(conversation_id, _Writes())
+        mine = next(self._write_numbers)
+        alone = writes.running == 0
+        writes.running += 1
+        writes.latest = mine
         try:
-            await write()
-        except _NOT_WRITTEN:
-            raise
-        except BaseException:
-            self._mark_stale()  # it may have been written all the same
-            raise
-        await self._refresh(business_id, conversation_id)
+            try:
+                result = await write()
+            except _NOT_WRITTEN:
+                raise
+            except BaseException:
+                self._mark_stale()  # it may have been written all the same
+                raise
+            finally:
+                writes.running -= 1
+            # What the write returned is the newest state this process knows of if no other write
+            # of the conversation ran from this one's start until its refresh (checked under the
+            # conversation's lock, which orders refreshes).
+            await self._refresh(
+                business_id, conversation_id, state(result), fresh=lambda: alone and writes.latest == mine
+            )
+            return result
+        finally:
+            if writes.running == 0 and writes.latest == mine and self._writes.get(conversation_id) is writes:
+                del self._writes[conversation_id]
 
     async def _refresh(
         self,
         business_id: BusinessId,
         conversation_id: ConversationId,
         conversation: Conversation | None = None,
+        *,
+        fresh: Callable[[], bool] = lambda: True,
     ) -> None:
-        """After a write: make the cached state the one `inner` holds now, or delete it."""
+        """After a write: make the cached state `conversation` when it is `fresh`, else the one
+        `inner` holds now; or delete it."""
         try:
             async with self._locks.hold(conversation_id):
-                if conversation is None:
+                if conversation is None or not fresh():
                     try:
                         conversation = await self._inner.get_conversation(business_id, conversation_id)
                     except CoreError as exc:

@@ -27,6 +27,7 @@ from core.types import (
     AnswerStatus,
     BusinessId,
     ConversationId,
+    MessageId,
     Mode,
     ResponseId,
     Role,
@@ -507,3 +508,105 @@ async def test_audit_filters_and_pages_newest_first(store: Store) -> None:
     ):
         with pytest.raises(InvalidInput):
             await store.list_audit(bid, limit=10, before=bad)
+
+
+async def test_state_writes_return_the_conversation_as_they_left_it(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    rid = ResponseId(new_id())
+    active = await store.set_active_response(bid, cid, rid)
+    assert active.active_response_id == rid
+    assert active == await store.get_conversation(bid, cid)
+    epoch = await store.set_epoch(bid, cid, "e-9")
+    assert (epoch.epoch, epoch.active_response_id) == ("e-9", rid)
+    assert epoch == await store.get_conversation(bid, cid)
+    message, _ = await store.add_user_message(bid, cid, "m-1", "hello")
+    sequenced = await store.set_message_seq(bid, cid, message.message_id, 4)
+    assert (sequenced.last_seq, sequenced.epoch) == (4, "e-9")
+    assert sequenced == await store.get_conversation(bid, cid)
+    cleared = await store.set_active_response(bid, cid, None)
+    assert cleared.active_response_id is None
+    assert cleared == await store.get_conversation(bid, cid)
+    other = await store.ensure_business(a_business())
+    with pytest.raises(NotFound):
+        await store.set_epoch(other.business_id, cid, "hijack")
+
+
+async def test_finishing_an_answer_stores_it_with_its_seq_and_clears_it(store: Store) -> None:
+    """finish_answer: the answer with its usage and seq, listed in history; last_seq raised; the
+    active answer cleared because it was this one; the state returned is the stored one."""
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    rid = ResponseId(new_id())
+    await store.set_active_response(bid, cid, rid)
+    message, state = await store.finish_answer(
+        bid, cid, rid, "the answer", AnswerStatus.COMPLETE, seq=6, usage=Usage(10, 2)
+    )
+    assert (message.message_id, message.response_id, message.role) == (MessageId(rid), rid, Role.ASSISTANT)
+    assert (message.text, message.status, message.seq) == ("the answer", AnswerStatus.COMPLETE, 6)
+    assert (message.prompt_tokens, message.completion_tokens) == (10, 2)
+    assert (state.last_seq, state.active_response_id) == (6, None)
+    assert state == await store.get_conversation(bid, cid)
+    assert await store.list_messages(bid, cid, after_seq=0, limit=10) == [message]
+
+
+async def test_finishing_an_answer_is_idempotent_and_leaves_a_newer_answer_active(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    old, new = ResponseId(new_id()), ResponseId(new_id())
+    await store.set_active_response(bid, cid, new)
+    first, state = await store.finish_answer(bid, cid, old, "old", AnswerStatus.INTERRUPTED, seq=3)
+    assert state.active_response_id == new  # another answer: not cleared
+    again, state = await store.finish_answer(bid, cid, old, "old, again", AnswerStatus.INTERRUPTED, seq=3)
+    assert again == first  # the stored answer, not a second one
+    assert (state.last_seq, state.active_response_id) == (3, new)
+    assert [m.message_id for m in await store.list_messages(bid, cid, after_seq=0, limit=10)] == [
+        MessageId(old)
+    ]
+
+
+async def test_an_answer_finished_without_seq_gets_it_later(store: Store) -> None:
+    """With no seq (its event log was lost) the answer is stored but not listed; finishing it again
+    with a seq records it, as set_message_seq would."""
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    rid = ResponseId(new_id())
+    await store.set_active_response(bid, cid, rid)
+    message, state = await store.finish_answer(bid, cid, rid, "text", AnswerStatus.STOPPED, seq=None)
+    assert message.seq is None
+    assert (state.last_seq, state.active_response_id) == (0, None)
+    assert await store.list_messages(bid, cid, after_seq=0, limit=10) == []
+    assert [m.message_id for m in await store.recent_messages(bid, cid, limit=5)] == [MessageId(rid)]
+    message, state = await store.finish_answer(bid, cid, rid, "text", AnswerStatus.STOPPED, seq=2)
+    assert (message.seq, state.last_seq) == (2, 2)
+    with pytest.raises(Conflict):
+        await store.finish_answer(bid, cid, rid, "text", AnswerStatus.STOPPED, seq=5)
+    assert (await store.get_conversation(bid, cid)).last_seq == 2
+
+
+async def test_a_finish_whose_seq_is_taken_stores_nothing(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    user, _ = await store.add_user_message(bid, cid, "m-1", "hello")
+    await store.set_message_seq(bid, cid, user.message_id, 1)
+    rid = ResponseId(new_id())
+    await store.set_active_response(bid, cid, rid)
+    with pytest.raises(Conflict):
+        await store.finish_answer(bid, cid, rid, "text", AnswerStatus.COMPLETE, seq=1)
+    assert [m.message_id for m in await store.recent_messages(bid, cid, limit=5)] == [user.message_id]
+    assert (await store.get_conversation(bid, cid)).active_response_id == rid
+
+
+async def test_finishing_an_answer_of_another_business_is_not_found(store: Store) -> None:
+    conv = await a_conversation(store)
+    other = await store.ensure_business(a_business())
+    rid = ResponseId(new_id())
+    with pytest.raises(NotFound):
+        await store.finish_answer(
+            other.business_id, conv.conversation_id, rid, "x", AnswerStatus.COMPLETE, seq=1
+        )
+    with pytest.raises(NotFound):
+        await store.finish_answer(
+            conv.business_id, ConversationId(new_id()), rid, "x", AnswerStatus.COMPLETE, seq=1
+        )
+    assert await store.recent_messages(conv.business_id, conv.conversation_id, limit=5) == []

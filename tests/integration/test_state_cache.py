@@ -23,7 +23,7 @@ import redis.asyncio
 from core.errors import NotFound, Unavailable
 from core.models import Business, Conversation
 from core.store import Store
-from core.types import BusinessId, ConversationId, ResponseId, StageName, new_id
+from core.types import AnswerStatus, BusinessId, ConversationId, ResponseId, StageName, new_id
 from gateway.backends.memory_store import MemoryStore
 from gateway.backends.redis_state import CachedStore, RedisStateCache
 from tests.contract import test_store_contract as contract
@@ -240,11 +240,30 @@ class HeldStore(MemoryStore):
         return conversation
 
 
-async def test_a_slow_refresh_never_overwrites_a_later_write(
-    client: redis.asyncio.Redis, prefix: str
-) -> None:
-    """Refreshes of one conversation are ordered in a process: the later write's state stays."""
-    database = HeldStore()
+class HeldWriteStore(MemoryStore):
+    """A MemoryStore that can hold one `set_epoch` after it was written, before it answers: a
+    database whose reply is slow, on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_next: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+
+    async def set_epoch(
+        self, business_id: BusinessId, conversation_id: ConversationId, epoch: str
+    ) -> Conversation:
+        conversation = await super().set_epoch(business_id, conversation_id, epoch)
+        release, self.hold_next = self.hold_next, None
+        if release is not None:
+            self.holding.set()
+            await release.wait()
+        return conversation
+
+
+async def test_a_slow_write_never_overwrites_a_later_write(client: redis.asyncio.Redis, prefix: str) -> None:
+    """Two writes of one conversation overlap in a process: the first one's reply, slow to come,
+    names a state older than the second's; the newer state is what stays cached."""
+    database = HeldWriteStore()
     store = CachedStore(database, RedisStateCache(redis_url(), prefix=prefix, ttl=TTL))
     await store.connect()
     try:
@@ -253,13 +272,65 @@ async def test_a_slow_refresh_never_overwrites_a_later_write(
         release = asyncio.Event()
         database.hold_next = release
         first = asyncio.create_task(store.set_epoch(bid, cid, "e-1"))
-        await database.holding.wait()  # its refresh has read "e-1" and is slow to store it
-        second = asyncio.create_task(store.set_epoch(bid, cid, "e-2"))
-        await asyncio.wait({second}, timeout=0.2)  # it waits for the first refresh to finish
+        await database.holding.wait()  # "e-1" is written; its reply is slow to come
+        assert (await store.set_epoch(bid, cid, "e-2")).epoch == "e-2"
+        assert (await raw_state(client, prefix, cid))["epoch"] == "e-2"
         release.set()
-        await asyncio.gather(first, second)
+        assert (await first).epoch == "e-1"  # what the first write left, as it returned it
         assert (await raw_state(client, prefix, cid))["epoch"] == "e-2"
         assert (await store.get_conversation(bid, cid)).epoch == "e-2"
+    finally:
+        await store.close()
+
+
+class UnreadableStore(MemoryStore):
+    """A MemoryStore whose reads of conversations fail once `unreadable` is set (a database that
+    takes writes but whose reads time out), to tell a cache refreshed from a write's own result
+    from one that reads the state again."""
+
+    unreadable = False
+
+    async def get_conversation(
+        self, business_id: BusinessId, conversation_id: ConversationId
+    ) -> Conversation:
+        if self.unreadable:
+            raise Unavailable("reads time out")
+        return await super().get_conversation(business_id, conversation_id)
+
+
+async def test_a_write_refreshes_the_cache_from_its_own_result(
+    client: redis.asyncio.Redis, prefix: str
+) -> None:
+    """Each state write stores the state it returned: no read of the store after a write."""
+    database = UnreadableStore()
+    store = CachedStore(database, RedisStateCache(redis_url(), prefix=prefix, ttl=TTL))
+    await store.connect()
+    try:
+        conv = await new_conversation(store)
+        bid, cid = conv.business_id, conv.conversation_id
+        message, _ = await store.add_user_message(bid, cid, "m-1", "hello")
+        rid = ResponseId(new_id())
+        database.unreadable = True
+        await store.set_epoch(bid, cid, "e-1")
+        await store.set_message_seq(bid, cid, message.message_id, 1)
+        await store.set_active_response(bid, cid, rid)
+        await store.record_turn(bid, cid, stage=StageName("next"), data={"k": {"value": 1}})
+        cached = await raw_state(client, prefix, cid)
+        assert (cached["epoch"], cached["last_seq"], cached["active_response_id"]) == ("e-1", 1, rid)
+        assert (cached["stage"], cached["turns"]) == ("next", 1)
+        await store.finish_answer(bid, cid, rid, "done", AnswerStatus.COMPLETE, seq=2)
+        cached = await raw_state(client, prefix, cid)
+        assert (cached["last_seq"], cached["active_response_id"]) == (2, None)
+        # And the reads are answered from the cache although the store cannot be read.
+        state = await store.get_conversation(bid, cid)
+        assert (state.epoch, state.last_seq, state.stage, state.active_response_id) == (
+            "e-1",
+            2,
+            "next",
+            None,
+        )
+        database.unreadable = False
+        assert state == await database.get_conversation(bid, cid)
     finally:
         await store.close()
 
@@ -297,7 +368,9 @@ class LostAnswerStore(MemoryStore):
     """Simulates a database whose answer to a committed write is lost: `set_epoch` commits, then
     reports `Unavailable` (as a connection dropped between the commit and its reply would)."""
 
-    async def set_epoch(self, business_id: BusinessId, conversation_id: ConversationId, epoch: str) -> None:
+    async def set_epoch(
+        self, business_id: BusinessId, conversation_id: ConversationId, epoch: str
+    ) -> Conversation:
         await super().set_epoch(business_id, conversation_id, epoch)
         raise Unavailable("connection lost after the commit")
 

@@ -42,6 +42,15 @@ def test_values_are_read_and_checked() -> None:
         Settings.from_env({"CHATGW_LOG_FORMAT": "xml"})
 
 
+def test_the_redis_pool_size_is_read_and_bounded() -> None:
+    assert Settings.from_env({}).redis_pool_size == 16
+    assert Settings.from_env({"CHATGW_REDIS_POOL_SIZE": "64"}).redis_pool_size == 64
+    with pytest.raises(SettingsError, match="CHATGW_REDIS_POOL_SIZE must be >= 1"):
+        Settings.from_env({"CHATGW_REDIS_POOL_SIZE": "0"})
+    with pytest.raises(SettingsError, match="CHATGW_REDIS_POOL_SIZE must be an integer"):
+        Settings.from_env({"CHATGW_REDIS_POOL_SIZE": "many"})
+
+
 def test_a_widget_token_round_trips() -> None:
     issuer = TokenIssuer(SECRET, ttl=60)
     token = issuer.issue_widget(BusinessId("b"), "u", ConversationId("c"))
