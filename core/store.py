@@ -214,6 +214,11 @@ class Store(Protocol):
         Return the conversation as stored. Whether the change is allowed (who may take over from
         whom) is the caller's to decide; this only records it."""
 
+    async def count_active_conversations(self, *, active_within_s: int) -> dict[Mode, int]:
+        """How many conversations, of all businesses, were active in the last `active_within_s`
+        seconds, by mode. The one method that is not about one business: an operator's count for
+        /metrics, which gives no business's data away."""
+
     async def list_open_conversations(
         self, business_id: BusinessId, *, active_within_s: int, limit: int
     ) -> list[ConversationSummary]:

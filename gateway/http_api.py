@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -221,6 +222,20 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": status, "checks": checks}, 200 if ok else 503)
 
 
+# The conversations-by-mode gauge is counted in the store at most this often, when /metrics is read.
+CONVERSATION_COUNT_S = 5.0
+
+
 async def metrics(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
+    now = time.monotonic()
+    if now - gw.metrics.conversations_counted_at >= CONVERSATION_COUNT_S:
+        gw.metrics.conversations_counted_at = now
+        try:
+            counts = await gw.store.count_active_conversations(active_within_s=gw.settings.snapshot_window_s)
+        except CoreError as exc:  # the other metrics are still worth serving
+            log.warning("counting conversations failed: %s", exc.message)
+        else:
+            for mode, count in counts.items():
+                gw.metrics.conversations.labels(mode.value).set(count)
     return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

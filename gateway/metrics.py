@@ -70,6 +70,13 @@ class Metrics:
             "chatgw_takeovers", "Takeovers that changed the mode, by business.", ["business"], registry=r
         )
         self.handbacks = Counter("chatgw_handbacks", "Handbacks, by business.", ["business"], registry=r)
+        self.conversations = Gauge(
+            "chatgw_conversations",
+            "Conversations of all businesses active in the snapshot window (CHATGW_SNAPSHOT_WINDOW_S), by mode.",
+            ["mode"],
+            registry=r,
+        )
+        self.conversations_counted_at = float("-inf")  # time.monotonic() of the last count
         self.takeover_seconds = Histogram(
             "chatgw_takeover_to_ai_end_seconds",
             "From a takeover frame arriving to the ai_end of the answer it ended being published.",

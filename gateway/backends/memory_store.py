@@ -369,6 +369,14 @@ class MemoryStore:
         rows.updated_at = self._stamp()
         return rows.conversation
 
+    async def count_active_conversations(self, *, active_within_s: int) -> dict[Mode, int]:
+        since = _now() - timedelta(seconds=max(active_within_s, 0))
+        counts = dict.fromkeys(Mode, 0)
+        for rows in self._conversations.values():
+            if rows.updated_at >= since:
+                counts[rows.conversation.mode] += 1
+        return counts
+
     async def list_open_conversations(
         self, business_id: BusinessId, *, active_within_s: int, limit: int
     ) -> list[ConversationSummary]:

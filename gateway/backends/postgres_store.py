@@ -510,6 +510,18 @@ class PostgresStore:
             raise NotFound("agent not found")
         return _conversation(row)
 
+    async def count_active_conversations(self, *, active_within_s: int) -> dict[Mode, int]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT mode, count(*) AS n FROM conversations WHERE updated_at >= now() - $1::interval GROUP BY mode",
+                timedelta(seconds=max(active_within_s, 0)),
+            )
+        )
+        counts = dict.fromkeys(Mode, 0)
+        for row in rows:
+            counts[Mode(row["mode"])] = int(row["n"])
+        return counts
+
     async def list_open_conversations(
         self, business_id: BusinessId, *, active_within_s: int, limit: int
     ) -> list[ConversationSummary]:

@@ -360,6 +360,9 @@ class CachedStore:
     async def set_agent_disabled(self, business_id: BusinessId, agent_id: AgentId, disabled: bool) -> Agent:
         return await self._inner.set_agent_disabled(business_id, agent_id, disabled)
 
+    async def count_active_conversations(self, *, active_within_s: int) -> dict[Mode, int]:
+        return await self._inner.count_active_conversations(active_within_s=active_within_s)
+
     async def list_open_conversations(
         self, business_id: BusinessId, *, active_within_s: int, limit: int
     ) -> list[ConversationSummary]:

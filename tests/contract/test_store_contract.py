@@ -610,3 +610,15 @@ async def test_finishing_an_answer_of_another_business_is_not_found(store: Store
             conv.business_id, ConversationId(new_id()), rid, "x", AnswerStatus.COMPLETE, seq=1
         )
     assert await store.recent_messages(conv.business_id, conv.conversation_id, limit=5) == []
+
+
+async def test_active_conversations_are_counted_by_mode(store: Store) -> None:
+    """The operator's count: conversations active lately, of every business, by mode."""
+    before = await store.count_active_conversations(active_within_s=3600)
+    first, second = await a_conversation(store), await a_conversation(store)
+    agent = await store.create_agent(second.business_id, "Ana")
+    await store.set_mode(second.business_id, second.conversation_id, Mode.HUMAN, agent.agent_id)
+    after = await store.count_active_conversations(active_within_s=3600)
+    assert after[Mode.AI] - before[Mode.AI] == 1
+    assert after[Mode.HUMAN] - before[Mode.HUMAN] == 1
+    assert first.mode is Mode.AI

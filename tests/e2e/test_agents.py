@@ -343,3 +343,34 @@ async def test_an_agent_that_drops_mid_answer_resumes_where_it_was(slow_gateway:
     assert end["text"] == joined_deltas(seen + rest, start["response_id"])
     await user.close()
     await second.close()
+
+
+async def test_metrics_count_takeovers_agents_and_conversations_by_mode(gateway_factory: Any) -> None:
+    gw: GatewayProcess = gateway_factory()
+
+    def metric(name: str) -> float:
+        text = httpx.get(f"{gw.http}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    widget = new_widget(gw)
+    await user_message(gw, widget)  # an active conversation, in ai mode
+    ai, human = metric('chatgw_conversations{mode="ai"}'), metric('chatgw_conversations{mode="human"}')
+    assert ai >= 1
+    console = await AgentClient.open(gw)
+    await console.agent_hello(new_agent(gw))
+    await console.act("takeover", widget.conversation_id)
+    async with asyncio.timeout(20):  # the gauge is counted at most every 5 s, when read
+        while metric('chatgw_conversations{mode="human"}') < human + 1:
+            await asyncio.sleep(0.5)
+    assert metric('chatgw_conversations{mode="ai"}') == ai - 1
+    assert metric('chatgw_takeovers_total{business="demo"}') == 1
+    assert metric("chatgw_agent_connections") == 1
+    await console.close()
+
+
+async def user_message(gw: GatewayProcess, widget: Any) -> None:
+    user = await Client.open(gw)
+    await user.hello(widget)
+    await user.send({"type": "message", "client_msg_id": cmid(), "text": "hello"})
+    await user.recv_type("ai_end")
+    await user.close()
