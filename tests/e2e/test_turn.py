@@ -45,7 +45,7 @@ async def test_deltas_are_coalesced_by_size(gateway_factory: Callable[..., Gatew
     """With a long flush interval, deltas leave once max_chars have gathered: all but the first
     (a piece after a pause leaves at once) and the last (what is left at the end)."""
     gw = gateway_factory(
-        {"CHATGW_SCRIPTED_TPS": "0", "CHATGW_DELTA_FLUSH_MS": "1000", "CHATGW_DELTA_MAX_CHARS": "50"}
+        {"CHATGW_SCRIPTED_TPS": "200", "CHATGW_DELTA_FLUSH_MS": "1000", "CHATGW_DELTA_MAX_CHARS": "50"}
     )
     widget = new_widget(gw)
     client = await Client.open(gw)
