@@ -15,6 +15,7 @@ from core.llm import ChatMessage
 from core.scripted_llm import scripted_reply
 from tests.browser.conftest import Screenshots
 from tests.browser.console_page import ConsolePage, SocketUser
+from tests.browser.contrast import assert_contrast
 from tests.browser.fit import assert_fits
 from tests.browser.widget_page import WidgetPage
 from tests.e2e.agents import new_agent
@@ -75,6 +76,7 @@ def take_over_mid_answer(user: WidgetPage, agent: ConsolePage, shots: Screenshot
     agent.wait_mode(cid, "human")
     shots.take(user.page, "widget-taken-over")
     shots.take(agent.page, "console-taken-over")
+    assert_contrast(agent.page)
     end = user.ai_end(first.key)
     full = full_answer(question)
     assert end["status"] == "taken_over"
@@ -161,6 +163,7 @@ def test_a_bad_token_is_refused_in_plain_words(
         "The gateway refused this token: invalid token"
     )
     shots.take(agent.page, "refused")
+    assert_contrast(agent.page)
     assert agent.page.locator("#app").is_hidden()
 
     agent.sign_in(new_agent(page_gateway, name="Ana").token)
@@ -333,7 +336,8 @@ def test_the_console_at_390_px_is_no_wider_than_the_viewport(
     new_context: NewContext, page_gateway: GatewayProcess, shots: Screenshots
 ) -> None:
     """A phone-sized viewport: the sign-in page, the list, an open conversation with a long URL,
-    its data and flow, and the shortcuts: no element wider than the viewport, no sideways scroll."""
+    its data and flow, and the shortcuts: no element wider than the viewport, no sideways scroll,
+    and every text readable against its background."""
     agent = ConsolePage(
         new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2).new_page(), page_gateway
     )
@@ -341,6 +345,7 @@ def test_the_console_at_390_px_is_no_wider_than_the_viewport(
     agent.page.wait_for_selector("#demo-signin:visible")
     shots.take(agent.page, "sign-in")
     assert_fits(agent.page, 390)
+    assert_contrast(agent.page)
     agent.sign_in_as_demo_agent()
     user = SocketUser(page_gateway)
     long_url = "https://track.example.com/parcels/" + "DCR-2026-000123-" * 6 + "end"
@@ -348,6 +353,7 @@ def test_the_console_at_390_px_is_no_wider_than_the_viewport(
     agent.row(user.cid).wait_for()
     shots.take(agent.page, "list")
     assert_fits(agent.page, 390)
+    assert_contrast(agent.page)
     pane = agent.open_conversation(user.cid)
     pane.locator("li.msg.assistant").wait_for()
     pane.locator("svg .node.current").wait_for()
@@ -357,9 +363,11 @@ def test_the_console_at_390_px_is_no_wider_than_the_viewport(
     pane.locator(".facts").scroll_into_view_if_needed()
     shots.take(agent.page, "data-and-flow")
     assert_fits(agent.page, 390)
+    assert_contrast(agent.page)
     agent.page.get_by_role("button", name="Shortcuts").click()
     shots.take(agent.page, "shortcuts")
     assert_fits(agent.page, 390)
+    assert_contrast(agent.page)
     user.close()
 
 

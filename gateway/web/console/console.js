@@ -138,17 +138,21 @@ function signOut(message) {
   app.signedIn = false;
   app.rows.clear();
   app.selected = null;
-  try {
-    sessionStorage.removeItem(TOKEN_KEY);
-  } catch {
-    /* nothing kept */
-  }
+  forgetToken();
   $("app").hidden = true;
   $("signin").hidden = false;
   $("signin").removeAttribute("aria-busy");
   signinError(message);
   document.title = "Agent console · chatgw";
   $("token").focus();
+}
+
+function forgetToken() {
+  try {
+    sessionStorage.removeItem(TOKEN_KEY);
+  } catch {
+    /* nothing kept */
+  }
 }
 
 $("token-form").addEventListener("submit", (e) => {
@@ -195,11 +199,10 @@ function onLinkState(s, detail) {
   else if (s === "waiting") conn.textContent = `Connection lost. Reconnecting in ${Math.ceil(detail.delay / 1000)} s…`;
   else if (s === "refused") {
     const why = `The gateway refused this token: ${detail.message}. Ask your admin for a new one.`;
-    if (app.signedIn) signOut(why);
-    else {
-      $("signin").removeAttribute("aria-busy");
-      signinError(why);
-    }
+    if (app.signedIn) return signOut(why);
+    forgetToken();
+    $("signin").removeAttribute("aria-busy");
+    signinError(why);
   }
   if (s === "live") banner(null);
 }
@@ -494,7 +497,7 @@ $("help-button").addEventListener("click", () => help.showModal());
 
 document.addEventListener("keydown", (e) => {
   if (e.defaultPrevented || e.ctrlKey || e.metaKey || e.altKey || !app.signedIn || help.open) return;
-  if (e.target.closest("input, textarea, select")) {
+  if (e.target instanceof Element && e.target.closest("input, textarea, select")) {
     if (e.key === "Escape" && e.target.id === "q") $("rows").focus();
     return;
   }
