@@ -18,7 +18,7 @@ from core.errors import Conflict
 from core.llm import LLMProvider
 from core.models import AuditEntry
 from core.scripted_llm import ScriptedLLM
-from gateway import admin_api, agents_api, http_api, static
+from gateway import admin_api, agents_api, console_api, http_api, static
 from gateway.auth import TokenIssuer, hash_api_key
 from gateway.backends import make_backends
 from gateway.connection import serve_socket
@@ -149,6 +149,7 @@ def create_app(
         Route("/metrics", http_api.metrics, methods=["GET"]),
         *admin_api.routes(),
         *agents_api.routes(),
+        *console_api.routes(),
         *static.routes(),
     ]
     middleware = [

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 _N = TypeVar("_N", int, float)
+_FLAGS = dict.fromkeys(("on", "true", "1", "yes"), True) | dict.fromkeys(("off", "false", "0", "no"), False)
 
 
 class SettingsError(ValueError):
@@ -36,6 +37,7 @@ class Settings:
     secret_is_random: bool = True
     demo_api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     demo_api_key_is_random: bool = True
+    demo_agent: bool = True
     scripted_tps: float = 20.0
     scripted_tokens: int = 40
     hello_timeout: float = 5.0
@@ -92,6 +94,7 @@ class Settings:
             secret_is_random=secret is None,
             demo_api_key=demo_key or defaults.demo_api_key,
             demo_api_key_is_random=demo_key is None,
+            demo_agent=e.flag("CHATGW_DEMO_AGENT", True),
             scripted_tps=e.number("CHATGW_SCRIPTED_TPS", 20.0, low=0),
             scripted_tokens=e.integer("CHATGW_SCRIPTED_TOKENS", 40, low=1, high=100_000),
             hello_timeout=e.number("CHATGW_HELLO_TIMEOUT_S", 5.0, low=0.1),
@@ -144,6 +147,15 @@ class _Env:
         except ValueError:
             raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
         return _bounded(name, value, low, high)
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        value = _FLAGS.get(raw.lower())
+        if value is None:
+            raise SettingsError(f"{name} must be on or off (or true/false, 1/0), got {raw!r}")
+        return value
 
     def number(
         self, name: str, default: float, *, low: float | None = None, high: float | None = None

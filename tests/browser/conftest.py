@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
+from tests.multi import conftest as multi
 from tests.servers import ROOT, GatewayProcess, start_gateway
 
 # The flags this machine's Chromium needs headless: no sandbox as root, and nothing that calls home
@@ -108,3 +109,7 @@ def page_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayPr
 
 SLOW = {"CHATGW_SCRIPTED_TPS": "20", "CHATGW_SCRIPTED_TOKENS": "60"}
 QUICKER = {"CHATGW_SCRIPTED_TPS": "40", "CHATGW_SCRIPTED_TOKENS": "60"}
+
+
+# Several gateway processes on one PostgreSQL database and one Redis (the console across instances).
+cluster = multi.cluster

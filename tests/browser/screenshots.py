@@ -1,7 +1,7 @@
 """Refresh the README's screenshots: `scripts/screenshots` (or `python -m tests.browser.screenshots`).
 
-Starts a gateway on the embedded default, drives the demo page in Chromium as a visitor would, and
-writes docs/images/widget.png.
+Starts a gateway on the embedded default, drives the demo page in Chromium as a visitor would and
+the agent console as the demo agent would, and writes docs/images/widget.png and console.png.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from tests.browser.conftest import CHROMIUM_ARGS, DEFAULT_CHROMIUM
+from tests.browser.console_page import ConsolePage, SocketUser
 from tests.browser.widget_page import WidgetPage
 from tests.servers import ROOT, start_gateway
 
@@ -32,6 +33,25 @@ def widget_shot(page_url: str, w: WidgetPage, out: Path) -> None:
     w.page.screenshot(path=str(out))
 
 
+def console_shot(agent: ConsolePage, out: Path) -> None:
+    """The demo agent with three conversations listed, one open while its answer streams: its
+    email extracted, its stage moved on in the flow."""
+    agent.open()
+    agent.sign_in_as_demo_agent()
+    ana, other, third = SocketUser(agent.gateway), SocketUser(agent.gateway), SocketUser(agent.gateway)
+    ana.say("Hi! I'm Ana. You can write to ana@example.com")
+    other.say("Do you ship to Norway?")
+    third.say("Is the decaf in stock this week?")
+    agent.row(ana.cid).wait_for()
+    agent.open_conversation(ana.cid)
+    ana.send("I'd like two bags of the Huila beans, ground for filter")
+    agent.wait_answer(ana.cid, chars=90)
+    agent.page.locator("#rows").focus()
+    agent.page.screenshot(path=str(out))
+    for user in (ana, other, third):
+        user.close()
+
+
 def main() -> int:
     chromium = os.environ.get("TEST_CHROMIUM") or DEFAULT_CHROMIUM
     IMAGES.mkdir(parents=True, exist_ok=True)
@@ -43,10 +63,12 @@ def main() -> int:
                 context = browser.new_context(viewport={"width": 1100, "height": 760})
                 w = WidgetPage(context.new_page(), gw)
                 widget_shot(f"{gw.http}/demo/", w, IMAGES / "widget.png")
+                context = browser.new_context(viewport={"width": 1280, "height": 800})
+                console_shot(ConsolePage(context.new_page(), gw), IMAGES / "console.png")
                 browser.close()
         finally:
             gw.stop()
-    print(f"wrote {IMAGES / 'widget.png'}")
+    print(f"wrote {IMAGES / 'widget.png'} and {IMAGES / 'console.png'}")
     return 0
 
 

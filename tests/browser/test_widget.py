@@ -14,6 +14,7 @@ from playwright.sync_api import BrowserContext
 
 from core.conversation import FAILED_NOTICE
 from tests.browser.conftest import Screenshots
+from tests.browser.fit import assert_fits
 from tests.browser.widget_page import Network, WidgetPage, assert_grows
 from tests.llm_server import LLMServer, drop_after
 from tests.servers import GatewayProcess, start_gateway
@@ -162,7 +163,7 @@ def test_at_390_px_nothing_is_wider_than_the_viewport(
     w = widget(new_context, page_gateway, viewport={"width": 390, "height": 844}, device_scale_factor=2)
     w.page.goto(f"{page_gateway.http}/demo/")
     shots.take(w.page, "page")
-    assert_fits(w, 390)
+    assert_fits(w.page, 390)
     w.page.click("button.launcher")
     w.wait_online()
     long_url = "https://track.example.com/parcels/" + "DCR-2026-000123-" * 6 + "end"
@@ -170,37 +171,10 @@ def test_at_390_px_nothing_is_wider_than_the_viewport(
     answer = w.wait_answer(chars=60)
     assert w.page.locator(".stopbar button").is_visible()
     shots.take(w.page, "streaming")
-    assert_fits(w, 390)
+    assert_fits(w.page, 390)
     w.follow(answer.key, answer.text)
     shots.take(w.page, "answered")
-    assert_fits(w, 390)
-
-
-_OVERFLOW = """() => {
-  const width = document.documentElement.clientWidth;
-  const bad = [];
-  const walk = (root) => {
-    for (const el of root.querySelectorAll('*')) {
-      const r = el.getBoundingClientRect();
-      if (r.width > 0 && (r.width > width + 0.5 || r.right > width + 0.5)) {
-        bad.push(`${el.tagName.toLowerCase()}.${el.className} ${Math.round(r.left)}..${Math.round(r.right)}`);
-      }
-      if (el.classList.contains('bubble') && el.scrollWidth > el.clientWidth + 1) {
-        bad.push(`bubble overflows: ${el.scrollWidth} > ${el.clientWidth}`);
-      }
-      if (el.shadowRoot) walk(el.shadowRoot);
-    }
-  };
-  walk(document);
-  return {width, scrollWidth: document.documentElement.scrollWidth, bad};
-}"""
-
-
-def assert_fits(w: WidgetPage, width: int) -> None:
-    got = w.page.evaluate(_OVERFLOW)
-    assert got["width"] == width
-    assert got["scrollWidth"] <= width, got
-    assert got["bad"] == [], got["bad"]
+    assert_fits(w.page, 390)
 
 
 def test_links_are_safe_and_text_is_never_html(

@@ -15,7 +15,14 @@ import pytest
 
 from tests.servers import ROOT, GatewayProcess, start_gateway
 
-FACES = {"/widget.js": "widget.js", "/demo/": "demo/index.html", "/demo/demo.css": "demo/demo.css"}
+FACES = {
+    "/widget.js": "widget.js",
+    "/demo/": "demo/index.html",
+    "/demo/demo.css": "demo/demo.css",
+    "/console/": "console/index.html",
+    "/console/console.js": "console/console.js",
+    "/console/flow.js": "console/flow.js",
+}
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,15 @@ def test_the_redis_pool_size_is_read_and_bounded() -> None:
         Settings.from_env({"CHATGW_REDIS_POOL_SIZE": "many"})
 
 
+def test_the_demo_agent_switch_reads_on_and_off_words() -> None:
+    assert Settings.from_env({}).demo_agent is True
+    assert Settings.from_env({"CHATGW_DEMO_AGENT": "off"}).demo_agent is False
+    assert Settings.from_env({"CHATGW_DEMO_AGENT": "False"}).demo_agent is False
+    assert Settings.from_env({"CHATGW_DEMO_AGENT": "1"}).demo_agent is True
+    with pytest.raises(SettingsError, match="CHATGW_DEMO_AGENT must be on or off"):
+        Settings.from_env({"CHATGW_DEMO_AGENT": "maybe"})
+
+
 def test_a_widget_token_round_trips() -> None:
     issuer = TokenIssuer(SECRET, ttl=60)
     token = issuer.issue_widget(BusinessId("b"), "u", ConversationId("c"))

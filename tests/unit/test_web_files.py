@@ -4,6 +4,7 @@ installed package)."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
@@ -11,7 +12,19 @@ from pathlib import Path
 from gateway.static import web_files
 from tests.servers import ROOT
 
-FACES = ["widget.js", "demo/index.html", "demo/demo.css", "demo/demo.js"]
+FACES = [
+    "widget.js",
+    "demo/index.html",
+    "demo/demo.css",
+    "demo/demo.js",
+    "console/index.html",
+    "console/console.css",
+    "console/console.js",
+    "console/pane.js",
+    "console/flow.js",
+    "console/link.js",
+    "console/dom.js",
+]
 
 
 def test_the_web_faces_are_found_through_importlib_resources() -> None:
@@ -35,3 +48,17 @@ def test_every_web_file_is_named_by_the_package_data_globs() -> None:
 def test_the_sample_page_embeds_the_widget_with_one_tag() -> None:
     page = (Path(str(web_files())) / "demo" / "index.html").read_text()
     assert '<script src="/widget.js" data-business="demo"' in page
+
+
+def test_the_console_loads_only_its_own_modules() -> None:
+    """The console's modules import one another by relative path, and nothing else (no build step,
+    no bundler, nothing fetched from elsewhere)."""
+    folder = Path(str(web_files())) / "console"
+    modules = {p.name for p in folder.glob("*.js")}
+    for module in modules:
+        source = (folder / module).read_text()
+        imported = set(re.findall(r'^import .* from "\./([\w.]+)";$', source, flags=re.M))
+        assert imported <= modules, (module, imported - modules)
+        assert not re.search(r"^import .* from \"(?!\./)", source, flags=re.M), module
+    page = (folder / "index.html").read_text()
+    assert '<script type="module" src="console.js"></script>' in page
