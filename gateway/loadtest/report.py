@@ -241,7 +241,8 @@ def table(report: dict[str, Any]) -> str:
     lines += [
         f"  (gateway-added TTFT from markers: {source['marker']}, from the configured TTFT: {source['configured_ttft']}; "
         f"fan-out {'across instances' if r['fanout']['cross_instance'] else 'on one instance'}, "
-        f"watcher first {r['fanout']['watcher_first']} of {r['fanout']['pairs']})",
+        f"watcher first {r['fanout']['watcher_first']} of {r['fanout']['pairs']}"
+        + (f", agent first {r['fanout']['agent_first']} of {r['fanout']['agent_pairs']})" if agents else ")"),
         "",
         "integrity      " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["integrity"].items()),
         f"errors         {_pairs(r['errors']) or 'none'}",
