@@ -43,11 +43,14 @@ async def conversation(
     a: GatewayProcess, b: GatewayProcess, rounds: int, seed: int
 ) -> tuple[list[float], int]:
     rng = random.Random(seed)
-    widget = new_widget(a)
+    # The HTTP setup is blocking: off the event loop, and before any socket opens, so that no
+    # socket of another conversation misses the gateway's hello deadline meanwhile.
+    widget = await asyncio.to_thread(new_widget, a)
+    agent = await asyncio.to_thread(new_agent, b)
     user = await Client.open(a)
     await user.hello(widget)
     console = await AgentClient.open(b)
-    await console.agent_hello(new_agent(b))
+    await console.agent_hello(agent)
     cid = widget.conversation_id
     samples: list[float] = []
     late = 0

@@ -130,9 +130,9 @@ def start_loadtest(tmp_dir: Path, *args: str) -> tuple[subprocess.Popen[str], Pa
     return process, out
 
 
-def assert_consistent(report: dict[str, Any], *, conversations: int, watchers: int) -> None:
+def assert_consistent(report: dict[str, Any], *, conversations: int, watchers: int, agents: int = 0) -> None:
     """What every clean run must show, whatever the timing."""
-    sockets = conversations * (1 + watchers)
+    sockets = conversations * (1 + watchers) + agents
     assert report["schema"] == "chatgw.loadtest/1"
     assert report["connections"]["sockets_opened"] == sockets
     assert report["connections"]["sockets_failed"] == report["connections"]["closed_by_server"] == 0
@@ -156,9 +156,13 @@ def assert_consistent(report: dict[str, Any], *, conversations: int, watchers: i
         "reconnect_frames": 0,
     }
     assert report["errors"] == {}
-    # Every watcher gets exactly the user's deltas; tokens are the answers' tokens.
+    # Every watcher (and every conversation's agent) gets exactly the user's deltas; tokens are the
+    # answers' tokens.
     assert deltas["frames_watcher"] == deltas["frames_user"] * watchers
     assert deltas["tokens_watcher"] == deltas["tokens_user"] * watchers
+    assert deltas["frames_agent"] == (deltas["frames_user"] if agents else 0)
+    assert deltas["tokens_agent"] == (deltas["tokens_user"] if agents else 0)
+    assert report["fanout"]["agent_pairs"] == deltas["frames_agent"]
     assert report["latency_ms"]["token_lag"]["count"] == deltas["tokens"]
     assert report["latency_ms"]["token_lag"]["negative"] == 0
     assert report["fanout"]["pairs"] == deltas["frames_watcher"]
@@ -170,3 +174,27 @@ def assert_consistent(report: dict[str, Any], *, conversations: int, watchers: i
     # The gateway's CPU was read before and after.
     assert report["gateway_cpu"]["cpu_seconds"] > 0
     assert report["gateway_cpu"]["us_per_delta_frame"] > 0
+
+
+def assert_takeovers_consistent(report: dict[str, Any], *, conversations: int, agents: int) -> None:
+    """What a clean run with agents taking over must show: every conversation followed, every
+    takeover the agents counted is a `taken_over` ai_end the users saw (each timed), every takeover
+    handed back, and no delta of a taken-over answer after its end on any socket."""
+    followed, takeovers = report["agents"], report["takeovers"]
+    assert followed["opened"] == agents
+    assert followed["conversations_followed"] == conversations
+    assert followed["conversations_unfollowed"] == 0
+    assert followed["follow_failures"] == {}
+    assert followed["max_subscriptions"] >= 1
+    assert followed["feed_frames"] > 0
+    taken_over = report["answers"]["by_status"].get("taken_over", 0)
+    assert takeovers["sent"] >= 1
+    assert takeovers["done"] == takeovers["sent"]
+    assert takeovers["cut_answers"] == taken_over
+    assert report["latency_ms"]["takeover"]["count"] == taken_over
+    assert report["latency_ms"]["takeover_agent"]["count"] == taken_over
+    assert takeovers["handbacks_sent"] == takeovers["handbacks_done"] == takeovers["done"]
+    assert takeovers["refused"] == takeovers["unanswered"] == takeovers["handbacks_refused"] == 0
+    assert takeovers["held_at_end"] == 0
+    assert takeovers["late_deltas"] == 0
+    assert takeovers["errors"] == {}

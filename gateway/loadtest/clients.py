@@ -1,220 +1,61 @@
-"""The load tool's clients: one class per kind of socket, and the conversation that holds them.
-
-A kind is a `SocketClient` subclass: how it says hello, what it does while the run lasts (`act`),
-and what it makes of the frames it receives (the `on_*` hooks); `Conversation` decides how many of
-each kind a conversation has. Every socket checks its stream
-(`StreamCheck`), counts deltas and measures each token's lag from the model server's send-time
-marker. A socket the server closes is counted with its close code; the run goes on without it.
-"""
+"""The load tool's widget-side clients (the user and the watchers of a conversation) and the
+conversation that holds them: `Conversation` decides how many of each kind a conversation has
+(agents, which follow many conversations, are in `gateway.loadtest.agents`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import orjson
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from gateway.devtools.marker import MARKER_RE
-from gateway.loadtest.config import LoadConfig, Target
-from gateway.loadtest.stats import EVENT_TYPES, FanoutPairer, StreamCheck
-from gateway.loadtest.tally import Tally
+from gateway.loadtest.config import Target
+from gateway.loadtest.sockets import Run, SocketClient, now_ns
+from gateway.loadtest.stats import AskClock, FanoutPairer, StreamCheck
 
-OPEN_TIMEOUT_S = 10.0
-_MAX_FRAME = 1 << 22
-
-
-@dataclass
-class Run:
-    """What every client of one process shares."""
-
-    config: LoadConfig
-    tally: Tally
-    model_ttft_us: int | None = None  # the model server's configured TTFT, when known
-    rng: random.Random = field(default_factory=random.Random)
-    sending: bool = True  # users send messages while this holds
+if TYPE_CHECKING:
+    from gateway.loadtest.agents import AgentClient
 
 
-def _now() -> int:
-    return time.monotonic_ns()
-
-
-class SocketClient:
-    """One WebSocket of a conversation. Subclasses set `kind` and override the hooks."""
-
-    kind: ClassVar[str] = "socket"
+class ConversationSocket(SocketClient):
+    """A socket with a widget token: one conversation, one stream check."""
 
     def __init__(self, run: Run, conversation: Conversation, target: Target) -> None:
-        self.run = run
-        self.tally = run.tally
+        super().__init__(run, target)
         self.conversation = conversation
-        self.target = target
-        self.ws: ClientConnection | None = None
         self.check = StreamCheck(0)
-        self.closing = False  # we close it: its close code is not the server's doing
-        self.reader: asyncio.Task[None] | None = None
-        self.last_frame = 0  # monotonic ns of the last frame received
-        self._lag = run.tally.histogram(f"token_lag_{self.kind}")
-        self._frames_key = f"delta_frames_{self.kind}"
-        self._tokens_key = f"tokens_{self.kind}"
 
     def hello(self) -> dict[str, Any]:
         return {"type": "hello", "token": self.conversation.token}
 
-    async def open(self) -> bool:
-        """Connect, say hello, read the welcome and start reading; False (counted) on failure."""
-        failure = await self._open()
-        if failure is not None:
-            self.tally.keyed["connect_failures"][failure] += 1
-            self.tally.counts["sockets_failed"] += 1
-            return False
-        self.tally.counts["sockets_opened"] += 1
-        self.reader = asyncio.create_task(self._read())
-        return True
-
-    async def _open(self) -> str | None:
-        try:
-            self.ws = await connect(
-                self.target.ws,
-                open_timeout=OPEN_TIMEOUT_S,
-                max_size=_MAX_FRAME,
-                compression=None,
-                ping_interval=None,  # the server pings; the client answers on its own
-                proxy=None,  # loopback targets: never through a proxy from the environment
-                close_timeout=2,
-            )
-        except InvalidStatus as exc:
-            return f"ws_http_{exc.response.status_code}"
-        except (InvalidHandshake, InvalidURI):
-            return "ws_handshake"
-        except TimeoutError:
-            return "ws_timeout"
-        except OSError:
-            return "ws_refused"
-        try:
-            await self.ws.send(orjson.dumps(self.hello()).decode())
-            welcome = orjson.loads(await asyncio.wait_for(self.ws.recv(), OPEN_TIMEOUT_S))
-        except TimeoutError:
-            failure = "hello_timeout"
-        except ConnectionClosed as exc:
-            failure = f"hello_closed_{exc.rcvd.code if exc.rcvd else 1006}"
-        else:
-            if welcome.get("type") == "welcome":
-                self.check = StreamCheck(int(welcome["seq"]))
-                return None
-            failure = f"hello_{welcome.get('code') or welcome.get('type')}"
-        await self.ws.close()
+    def welcome(self, frame: dict[str, Any]) -> str | None:
+        failure = super().welcome(frame)
+        if failure is None:
+            self.check = StreamCheck(int(frame["seq"]))
         return failure
 
-    async def _read(self) -> None:
-        assert self.ws is not None
-        try:
-            while True:
-                raw = await self.ws.recv()
-                self.last_frame = now = _now()
-                self.on_frame(orjson.loads(raw), now)
-        except ConnectionClosed as exc:
-            if not self.closing:
-                code = exc.rcvd.code if exc.rcvd else 1006
-                self.tally.keyed["close_codes"][str(code)] += 1
-                self.tally.counts["closed_by_server"] += 1
+    def check_for(self, frame: dict[str, Any]) -> StreamCheck | None:
+        return self.check
 
-    @property
-    def is_open(self) -> bool:
-        return self.reader is not None and not self.reader.done()
-
-    async def send(self, frame: dict[str, Any]) -> bool:
-        if self.ws is None or not self.is_open:
-            return False
-        try:
-            await self.ws.send(orjson.dumps(frame).decode())
-        except ConnectionClosed:
-            return False
-        return True
-
-    async def close(self) -> None:
-        """Close from our side and account the socket's stream checks."""
-        self.closing = True
-        if self.ws is not None:
-            with contextlib.suppress(OSError):
-                await self.ws.close()
-        if self.reader is not None:
-            await asyncio.gather(self.reader, return_exceptions=True)
-            self.tally.add_check(self.check)
-
-    async def act(self, end_at: float) -> None:
-        """What the socket does while the run lasts (until `end_at`, loop time); default: read."""
-
-    # -- frames ------------------------------------------------------------------------------
-
-    def on_frame(self, frame: dict[str, Any], now: int) -> None:
-        kind = frame.get("type")
-        if kind in EVENT_TYPES:
-            if not self.check.seq(frame["seq"]):
-                return  # a duplicate: counted, not handled twice
-            if kind == "delta":
-                self._delta(frame, now)
-            elif kind == "ai_start":
-                self.check.ai_start(frame["response_id"])
-                self.on_ai_start(frame, now)
-            elif kind == "ai_end" and self.check.ai_end(frame["response_id"], frame["text"]):
-                self.on_ai_end(frame, now)
-        elif kind == "ack":
-            self.on_ack(frame, now)
-        elif kind == "error":
-            self.tally.keyed["errors"][str(frame.get("code"))] += 1
-            self.on_error(frame)
-        elif kind in ("reset", "reconnect"):
-            self.tally.counts[f"{kind}_frames"] += 1
-
-    def _delta(self, frame: dict[str, Any], now: int) -> None:
-        text = frame["text"]
-        if not self.check.delta(frame["response_id"], text):
-            return  # late: counted by the check
-        counts = self.tally.counts
-        counts[self._frames_key] += 1
-        stamps = MARKER_RE.findall(text)
-        if stamps:
-            wall_us = time.time_ns() // 1000
-            add = self._lag.add
-            for stamp in stamps:
-                add(wall_us - int(stamp))
-            counts[self._tokens_key] += len(stamps)
-        self.on_delta(frame, now, stamps)
-
-    def on_delta(self, frame: dict[str, Any], now: int, stamps: list[str]) -> None: ...
-
-    def on_ai_start(self, frame: dict[str, Any], now: int) -> None: ...
-
-    def on_ai_end(self, frame: dict[str, Any], now: int) -> None: ...
-
-    def on_ack(self, frame: dict[str, Any], now: int) -> None: ...
-
-    def on_error(self, frame: dict[str, Any]) -> None: ...
-
-    def idle(self) -> bool:
-        """Nothing more is expected on this socket (used to end the drain early)."""
-        return not self.check.open
+    def checks(self) -> Iterable[StreamCheck]:
+        return (self.check,)
 
 
-class UserClient(SocketClient):
+class UserClient(ConversationSocket):
     """The end user: sends a message every `--message-interval` seconds (open loop: whether or not
     the last one was answered), stops `--stop-rate` of the answers at their first delta, and
-    measures ack latency and time to first token."""
+    measures ack latency, time to first token and, when its agent took over, the time from the
+    agent's `takeover` to the `ai_end` here."""
 
     kind = "user"
 
     def __init__(self, run: Run, conversation: Conversation, target: Target) -> None:
         super().__init__(run, conversation, target)
         self.pending: dict[str, int] = {}  # client_msg_id -> sent at
-        self.awaiting_since: int | None = None  # the first message sent since the last ai_start
+        self.asking = AskClock()
         self.asked_at: dict[str, int | None] = {}  # response id -> when its question was sent
         self.sent = 0
 
@@ -233,10 +74,9 @@ class UserClient(SocketClient):
         self.sent += 1
         cmid = f"lt-{self.conversation.index}-{n}"
         text = f"Question {n} of load test conversation {self.conversation.index}; write to lt{self.conversation.index}@example.com"
-        sent_at = _now()
+        sent_at = now_ns()
         self.pending[cmid] = sent_at
-        if self.awaiting_since is None:
-            self.awaiting_since = sent_at
+        self.asking.sent(sent_at)
         if not await self.send({"type": "message", "client_msg_id": cmid, "text": text}):
             del self.pending[cmid]
             return False
@@ -257,12 +97,15 @@ class UserClient(SocketClient):
 
     def on_ai_start(self, frame: dict[str, Any], now: int) -> None:
         self.tally.counts["answers_started"] += 1
-        self.asked_at[frame["response_id"]] = self.awaiting_since
-        self.awaiting_since = None
+        self.asked_at[frame["response_id"]] = self.asking.started()
 
     def on_delta(self, frame: dict[str, Any], now: int, stamps: list[str]) -> None:
-        for lag in self.conversation.pairer.user(frame["seq"], now):
-            self.conversation.fanout(lag)
+        conversation = self.conversation
+        for lag in conversation.pairer.user(frame["seq"], now):
+            conversation.fanout(lag)
+        if conversation.agent_pairer is not None:
+            for lag in conversation.agent_pairer.user(frame["seq"], now):
+                conversation.fanout(lag, "agent")
         rid = frame["response_id"]
         if rid not in self.asked_at:
             return  # not the answer's first delta
@@ -272,8 +115,9 @@ class UserClient(SocketClient):
             hist["ttft_added"].add(time.time_ns() // 1000 - int(stamps[0]))
             self.tally.counts["ttft_added_from_marker"] += 1
         if asked is None:
-            # Its question went out before the previous answer started: which answer the gateway
-            # gave it to cannot be told from here, so its time to first token is not measured.
+            # Its question went out before the previous answer started, or around a takeover:
+            # which answer the gateway gave it to cannot be told from here, so its time to first
+            # token is not measured.
             self.tally.counts["ttft_unattributed"] += 1
         else:
             hist["ttft_total"].add((now - asked) // 1000)
@@ -282,7 +126,7 @@ class UserClient(SocketClient):
                 self.tally.counts["ttft_added_from_config"] += 1
         if self.run.config.stop_rate and self.run.rng.random() < self.run.config.stop_rate:
             # The gateway drops what was queued behind a stopped answer, so nothing is awaited.
-            self.awaiting_since = None
+            self.asking.stopped()
             self.tally.counts["stops_sent"] += 1
             self.conversation.spawn(self.send({"type": "stop"}))
 
@@ -293,18 +137,23 @@ class UserClient(SocketClient):
         self.tally.keyed["answer_status"][status] += 1
         if status == "complete":
             self.tally.keyed["tokens_per_answer"][str(len(MARKER_RE.findall(frame["text"])))] += 1
+        elif status == "taken_over":
+            self.conversation.took_over(now, "takeover")
+
+    def on_mode(self, frame: dict[str, Any], now: int) -> None:
+        self.asking.mode(frame.get("mode") == "human")
 
     def idle(self) -> bool:
-        return super().idle() and not self.pending and self.awaiting_since is None
+        return super().idle() and not self.pending and not self.asking.waiting
 
     def account_end(self) -> None:
         """Count what is still outstanding when the run ends."""
         self.tally.counts["unacked_messages"] += len(self.pending)
-        if self.awaiting_since is not None:
+        if self.asking.waiting:
             self.tally.counts["unanswered_users"] += 1
 
 
-class WatcherClient(SocketClient):
+class WatcherClient(ConversationSocket):
     """A second socket with the user's token (another tab, or a device), on the next URL: it only
     reads, and measures how much later than the user socket each delta reaches it."""
 
@@ -317,7 +166,8 @@ class WatcherClient(SocketClient):
 
 
 class Conversation:
-    """A widget session and its sockets: the user on URL i, watchers on the next URLs."""
+    """A widget session and its sockets: the user on URL i, watchers on the next URLs, and the agent
+    that follows it, if any (set before `setup`)."""
 
     def __init__(self, index: int, run: Run) -> None:
         self.index = index
@@ -325,8 +175,13 @@ class Conversation:
         self.token = ""
         self.conversation_id = ""
         self.pairer = FanoutPairer()
+        self.agent: AgentClient | None = None
+        self.agent_pairer: FanoutPairer | None = None  # the user's and the agent's deltas
+        self.takeover: tuple[int, int] | None = None  # the agent's last takeover: (number, sent at)
+        self._timed: dict[str, int] = {}  # histogram -> the number of the last takeover timed in it
         targets = run.config.targets
-        self.home = targets[index % len(targets)]
+        self.home_index = index % len(targets)
+        self.home = targets[self.home_index]
         self.user = UserClient(run, self, self.home)
         self.sockets: list[SocketClient] = [self.user]
         for n in range(run.config.watchers_per_conversation):
@@ -334,7 +189,8 @@ class Conversation:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def setup(self, http: httpx.AsyncClient) -> None:
-        """Create the widget session, then open every socket (failures are counted)."""
+        """Create the widget session, open every socket, then have the agent follow it (failures are
+        counted)."""
         failure = await self._create(http)
         if failure is not None:
             self.run.tally.keyed["connect_failures"][failure] += 1
@@ -343,6 +199,11 @@ class Conversation:
         self.run.tally.counts["conversations_created"] += 1
         for socket in self.sockets:
             await socket.open()
+        if self.agent is not None:
+            if await self.agent.follow(self):
+                self.agent_pairer = FanoutPairer()
+            else:
+                self.agent = None
 
     async def _create(self, http: httpx.AsyncClient) -> str | None:
         try:
@@ -359,12 +220,25 @@ class Conversation:
         self.token, self.conversation_id = body["token"], body["conversation_id"]
         return None
 
-    def fanout(self, lag_ns: int) -> None:
+    def fanout(self, lag_ns: int, other: str = "watcher") -> None:
+        """One delta's arrival on a watcher (or the agent) minus its arrival on the user socket."""
         tally = self.run.tally
-        tally.counts["fanout_pairs"] += 1
+        name = "fanout" if other == "watcher" else f"fanout_{other}"
+        tally.counts[f"{name}_pairs"] += 1
         if lag_ns < 0:
-            tally.counts["fanout_watcher_first"] += 1
-        tally.hist["fanout"].add(max(0, lag_ns) // 1000)
+            tally.counts[f"fanout_{other}_first"] += 1
+        tally.hist[name].add(max(0, lag_ns) // 1000)
+
+    def took_over(self, now: int, histogram: str) -> None:
+        """The user's (`takeover`) or the agent's (`takeover_agent`) socket got an `ai_end`
+        `taken_over`: the first one after the agent's last takeover is timed from its send (only the
+        run's agent takes this conversation over)."""
+        if self.takeover is None:
+            return
+        number, sent_at = self.takeover
+        if self._timed.get(histogram, 0) < number:
+            self._timed[histogram] = number
+            self.run.tally.hist[histogram].add((now - sent_at) // 1000)
 
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run a send from a frame handler (which must not await), keeping a reference to it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import resource
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -13,6 +14,8 @@ MAX_WATCHERS = 8
 MAX_SOCKETS = 50_000
 MAX_DURATION_S = 3600.0
 MAX_PROCESSES = 64
+MAX_AGENTS = 1000
+ADMIN_KEY_ENV = "CHATGW_DEMO_API_KEY"
 
 
 class ConfigError(ValueError):
@@ -39,6 +42,11 @@ class LoadConfig:
     processes: int = 1
     connect_rate: float = 50.0
     drain_timeout: float = 10.0
+    agents: int = 0
+    takeover_rate: float = 0.0
+    takeover_within: float = 1.0
+    takeover_hold: float = 2.0
+    admin_key: str | None = None  # never in the report
     model_server: str | None = None
     json_stdout: bool = False
     json_out: str | None = None
@@ -46,7 +54,7 @@ class LoadConfig:
 
     @property
     def sockets(self) -> int:
-        return self.conversations * (1 + self.watchers_per_conversation)
+        return self.conversations * (1 + self.watchers_per_conversation) + self.agents
 
     def public(self) -> dict[str, object]:
         """The options as the report shows them."""
@@ -61,6 +69,10 @@ class LoadConfig:
             "processes": self.processes,
             "connect_rate": self.connect_rate,
             "drain_timeout_s": self.drain_timeout,
+            "agents": self.agents,
+            "takeover_rate": self.takeover_rate,
+            "takeover_within_s": self.takeover_within,
+            "takeover_hold_s": self.takeover_hold,
             "model_server": self.model_server,
         }
 
@@ -175,6 +187,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the last message, wait at most S seconds for answers to end (default 10)",
     )
     add(
+        "--agents",
+        type=int,
+        default=0,
+        metavar="N",
+        help="agent sockets, spread over the URLs, each following a share of the conversations "
+        f"(default 0, at most {MAX_AGENTS}; at least --processes when not 0)",
+    )
+    add(
+        "--takeover-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="fraction of the answers of followed conversations that their agent takes over (default 0)",
+    )
+    add(
+        "--takeover-within",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="an agent takes over at a random time from 0 to S seconds after the answer's first delta (default 1)",
+    )
+    add(
+        "--takeover-hold",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="an agent hands the conversation back S seconds after its takeover (default 2)",
+    )
+    add(
+        "--admin-key",
+        metavar="KEY",
+        help=f"the business's admin API key, to create the agents (default ${ADMIN_KEY_ENV})",
+    )
+    add(
         "--model-server",
         metavar="URL",
         help="base URL of `chatgw model-server`: its /stats are read before and after the run",
@@ -205,6 +251,11 @@ def parse(argv: list[str]) -> LoadConfig:
         processes=args.processes,
         connect_rate=args.connect_rate,
         drain_timeout=args.drain_timeout,
+        agents=args.agents,
+        takeover_rate=args.takeover_rate,
+        takeover_within=args.takeover_within,
+        takeover_hold=args.takeover_hold,
+        admin_key=args.admin_key or os.environ.get(ADMIN_KEY_ENV) or None,
         model_server=model_server,
         json_stdout=args.json,
         json_out=args.json_out,
@@ -223,11 +274,12 @@ def validate(c: LoadConfig) -> None:
     _between("--processes", c.processes, 1, min(MAX_PROCESSES, c.conversations))
     _between("--connect-rate", c.connect_rate, 1, 10_000)
     _between("--drain-timeout", c.drain_timeout, 0, 600)
+    _validate_agents(c)
     if not c.business.strip():
         raise ConfigError("--business must not be empty")
     if c.sockets > MAX_SOCKETS:
         raise ConfigError(
-            f"{c.sockets} sockets (conversations x (1 + watchers)) is over the cap of {MAX_SOCKETS}"
+            f"{c.sockets} sockets (conversations x (1 + watchers) + agents) is over the cap of {MAX_SOCKETS}"
         )
     per_process = -(-c.sockets // c.processes) + 64
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -235,6 +287,27 @@ def validate(c: LoadConfig) -> None:
         raise ConfigError(
             f"each client process would need {per_process} open files but the limit is {hard}: "
             "use more --processes or raise the limit (ulimit -Hn)"
+        )
+
+
+def _validate_agents(c: LoadConfig) -> None:
+    _between("--agents", c.agents, 0, MAX_AGENTS)
+    _between("--takeover-rate", c.takeover_rate, 0, 1)
+    _between("--takeover-within", c.takeover_within, 0, 600)
+    _between("--takeover-hold", c.takeover_hold, 0, 600)
+    if c.takeover_rate and not c.agents:
+        raise ConfigError("--takeover-rate needs agents to take over: add --agents N")
+    if not c.agents:
+        return
+    if c.agents < c.processes:
+        # A takeover is timed from the agent's send to the user's ai_end on one process's clock.
+        raise ConfigError(
+            f"--agents {c.agents} is fewer than --processes {c.processes}: each client process "
+            "needs an agent of its own for its conversations"
+        )
+    if not c.admin_key:
+        raise ConfigError(
+            f"--agents needs the business's admin API key to create them: --admin-key KEY or ${ADMIN_KEY_ENV}"
         )
 
 
@@ -249,8 +322,13 @@ Load-test running chatgw gateways over many WebSockets, speaking the wire protoc
 Each conversation is a widget session (POST /v1/widget/sessions) with one user socket that sends a
 message every --message-interval seconds and reads the streamed answers, and --watchers-per-conversation
 more sockets with the same token on the next --url (so that fan-out across instances is measured).
+With --agents, agents are created with the business's admin key (POST /v1/agents) and their
+sockets follow the conversations (subscribe), each conversation by one agent, on another URL when
+one has room; with --takeover-rate an agent takes over that fraction of the answers at a random
+point (up to --takeover-within seconds after the answer's first delta) and hands back
+--takeover-hold seconds later. The agents are disabled at the end (agents are never deleted).
 Sockets open at --connect-rate; then users send for --duration seconds; then the tool waits up to
---drain-timeout for answers to end, closes every socket and reports.
+--drain-timeout for answers to end and agents to hand back, closes every socket and reports.
 
 For per-token lag, point the gateway at `chatgw model-server` (OPENAI_API_KEY=any,
 OPENAI_BASE_URL=http://127.0.0.1:8100/v1): its tokens carry their send time. Raise the gateway's
@@ -260,11 +338,12 @@ or they, not the gateway, set the pace. Targets must be loopback addresses unles
 _EPILOG = """\
 Report (a table, or JSON with --json / --json-out; schema "chatgw.loadtest/1" in bench/README.md):
 connections made and failed, close codes, acks/s, delta frames and tokens per second, latency
-percentiles (ack, time to first token total and added by the gateway, per-token lag, fan-out lag),
-late deltas, seq gaps and duplicates, errors by code, the gateways' CPU per delivered delta.
+percentiles (ack, time to first token total and added by the gateway, per-token lag, fan-out lag
+to watchers and agents, takeover to ai_end), takeovers and handbacks, late deltas, seq gaps and
+duplicates, errors by code, the gateways' CPU per delivered delta.
 
 Exit status: 0 the run completed with no integrity problem; 1 it completed but saw seq gaps,
-duplicates, late deltas, unacknowledged messages or unfinished answers, or a client process failed
-(its counts are missing); 2 bad options; 3 it could not run (no socket opened, no client process
-finished). Ctrl-C ends the sending early and still
-reports; a second Ctrl-C stops at once (130)."""
+duplicates, late deltas, unacknowledged messages, unfinished answers or unanswered takeovers, or a
+client process failed (its counts are missing); 2 bad options; 3 it could not run (no socket
+opened, no client process finished, the agents could not be created). Ctrl-C ends the sending
+early and still reports; a second Ctrl-C stops at once (130)."""

@@ -20,6 +20,12 @@ _LATENCIES = (
     ("token_lag_watcher", "per-token lag, watcher sockets"),
     ("fanout", "fan-out lag (watcher - user)"),
 )
+_AGENT_LATENCIES = (
+    ("token_lag_agent", "per-token lag, agent sockets"),
+    ("fanout_agent", "fan-out lag (agent - user)"),
+    ("takeover", "takeover sent -> ai_end on the user socket"),
+    ("takeover_agent", "takeover sent -> ai_end on the agent socket"),
+)
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -40,8 +46,8 @@ def build(
 ) -> dict[str, Any]:
     """The report of a whole run, from the merged tally of every client process."""
     c = tally.counts
-    frames = c["delta_frames_user"] + c["delta_frames_watcher"]
-    tokens = c["tokens_user"] + c["tokens_watcher"]
+    frames = c["delta_frames_user"] + c["delta_frames_watcher"] + c["delta_frames_agent"]
+    tokens = c["tokens_user"] + c["tokens_watcher"] + c["tokens_agent"]
     lag = Histogram()
     for name, histogram in tally.hist.items():
         if name.startswith("token_lag_"):
@@ -92,9 +98,11 @@ def build(
             "frames": frames,
             "frames_user": c["delta_frames_user"],
             "frames_watcher": c["delta_frames_watcher"],
+            "frames_agent": c["delta_frames_agent"],
             "tokens": tokens,
             "tokens_user": c["tokens_user"],
             "tokens_watcher": c["tokens_watcher"],
+            "tokens_agent": c["tokens_agent"],
             "frames_per_s": _rate(frames, window_s),
             "tokens_per_s": _rate(tokens, window_s),
         },
@@ -107,7 +115,11 @@ def build(
             "cross_instance": len({t.http for t in config.targets}) > 1,
             "pairs": c["fanout_pairs"],
             "watcher_first": c["fanout_watcher_first"],
+            "agent_pairs": c["fanout_agent_pairs"],
+            "agent_first": c["fanout_agent_first"],
         },
+        "agents": _agents(config, tally),
+        "takeovers": _takeovers(tally),
         "integrity": {
             "seq_gaps": c["seq_gaps"],
             "seq_missing": c["seq_missing"],
@@ -137,6 +149,41 @@ def build(
     }
 
 
+def _agents(config: LoadConfig, tally: Tally) -> dict[str, Any]:
+    c = tally.counts
+    caps = [int(cap) for cap in tally.keyed["agent_max_subscriptions"]]
+    return {
+        "planned": config.agents,
+        "opened": c["opened_agent"],
+        "max_subscriptions": min(caps) if caps else None,
+        "conversations_followed": c["conversations_followed"],
+        "conversations_unfollowed": c["conversations_unfollowed"],
+        "follow_failures": dict(tally.keyed["follow_failures"]),
+        "followed_cross_instance": c["followed_cross_instance"],
+        "feed_frames": c["feed_frames"],
+    }
+
+
+def _takeovers(tally: Tally) -> dict[str, Any]:
+    c = tally.counts
+    return {
+        "sent": c["takeovers_sent"],
+        "done": c["takeovers_done"],
+        "cut_answers": c["takeovers_cut"],
+        "between_answers": c["takeovers_done"] - c["takeovers_cut"],
+        "skipped": c["takeovers_skipped"],
+        "refused": c["takeovers_refused"],
+        "unanswered": c["takeovers_unanswered"],
+        "handbacks_sent": c["handbacks_sent"],
+        "handbacks_done": c["handbacks_done"],
+        "handbacks_refused": c["handbacks_refused"],
+        "handbacks_unanswered": c["handbacks_unanswered"],
+        "held_at_end": c["takeovers_held_at_end"],
+        "late_deltas": c["late_deltas_taken_over"],
+        "errors": dict(tally.keyed["takeover_errors"]),
+    }
+
+
 def problems(report: dict[str, Any]) -> list[str]:
     """Integrity problems of a run (they make the exit status 1)."""
     found = []
@@ -147,6 +194,10 @@ def problems(report: dict[str, Any]) -> list[str]:
         found.append(f"messages never acknowledged: {report['messages']['unacked']}")
     if report["answers"]["unfinished"]:
         found.append(f"answers without ai_end: {report['answers']['unfinished']}")
+    takeovers = report.get("takeovers") or {}
+    for key, what in (("unanswered", "takeovers"), ("handbacks_unanswered", "handbacks")):
+        if takeovers.get(key):
+            found.append(f"{what} the gateway never answered: {takeovers[key]}")
     return found
 
 
@@ -154,9 +205,12 @@ def table(report: dict[str, Any]) -> str:
     """The report for people."""
     r = report
     conn, msgs, ans, deltas = r["connections"], r["messages"], r["answers"], r["deltas"]
+    agents = r["config"].get("agents", 0)
+    agent_frames = f", agents {deltas['frames_agent']}" if agents else ""
     lines = [
         f"chatgw loadtest: {r['config']['conversations']} conversations x "
-        f"(1 user + {r['config']['watchers_per_conversation']} watchers) on {', '.join(r['config']['urls'])}, "
+        f"(1 user + {r['config']['watchers_per_conversation']} watchers)"
+        f"{f' + {agents} agents' if agents else ''} on {', '.join(r['config']['urls'])}, "
         f"window {r['window_s']:.1f} s" + (" (aborted)" if r["aborted"] else ""),
         "",
         f"sockets        {conn['sockets_opened']} opened, {conn['sockets_failed']} failed, "
@@ -173,11 +227,13 @@ def table(report: dict[str, Any]) -> str:
         f"{' (' + _pairs(ans['by_status']) + ')' if ans['by_status'] else ''}, {ans['unfinished']} unfinished, "
         f"tokens per complete answer {_span(ans['tokens_per_complete_answer'])}",
         f"deltas         {deltas['frames']} frames ({deltas['frames_per_s']}/s; users {deltas['frames_user']}, "
-        f"watchers {deltas['frames_watcher']}), {deltas['tokens']} tokens ({deltas['tokens_per_s']}/s)",
-        "",
-        f"{'latency (ms)':<44}{'count':>9}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}",
+        f"watchers {deltas['frames_watcher']}{agent_frames}), "
+        f"{deltas['tokens']} tokens ({deltas['tokens_per_s']}/s)",
     ]
-    for key, label in _LATENCIES:
+    if agents:
+        lines += _agent_lines(r)
+    lines += ["", f"{'latency (ms)':<44}{'count':>9}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}"]
+    for key, label in _LATENCIES + (_AGENT_LATENCIES if agents else ()):
         s = r["latency_ms"][key]
         cells = "".join(f"{_ms(s[p]):>10}" for p in ("p50", "p95", "p99", "max"))
         lines.append(f"{label:<44}{s['count']:>9}{cells}")
@@ -185,7 +241,8 @@ def table(report: dict[str, Any]) -> str:
     lines += [
         f"  (gateway-added TTFT from markers: {source['marker']}, from the configured TTFT: {source['configured_ttft']}; "
         f"fan-out {'across instances' if r['fanout']['cross_instance'] else 'on one instance'}, "
-        f"watcher first {r['fanout']['watcher_first']} of {r['fanout']['pairs']})",
+        f"watcher first {r['fanout']['watcher_first']} of {r['fanout']['pairs']}"
+        + (f", agent first {r['fanout']['agent_first']} of {r['fanout']['agent_pairs']})" if agents else ")"),
         "",
         "integrity      " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["integrity"].items()),
         f"errors         {_pairs(r['errors']) or 'none'}",
@@ -213,6 +270,28 @@ def table(report: dict[str, Any]) -> str:
             f"{model['disconnects']} disconnects, {model['tokens_sent']} tokens sent, {model['cpu_seconds']} s CPU"
         )
     return "\n".join(lines)
+
+
+def _agent_lines(r: dict[str, Any]) -> list[str]:
+    a, t = r["agents"], r["takeovers"]
+    followed = a["conversations_followed"]
+    lines = [
+        f"agents         {a['opened']} of {a['planned']} sockets opened, following {followed} of "
+        f"{r['config']['conversations']} conversations ({a['followed_cross_instance']} across instances; "
+        f"at most {a['max_subscriptions'] if a['max_subscriptions'] is not None else '-'} each), "
+        f"{a['feed_frames']} feed frames",
+        f"takeovers      {t['sent']} sent: {t['done']} done ({t['cut_answers']} cut an answer, "
+        f"{t['between_answers']} between answers), {t['refused']} refused, {t['unanswered']} unanswered; "
+        f"{t['skipped']} skipped (the answer ended first)",
+        f"handbacks      {t['handbacks_sent']} sent: {t['handbacks_done']} done, {t['handbacks_refused']} refused, "
+        f"{t['handbacks_unanswered']} unanswered; {t['held_at_end']} conversations held at the end; "
+        f"late deltas of taken-over answers {t['late_deltas']}",
+    ]
+    if a["follow_failures"]:
+        lines.append(f"  not followed {_pairs(a['follow_failures'])}")
+    if t["errors"]:
+        lines.append(f"  refusals     {_pairs(t['errors'])}")
+    return lines
 
 
 def _pairs(mapping: dict[str, int]) -> str:

@@ -18,6 +18,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.loadtest import report
+from gateway.loadtest.agents import AgentPlan, AgentSetupError, create_agents, disable_agents
 from gateway.loadtest.config import LoadConfig
 from gateway.loadtest.stats import percentile
 from gateway.loadtest.tally import Tally
@@ -83,12 +84,14 @@ def run(config: LoadConfig, *, err: TextIO = sys.stderr) -> dict[str, Any]:
     """Run the load test and return its report. Raises RunError when it cannot run."""
     model_before = _model_stats(config.model_server)
     ttft_ms = model_before["config"]["ttft_ms"] if model_before else None
+    agents = _agents(config, err)
     plans = [
         WorkerPlan(
             worker=w,
             config=config,
             indices=tuple(range(w, config.conversations, config.processes)),
             model_ttft_us=None if ttft_ms is None else int(ttft_ms * 1000),
+            agents=tuple(a for a in agents if a.process == w),
         )
         for w in range(config.processes)
     ]
@@ -112,6 +115,9 @@ def run(config: LoadConfig, *, err: TextIO = sys.stderr) -> dict[str, Any]:
             _collect(workers, workers.results, pool, lambda: progress.running(workers))
     finally:
         pool.stop()
+        if agents:
+            for problem in disable_agents(config, agents):
+                print(f"loadtest: could not disable an agent: {problem}", file=err)
     if not workers.results:
         raise RunError("no client process finished:\n" + "\n".join(workers.failed.values()))
     for failure in workers.failed.values():
@@ -134,6 +140,17 @@ def run(config: LoadConfig, *, err: TextIO = sys.stderr) -> dict[str, Any]:
         aborted=pool.abort.is_set(),
         failed_workers=len(workers.failed),
     )
+
+
+def _agents(config: LoadConfig, err: TextIO) -> list[AgentPlan]:
+    if not config.agents:
+        return []
+    if not config.quiet:
+        print(f"loadtest making {config.agents} agents", file=err, flush=True)
+    try:
+        return create_agents(config)
+    except AgentSetupError as exc:
+        raise RunError(str(exc)) from None
 
 
 class _Pool:
@@ -236,14 +253,16 @@ class _Progress:
         def delta(key: str) -> int:
             return c.get(key, 0) - prev.get(key, 0)
 
-        frames = c.get("delta_frames_user", 0) + c.get("delta_frames_watcher", 0)
-        recent_frames = delta("delta_frames_user") + delta("delta_frames_watcher")
+        kinds = ("delta_frames_user", "delta_frames_watcher", "delta_frames_agent")
+        frames = sum(c.get(key, 0) for key in kinds)
+        recent_frames = sum(delta(key) for key in kinds)
         lag = workers.recent_lag_p99_ms()
+        takeovers = f"  takeovers {c.get('takeovers_done', 0)}" if self.config.agents else ""
         self._print(
             f"loadtest {time.monotonic() - self.started:6.1f}s  open {c.get('sockets_opened', 0) - c.get('closed_by_server', 0)}"
             f"  msgs {c.get('messages_sent', 0)}  acks {c.get('acks', 0)} ({delta('acks')}/s)"
             f"  deltas {frames} ({recent_frames}/s)  token lag p99 {'-' if lag is None else f'{lag:.1f} ms'}"
-            f"  closed {c.get('closed_by_server', 0)}"
+            f"{takeovers}  closed {c.get('closed_by_server', 0)}"
         )
 
 

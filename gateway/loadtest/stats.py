@@ -114,8 +114,9 @@ class StreamCheck:
     - seq: after `welcome` (seq N) the events must be N+1, N+2, ... each exactly once. A jump is a
       gap (`gaps` jumps, `missing` seqs skipped); a seq at or below the last one is a duplicate.
     - answers: each `ai_start` opens a response and its `ai_end` closes it, once (`duplicate_ends`).
-      A `delta` of a response already ended is late (`late_deltas`). `text_mismatches` counts
-      answers whose `ai_end.text` is not as long as their deltas joined (lengths only: cheap).
+      A `delta` of a response already ended is late (`late_deltas`; `late_taken_over` counts those
+      of answers that ended `taken_over`). `text_mismatches` counts answers whose `ai_end.text` is
+      not as long as their deltas joined (lengths only: cheap).
     """
 
     __slots__ = (
@@ -125,8 +126,10 @@ class StreamCheck:
         "gaps",
         "last_seq",
         "late_deltas",
+        "late_taken_over",
         "missing",
         "open",
+        "taken_over",
         "text_mismatches",
     )
 
@@ -136,10 +139,12 @@ class StreamCheck:
         self.missing = 0
         self.duplicates = 0
         self.late_deltas = 0
+        self.late_taken_over = 0
         self.duplicate_ends = 0
         self.text_mismatches = 0
         self.open: dict[str, int] = {}  # response id -> characters received in its deltas
         self.ended: set[str] = set()
+        self.taken_over: set[str] = set()  # the ended responses whose status was taken_over
 
     def seq(self, seq: int) -> bool:
         """Check one event's seq; False for a duplicate (the caller may ignore the frame)."""
@@ -162,16 +167,20 @@ class StreamCheck:
         """Account a delta; False when it is late (its response already ended)."""
         if response_id in self.ended:
             self.late_deltas += 1
+            if response_id in self.taken_over:
+                self.late_taken_over += 1
             return False
         self.open[response_id] = self.open.get(response_id, 0) + len(text)
         return True
 
-    def ai_end(self, response_id: str, text: str) -> bool:
-        """Close a response; False when it had already ended."""
+    def ai_end(self, response_id: str, text: str, status: str = "complete") -> bool:
+        """Close a response with its `ai_end` status; False when it had already ended."""
         if response_id in self.ended:
             self.duplicate_ends += 1
             return False
         self.ended.add(response_id)
+        if status == "taken_over":
+            self.taken_over.add(response_id)
         if self.open.pop(response_id, 0) != len(text):
             self.text_mismatches += 1
         return True
@@ -186,7 +195,7 @@ class StreamCheck:
         elif kind == "delta":
             self.delta(str(frame["response_id"]), str(frame["text"]))
         elif kind == "ai_end":
-            self.ai_end(str(frame["response_id"]), str(frame["text"]))
+            self.ai_end(str(frame["response_id"]), str(frame["text"]), str(frame.get("status")))
 
     @property
     def unfinished(self) -> int:
@@ -200,6 +209,50 @@ def check_frames(frames: Iterable[Mapping[str, Any]], start_seq: int = 0) -> Str
     for frame in frames:
         check.observe(frame)
     return check
+
+
+class AskClock:
+    """When the question that an answer answers was asked, as one user socket can tell.
+
+    `since` is when the first message sent after the last `ai_start` went out: the next answer
+    answers it. A takeover blurs that: a message waiting when the agent took over, or sent while an
+    agent held the conversation, is answered after the handback (or never), together with whatever
+    the user sends until then, so the next answer's question time is unknown (`started` gives
+    None). A user's `stop` drops what was queued behind the stopped answer."""
+
+    __slots__ = ("blurred", "human", "since")
+
+    def __init__(self) -> None:
+        self.since: int | None = None
+        self.human = False
+        self.blurred = False
+
+    def sent(self, at: int) -> None:
+        if self.human or self.blurred:
+            self.blurred = True
+        elif self.since is None:
+            self.since = at
+
+    def stopped(self) -> None:
+        self.since = None
+
+    def mode(self, human: bool) -> None:
+        if human and self.since is not None:
+            self.blurred = True
+            self.since = None
+        self.human = human
+
+    def started(self) -> int | None:
+        """An answer started: when its question was asked, or None when that cannot be told."""
+        since = self.since
+        self.since = None
+        self.blurred = False
+        return since
+
+    @property
+    def waiting(self) -> bool:
+        """A question is out that no answer has started for (and no takeover blurred)."""
+        return self.since is not None
 
 
 class FanoutPairer:

@@ -8,8 +8,28 @@ from typing import Any
 
 from gateway.loadtest.stats import Histogram, StreamCheck
 
-HISTOGRAMS = ("ack", "ttft_total", "ttft_added", "token_lag_user", "token_lag_watcher", "fanout")
-KEYED = ("errors", "close_codes", "connect_failures", "answer_status", "tokens_per_answer")
+HISTOGRAMS = (
+    "ack",
+    "ttft_total",
+    "ttft_added",
+    "token_lag_user",
+    "token_lag_watcher",
+    "token_lag_agent",
+    "fanout",
+    "fanout_agent",
+    "takeover",
+    "takeover_agent",
+)
+KEYED = (
+    "errors",
+    "close_codes",
+    "connect_failures",
+    "answer_status",
+    "tokens_per_answer",
+    "follow_failures",
+    "takeover_errors",
+    "agent_max_subscriptions",
+)
 
 
 class Tally:
@@ -31,6 +51,7 @@ class Tally:
         c["seq_missing"] += check.missing
         c["seq_duplicates"] += check.duplicates
         c["late_deltas"] += check.late_deltas
+        c["late_deltas_taken_over"] += check.late_taken_over
         c["duplicate_ai_end"] += check.duplicate_ends
         c["text_mismatches"] += check.text_mismatches
         c["unfinished_answers"] += check.unfinished

@@ -20,8 +20,11 @@ from typing import Any, Protocol
 import httpx
 
 from gateway.devtools import eventloop
-from gateway.loadtest.clients import OPEN_TIMEOUT_S, Conversation, Run
+from gateway.loadtest.agents import AgentClient, AgentPlan
+from gateway.loadtest.clients import Conversation
 from gateway.loadtest.config import LoadConfig
+from gateway.loadtest.plan import assign_agents
+from gateway.loadtest.sockets import OPEN_TIMEOUT_S, Run
 from gateway.loadtest.tally import Tally
 
 GO_TIMEOUT_S = 600.0  # a worker whose parent never says go stops by itself
@@ -35,6 +38,7 @@ class WorkerPlan:
     config: LoadConfig
     indices: tuple[int, ...]  # the conversations of this process
     model_ttft_us: int | None
+    agents: tuple[AgentPlan, ...] = ()  # the agents of this process
 
 
 class Channel(Protocol):
@@ -90,8 +94,12 @@ async def work(plan: WorkerPlan, link: Link) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     run = Run(config, Tally(), plan.model_ttft_us)
     conversations = [Conversation(i, run) for i in plan.indices]
+    agents = [AgentClient(run, a, config.targets[a.url_index]) for a in plan.agents]
     progress = asyncio.create_task(_progress(link, run))
     started = loop.time()
+    await asyncio.gather(*(a.open() for a in agents))
+    if agents:
+        _assign(conversations, [a for a in agents if a.is_open], run.tally)
     await _connect(conversations, config.connect_rate / config.processes)
     link.put("ready", {"connect_s": loop.time() - started, "opened": run.tally.counts["sockets_opened"]})
     if not await link.wait_go():
@@ -106,27 +114,42 @@ async def work(plan: WorkerPlan, link: Link) -> dict[str, Any]:
     for act in acts:
         act.cancel()  # they have ended already, unless the run was aborted
     await asyncio.gather(*acts, return_exceptions=True)
-    await _drain(conversations, config.drain_timeout, quiet_s=1.0 + 2 * (plan.model_ttft_us or 0) / 1e6)
+    quiet_s = 1.0 + 2 * (plan.model_ttft_us or 0) / 1e6
+    await _drain(conversations, agents, config.drain_timeout, quiet_s=quiet_s)
     window = loop.time() - go_at
     cpu = time.process_time() - cpu_at
     progress.cancel()
     await _close(conversations)
+    await asyncio.gather(*(a.close() for a in agents))
     state = run.tally.to_state()
     state["window_s"] = window
     state["client_cpu_s"] = cpu
     return state
 
 
-async def _drain(conversations: list[Conversation], limit_s: float, quiet_s: float) -> None:
-    """Wait until every socket expects nothing more and none received anything for `quiet_s`
-    (an answer to a message that overlapped the previous answer may still be due), or `limit_s`."""
+def _assign(conversations: list[Conversation], agents: list[AgentClient], tally: Tally) -> None:
+    """Give each conversation the agent that will follow it (see `assign_agents`)."""
+    chosen = assign_agents([c.home_index for c in conversations], [(a.plan.url_index, a.cap) for a in agents])
+    for conversation, position in zip(conversations, chosen, strict=True):
+        if position is None:
+            tally.counts["conversations_unfollowed"] += 1
+        else:
+            conversation.agent = agents[position]
+
+
+async def _drain(
+    conversations: list[Conversation], agents: list[AgentClient], limit_s: float, quiet_s: float
+) -> None:
+    """Wait until every socket expects nothing more (agents: every conversation handed back) and
+    none received anything for `quiet_s` (an answer to a message that overlapped the previous
+    answer may still be due), or `limit_s`."""
     loop = asyncio.get_running_loop()
     until = loop.time() + limit_s
     quiet_ns = int(quiet_s * 1e9)
     while loop.time() < until:
-        if all(c.idle() for c in conversations):
-            last = max((c.last_frame() for c in conversations), default=0)
-            if time.monotonic_ns() - last >= quiet_ns:
+        if all(c.idle() for c in conversations) and all(a.idle() for a in agents if a.is_open):
+            frames = [c.last_frame() for c in conversations] + [a.last_frame for a in agents]
+            if time.monotonic_ns() - max(frames, default=0) >= quiet_ns:
                 return
         await asyncio.sleep(0.05)
 
@@ -158,9 +181,10 @@ async def _progress(link: Link, run: Run) -> None:
     previous: dict[int, int] = {}
     while True:  # until cancelled
         await asyncio.sleep(PROGRESS_EVERY_S)
-        now: dict[int, int] = dict(hists["token_lag_user"].counts)
-        for key, n in hists["token_lag_watcher"].counts.items():
-            now[key] = now.get(key, 0) + n
+        now: dict[int, int] = {}
+        for kind in ("user", "watcher", "agent"):
+            for key, n in hists[f"token_lag_{kind}"].counts.items():
+                now[key] = now.get(key, 0) + n
         recent = {k: n - previous.get(k, 0) for k, n in now.items() if n != previous.get(k, 0)}
         previous = now
         link.put("progress", {"counts": dict(run.tally.counts), "lag": recent})

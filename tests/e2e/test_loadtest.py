@@ -1,7 +1,9 @@
 """`chatgw loadtest` against real gateway processes answering through `chatgw model-server`: the
 report agrees with what was sent and with what the model server counted, on the embedded default
-and on PostgreSQL + Redis; stopped answers close the model's stream; and sockets the server closes
-(a gateway told to stop mid-run) are counted, with the run still reporting."""
+and on PostgreSQL + Redis; stopped answers close the model's stream; agents follow every
+conversation and take over and hand back, and the report agrees with what every socket saw; and
+sockets the server closes (a gateway told to stop mid-run) are counted, with the run still
+reporting."""
 
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ import pytest
 from tests.loadtest_support import (
     ModelServerProcess,
     assert_consistent,
+    assert_takeovers_consistent,
     model_env,
     run_loadtest,
     start_loadtest,
     start_model_server,
 )
-from tests.servers import GatewayProcess, start_gateway
+from tests.servers import DEMO_API_KEY, GatewayProcess, start_gateway
 
 TOKENS = 12
 
@@ -114,6 +117,46 @@ def test_stopped_answers_end_stopped_and_close_the_model_stream(
         assert messages["stops_sent"] == answers["started"]
         assert messages["acked"] == messages["sent"]
         slow.wait_stats(lambda s: s["disconnects"] == answers["started"] and s["active_streams"] == 0)
+    finally:
+        slow.stop()
+
+
+def test_agents_take_over_mid_answer_and_hand_back(
+    gateway_on: Callable[..., GatewayProcess], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Answers of 2 s and every answer picked: the agents cut them within 0.3 s of their first
+    delta, hold for 0.3 s and hand back, so the users' next questions are answered by the AI."""
+    slow = start_model_server(
+        tmp_path_factory.mktemp("long-answers"),
+        *("--ttft-ms", "20", "--tokens", "100", "--tokens-per-second", "50"),
+    )
+    try:
+        gw = gateway_on(model_env(slow))
+        run = run_loadtest(
+            tmp_path,
+            *args(gw, slow, "--conversations", "4", "--agents", "2", "--admin-key", DEMO_API_KEY),
+            *("--takeover-rate", "1", "--takeover-within", "0.3", "--takeover-hold", "0.3"),
+            *("--message-interval", "1", "--duration", "4"),
+        )
+        assert run.status == 0, run.stderr
+        report = run.report
+        assert_consistent(report, conversations=4, watchers=1, agents=2)
+        assert_takeovers_consistent(report, conversations=4, agents=2)
+        taken_over = report["answers"]["by_status"].get("taken_over", 0)
+        assert taken_over >= 1
+        assert report["agents"]["followed_cross_instance"] == 0  # one URL
+        assert report["config"]["takeover_rate"] == 1.0
+        assert DEMO_API_KEY not in run.stdout + json.dumps(report)
+        assert "takeover sent -> ai_end on the user socket" in run.stdout
+        # Every answer cut closed its request to the model.
+        slow.wait_stats(lambda s: s["disconnects"] == taken_over and s["active_streams"] == 0)
+        # The run's agents are disabled afterwards.
+        listed = httpx.get(
+            f"{gw.http}/v1/agents", headers={"Authorization": f"Bearer {DEMO_API_KEY}"}, timeout=10
+        ).json()["agents"]
+        made = [a for a in listed if a["name"].startswith("loadtest ")]
+        assert len(made) == 2
+        assert all(a["disabled"] for a in made)
     finally:
         slow.stop()
 
