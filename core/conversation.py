@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings, EndedAnswer
 from core.broker import Broker, NotHuman, StreamMissing
 from core.errors import Conflict, CoreError
-from core.event_log import FEED_EVENTS, EventLog, message_payload
+from core.event_log import EventLog, message_payload
 from core.flow_cache import FlowCache
 from core.keyed_lock import KeyedLock
 from core.llm import LLMProvider
@@ -38,7 +38,6 @@ from core.types import (
 
 __all__ = [
     "FAILED_NOTICE",
-    "FEED_EVENTS",
     "Ack",
     "ConversationService",
     "CoreSettings",
@@ -95,7 +94,6 @@ class ConversationService:
             flows=self.flows,
             pipeline=self.pipeline,
         )
-        self.publish = self.events.publish
         self._locks: KeyedLock[ConversationId] = KeyedLock()
         self.open_stream = self.events.open_stream
 
