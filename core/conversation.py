@@ -19,7 +19,7 @@ from core.event_log import EventLog, message_payload
 from core.flow_cache import FlowCache
 from core.keyed_lock import KeyedLock
 from core.llm import LLMProvider
-from core.models import AuditEntry, Business, Conversation
+from core.models import Agent, AuditEntry, Business, Conversation
 from core.observer import NullObserver, Observer
 from core.pipeline import Pipeline
 from core.rules import check_client_msg_id, check_message_text, should_answer
@@ -212,7 +212,8 @@ class ConversationService:
             raise NotHuman("the AI answers in this conversation: take it over before writing")
         if conversation.agent_id != agent_id:
             raise Conflict(f"agent {conversation.agent_id} holds this conversation")
-        _, ack = await self._post(business, conversation_id, client_msg_id, text, Role.AGENT)
+        author = await self.store.get_agent(bid, agent_id)
+        _, ack = await self._post(business, conversation_id, client_msg_id, text, Role.AGENT, author)
         if not ack.duplicate:
             data = {"message_id": ack.message_id, "chars": len(text)}
             await self._audit(bid, agent_id, "agent.message", conversation_id, data)
@@ -239,7 +240,13 @@ class ConversationService:
     # -- internals ------------------------------------------------------------------------------
 
     async def _post(
-        self, business: Business, conversation_id: ConversationId, client_msg_id: str, text: str, role: Role
+        self,
+        business: Business,
+        conversation_id: ConversationId,
+        client_msg_id: str,
+        text: str,
+        role: Role,
+        author: Agent | None = None,
     ) -> tuple[Conversation, Ack]:
         check_client_msg_id(client_msg_id)
         check_message_text(text, max_chars=self.settings.max_message_chars)
@@ -247,7 +254,7 @@ class ConversationService:
         async with self._locks.hold(conversation_id):
             conversation = await self.store.get_conversation(bid, conversation_id)
             message, created = await self.store.add_user_message(
-                bid, conversation_id, client_msg_id, text, role=role
+                bid, conversation_id, client_msg_id, text, role=role, author=author
             )
             seq = message.seq
             if seq is None:  # new, or stored by an earlier attempt whose publish failed

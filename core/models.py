@@ -112,6 +112,9 @@ class Message:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     """Token usage of an answer, when the model reported it."""
+    author_id: AgentId | None = None
+    author_name: str | None = None
+    """For an agent's message (role `agent`): the agent and its name when it wrote."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,10 +88,11 @@ class Store(Protocol):
         text: str,
         *,
         role: Role = Role.USER,
+        author: Agent | None = None,
     ) -> tuple[Message, bool]:
         """Store a message idempotently on `client_msg_id`; return the row and whether this call
         created it. `role` is `user` for what a user sent; the gateway's own notes (`system`)
-        use keys of their own."""
+        use keys of their own; an agent's message (`agent`) records its `author` (id and name)."""
 
     async def add_assistant_message(
         self,

@@ -133,6 +133,7 @@ class MemoryStore:
         text: str,
         *,
         role: Role = Role.USER,
+        author: Agent | None = None,
     ) -> tuple[Message, bool]:
         rows = self._rows(business_id, conversation_id)
         index = rows.by_client_msg_id.get(client_msg_id)
@@ -145,6 +146,8 @@ class MemoryStore:
             text=text,
             created_at=_now(),
             client_msg_id=client_msg_id,
+            author_id=author.agent_id if author else None,
+            author_name=author.name if author else None,
         )
         rows.by_client_msg_id[client_msg_id] = self._append(rows, message)
         return message, True

@@ -93,6 +93,8 @@ _MESSAGE_FIELDS = (
     "response_id",
     "prompt_tokens",
     "completion_tokens",
+    "author_id",
+    "author_name",
 )
 _CONVERSATION_FIELDS = (
     "conversation_id",
@@ -545,13 +547,13 @@ class PostgresStore:
         text: str,
         *,
         role: Role = Role.USER,
+        author: Agent | None = None,
     ) -> tuple[Message, bool]:
+        values: dict[str, Any] = {"role": role.value, "text": text, "client_msg_id": client_msg_id}
+        if author is not None:
+            values |= {"author_id": _uuid(author.agent_id), "author_name": author.name}
         return await self._insert_once(
-            business_id,
-            conversation_id,
-            key_column="client_msg_id",
-            key=client_msg_id,
-            values={"role": role.value, "text": text, "client_msg_id": client_msg_id},
+            business_id, conversation_id, key_column="client_msg_id", key=client_msg_id, values=values
         )
 
     async def add_assistant_message(
@@ -981,4 +983,6 @@ def _message(row: asyncpg.Record) -> Message:
         response_id=ResponseId(str(row["response_id"])) if row["response_id"] else None,
         prompt_tokens=row["prompt_tokens"],
         completion_tokens=row["completion_tokens"],
+        author_id=AgentId(str(row["author_id"])) if row["author_id"] else None,
+        author_name=row["author_name"],
     )

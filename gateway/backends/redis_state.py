@@ -279,9 +279,10 @@ class CachedStore:
         text: str,
         *,
         role: Role = Role.USER,
+        author: Agent | None = None,
     ) -> tuple[Message, bool]:
         return await self._inner.add_user_message(
-            business_id, conversation_id, client_msg_id, text, role=role
+            business_id, conversation_id, client_msg_id, text, role=role, author=author
         )
 
     async def add_assistant_message(
