@@ -517,7 +517,7 @@ class AnswerRunner:
             await asyncio.shield(self._write_ended(ended))
         except Unavailable as exc:  # kept, and written once the store is back
             log.warning(
-                "storing answer %s failed, kept to write again: %s",
+                "storing an answer failed (%s kept, to be written again): %s",
                 ended.response_id,
                 exc.message,
                 extra={"conversation_id": ended.conversation_id},

@@ -277,6 +277,10 @@ async def test_an_answer_ending_while_postgres_is_cut_off_is_stored_when_it_is_b
         end = await client.recv_type("ai_end", timeout=30)
         assert end["status"] == "complete"
         assert end["text"] == joined_deltas(client.frames, start["response_id"])
+        # The database stays away until the gateway gave up writing the answer (its own retries
+        # ran out): from then on only keeping it and writing it later can save it.
+        while "storing an answer failed" not in gw.log():
+            await asyncio.sleep(0.05)
         assert await history(gw, widget) is None  # the database is away: 503
 
         await outage.start()
