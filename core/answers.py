@@ -1,7 +1,10 @@
 """AnswerRunner: the AI answers this instance generates, from `ai_start` to a stored `ai_end`.
 
 One answer at a time per conversation; a message that arrives while an answer streams is answered
-after it, together with any other message that arrived meanwhile.
+after it, together with any other message that arrived meanwhile. Across instances the broker
+enforces it: an `ai_start` while another answer is active (streaming elsewhere, or left open by an
+instance that died) is refused, and the new answer waits until that one has ended (the lease
+sweep ends a dead owner's answer). The lease is taken before the `ai_start` goes out.
 
 An answer ends in one of two ways, both normal:
 
@@ -13,8 +16,14 @@ An answer ends in one of two ways, both normal:
   control message or from its next delta being refused, closes the model stream at once (no tokens
   billed after it) and stores nothing: the winner stores what its `ai_end` said.
 
+When the broker fails, the owner still ends its answer: while the broker is unavailable it tries
+again (renewing the lease meanwhile), and when the conversation's log was lost (Redis restarted
+empty) it ends the answer `interrupted` in the new log with the text it had sent
+(`end_lost_answer`).
+
 Either way the stored answer is an `EndedAnswer`, written as one shielded step (the row, the seq
-that makes it visible in history, and the conversation's active answer cleared).
+that makes it visible in history, and the conversation's active answer cleared), and kept to be
+written again while the store is unavailable (core.ended_answers).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from dataclasses import dataclass, field
 
 from core.broker import AnswerBusy, AnswerEnded, AnswerLease, HumanMode, StreamMissing
 from core.delta_pump import DeltaPump
+from core.ended_answers import AnswerWriter, EndedAnswer
 from core.errors import CoreError, Unavailable
 from core.event_log import EventLog
 from core.extraction import plain_values
@@ -35,7 +45,6 @@ from core.flow_cache import FlowCache
 from core.llm import ChatMessage, LLMProvider, Usage
 from core.models import Business, Conversation, Event
 from core.observer import Observer
-from core.pending_writes import PendingWrites
 from core.pipeline import Pipeline
 from core.types import (
     AnswerStatus,
@@ -64,33 +73,6 @@ class CoreSettings:
     sweep_seconds: float = 1.0
     busy_retry_seconds: float = 0.2
     """How often an answer waiting for the conversation's previous answer to end tries again."""
-
-
-@dataclass(frozen=True, slots=True)
-class EndedAnswer:
-    """An answer as its `ai_end` ended it: what is stored."""
-
-    business_id: BusinessId
-    conversation_id: ConversationId
-    response_id: ResponseId
-    text: str
-    status: AnswerStatus
-    seq: int | None
-    """The seq of its `ai_end` (None when the event log was lost before it could be published)."""
-    usage: Usage | None = None
-
-    @classmethod
-    def from_event(cls, business_id: BusinessId, event: Event, usage: Usage | None = None) -> EndedAnswer:
-        payload = event.payload
-        return cls(
-            business_id,
-            event.conversation_id,
-            ResponseId(payload["response_id"]),
-            payload["text"],
-            AnswerStatus(payload["status"]),
-            event.seq,
-            usage,
-        )
 
 
 class AnswerState(enum.Enum):
@@ -165,7 +147,7 @@ class AnswerRunner:
         self.pipeline = pipeline
         self._turns: dict[ConversationId, _Turns] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        self.unstored = PendingWrites(what="ended answer")
+        self.writer = AnswerWriter(events.store, observer)
 
     # -- control --------------------------------------------------------------------------------
 
@@ -241,7 +223,7 @@ class AnswerRunner:
             _done, still = await asyncio.wait(tasks, timeout=grace)
             for task in still:
                 task.cancel()
-        await self.unstored.aclose(grace=grace)
+        await self.writer.aclose(grace=grace)
 
     # -- one answer -----------------------------------------------------------------------------
 
@@ -507,39 +489,8 @@ class AnswerRunner:
             log.warning("telling the user about a failed answer failed: %s", exc.message)
 
     async def store_ended(self, ended: EndedAnswer) -> None:
-        """Store an ended answer: its row, the seq of its ai_end, the active answer cleared (one
-        atomic step of the store).
-        The ai_end is out already: when the store is unavailable the write is kept and tried
-        again until it goes through (`unstored`); other failures are logged and counted."""
-        # Shielded as a whole: a cancelled caller (a shutdown, a closing socket) must not leave
-        # the row stored but invisible in history (no seq), or the active answer set.
-        try:
-            await asyncio.shield(self._write_ended(ended))
-        except Unavailable as exc:  # kept, and written once the store is back
-            log.warning(
-                "storing an answer failed (%s kept, to be written again): %s",
-                ended.response_id,
-                exc.message,
-                extra={"conversation_id": ended.conversation_id},
-            )
-            self.observer.error(exc.code)
-            self.unstored.add(ended.response_id, lambda: self._write_ended(ended))
-        except CoreError as exc:
-            log.error(
-                "storing an answer failed: %s", exc.message, extra={"conversation_id": ended.conversation_id}
-            )
-            self.observer.error(exc.code)
-
-    async def _write_ended(self, ended: EndedAnswer) -> None:
-        await self.store.finish_answer(
-            ended.business_id,
-            ended.conversation_id,
-            ended.response_id,
-            ended.text,
-            ended.status,
-            seq=ended.seq,
-            usage=ended.usage,
-        )
+        """Store an ended answer (see `AnswerWriter.store`)."""
+        await self.writer.store(ended)
 
     # -- leases ---------------------------------------------------------------------------------
 

@@ -12,8 +12,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings, EndedAnswer
+from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings
 from core.broker import Broker, NotHuman, StreamMissing
+from core.ended_answers import EndedAnswer
 from core.errors import Conflict, CoreError
 from core.event_log import EventLog, message_payload
 from core.flow_cache import FlowCache

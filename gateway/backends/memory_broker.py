@@ -142,7 +142,12 @@ class MemoryBroker:
         stream = self._existing(conversation_id)
         if stream.epoch == started_epoch:
             return None
-        payload = {"response_id": response_id, "message_id": response_id, "status": status.value, "text": text}
+        payload = {
+            "response_id": response_id,
+            "message_id": response_id,
+            "status": status.value,
+            "text": text,
+        }
         return self._append(stream, conversation_id, EventType.AI_END, payload, feed)
 
     def _end(

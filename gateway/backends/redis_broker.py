@@ -442,7 +442,12 @@ class RedisBroker:
         text: str,
         feed: BusinessId | None = None,
     ) -> Event | None:
-        payload = {"response_id": response_id, "message_id": response_id, "status": status.value, "text": text}
+        payload = {
+            "response_id": response_id,
+            "message_id": response_id,
+            "status": status.value,
+            "text": text,
+        }
         encoded = orjson.dumps(payload).decode()
         result = await self._control_script("end_lost_answer", conversation_id, feed, started_epoch, encoded)
         if result is None:
