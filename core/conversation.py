@@ -12,8 +12,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings, EndedAnswer
+from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings
 from core.broker import Broker, NotHuman, StreamMissing
+from core.ended_answers import EndedAnswer
 from core.errors import Conflict, CoreError
 from core.event_log import EventLog, message_payload
 from core.flow_cache import FlowCache
@@ -125,15 +126,18 @@ class ConversationService:
         Here, the model is cancelled at once and the answer ends itself. Elsewhere, the answer is
         ended through the broker and its owner told to close its model stream (see `Broker`: an
         answer ends once)."""
-        if self.answers.stop_local(conversation_id, AnswerStatus.STOPPED):
+        stopped_here = self.answers.stop_local(conversation_id, AnswerStatus.STOPPED)
+        if stopped_here and self.answers.started_here(conversation_id):
             return True
+        # Not started here (or still waiting for the answer streaming now to end: that one is
+        # what the user sees and stops).
         bid = business.business_id
         try:
             event = await self.broker.end_answer(conversation_id, AnswerStatus.STOPPED, feed=bid)
         except StreamMissing:
-            return False
+            return stopped_here
         if event is None:
-            return False
+            return stopped_here
         ended = EndedAnswer.from_event(bid, event)
         await self._ended_elsewhere(ended)
         return True
