@@ -159,6 +159,9 @@ class AnswerRunner:
         self.flows = flows
         self.pipeline = pipeline
         self._turns: dict[ConversationId, _Turns] = {}
+        self._leases: dict[ResponseId, AnswerLease] = {}
+        """The leases of the answers running here: the sweep never ends these (see
+        `_sweep_forever`)."""
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- control --------------------------------------------------------------------------------
@@ -264,6 +267,7 @@ class AnswerRunner:
             await self.store.set_active_response(bid, cid, answer.response_id)
             if answer.state is AnswerState.PREPARING:
                 answer.state = AnswerState.STREAMING
+            self._leases[answer.response_id] = lease
             await self.broker.hold_lease(lease, self.settings.lease_seconds)
             heartbeat = asyncio.create_task(self._renew_lease(lease), name=f"lease-{answer.response_id}")
             pump = DeltaPump(
@@ -280,6 +284,7 @@ class AnswerRunner:
             await self._finish(bid, cid, answer, status, pump.text)
         finally:
             turns.answer = None
+            self._leases.pop(answer.response_id, None)
             if heartbeat is not None:
                 heartbeat.cancel()
                 with contextlib.suppress(CoreError):
@@ -308,6 +313,10 @@ class AnswerRunner:
                 "prompt failed: %s", exc.message, extra={"conversation_id": conversation.conversation_id}
             )
             self.observer.error(type(exc).__name__)
+            return AnswerStatus.FAILED
+        except Exception:  # a bug must not leave the answer open: it fails like any other
+            log.exception("prompt failed", extra={"conversation_id": conversation.conversation_id})
+            self.observer.error("internal")
             return AnswerStatus.FAILED
         if answer.state is not AnswerState.STREAMING:  # ended before the model was even asked
             return answer.end_status
@@ -426,16 +435,35 @@ class AnswerRunner:
                 log.exception("renewing an answer lease failed")
 
     async def _sweep_forever(self) -> None:
-        """End, as interrupted, the answers whose owner stopped renewing their lease (it died)."""
+        """End, as interrupted, the answers whose owner stopped renewing their lease (it died).
+
+        An answer running here is alive whatever its lease says: when this instance's loop was
+        held up longer than a lease (a slow step somewhere), its heartbeats are late, and the
+        sweep, woken late as well, must not end this instance's own answers. So after a late
+        wake-up it renews the local leases before it claims any, and a claimed lease that turns
+        out to be a local answer's is renewed, never interrupted. (Another instance's sweep still
+        takes it: an instance held up longer than a lease cannot be told from a dead one.)"""
+        period = self.settings.sweep_seconds
         while True:
-            await asyncio.sleep(self.settings.sweep_seconds)
+            slept_from = time.monotonic()
+            await asyncio.sleep(period)
             try:
+                if time.monotonic() - slept_from > period + self.settings.lease_seconds / 3:
+                    await self._renew_local_leases()
                 for lease in await self.broker.claim_expired_leases(50):
+                    if lease.response_id in self._leases:
+                        log.warning("answer %s outlived its lease here: renewed", lease.response_id)
+                        await self.broker.hold_lease(lease, self.settings.lease_seconds)
+                        continue
                     await self._interrupt(lease)
             except CoreError as exc:
                 log.warning("sweeping answer leases failed: %s", exc.message)
             except Exception:
                 log.exception("sweeping answer leases failed")
+
+    async def _renew_local_leases(self) -> None:
+        for lease in list(self._leases.values()):
+            await self.broker.hold_lease(lease, self.settings.lease_seconds)
 
     async def _interrupt(self, lease: AnswerLease) -> None:
         try:

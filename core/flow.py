@@ -9,7 +9,6 @@ the model's pick with `parse_stage_choice`.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from core.flow_models import (
     TemplateType,
     Transition,
 )
+from core.patterns import pattern_problem
 
 
 class FlowInvalid(InvalidInput):
@@ -287,11 +287,8 @@ def _pattern_problems(rule: ExtractionRule) -> list[str]:
 
 
 def _regex_problems(rule: ExtractionRule, what: str, regex: str) -> list[str]:
-    try:
-        re.compile(regex)
-    except re.error as exc:
-        return [f"extraction rule {rule.rule_id!r}: {what} does not compile: {exc}"]
-    return []
+    problem = pattern_problem(regex)
+    return [] if problem is None else [f"extraction rule {rule.rule_id!r}: {what} {problem}"]
 
 
 def _reachability_problems(flow: Flow) -> list[str]:
