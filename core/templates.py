@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
@@ -72,8 +73,12 @@ def _checked(value: Any, what: str = "a value") -> Any:
 
 def _capped_range(*args: int) -> range:
     numbers = range(*args)
-    if len(numbers) > MAX_RANGE_ITEMS:
-        raise _Limit(f"range() of {len(numbers)} numbers; the maximum is {MAX_RANGE_ITEMS}")
+    try:
+        count = str(len(numbers))
+    except OverflowError:  # more than sys.maxsize
+        count = f"more than {sys.maxsize}"
+    if count.startswith("more") or int(count) > MAX_RANGE_ITEMS:
+        raise _Limit(f"range() of {count} numbers; the maximum is {MAX_RANGE_ITEMS}")
     return numbers
 
 
@@ -82,6 +87,16 @@ def _loop(iterable: Iterable[Any]) -> Iterator[Any]:
     for item in iterable:
         tick()
         yield item
+
+
+def _joined(parts: Iterable[str]) -> str:
+    """Jinja's `concat` (how macros, `{% set %}` blocks, `{% filter %}` blocks and calls put their
+    output together), counting the length before the string is built."""
+    items = parts if isinstance(parts, list) else list(parts)
+    total = sum(map(len, items))
+    if total > MAX_OUTPUT_CHARS:
+        raise _Limit(f"a block of {total} characters; the maximum is {MAX_OUTPUT_CHARS}")
+    return "".join(items)
 
 
 def _concatenated(value: Any) -> Any:
@@ -196,15 +211,14 @@ def _materialised(value: Any) -> Any:
     return items
 
 
-_PASSES_FIRST = {"wordwrap", "truncate", "replace", "join", "tojson"}
-"""Filters whose first argument is Jinja's environment or evaluation context, not the value."""
-
-
 def _guarded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(function)  # keeps Jinja's marks of what the filter is passed first
+    # A filter marked with Jinja's pass_context, pass_eval_ctx or pass_environment gets that
+    # first, and the value second.
+    first = 1 if hasattr(function, "jinja_pass_arg") else 0
+
+    @functools.wraps(function)  # keeps that mark, for Jinja to see on the guarded filter too
     def guarded(*args: Any, **kwargs: Any) -> Any:
         tick()
-        first = 1 if name in _PASSES_FIRST else 0
         if name == "join" and len(args) > first:  # counted before the joined string is built
             args = (*args[:first], _materialised(args[first]), *args[first + 1 :])
         _precheck(name, args[first:], kwargs)
@@ -234,6 +248,7 @@ class _Guards(NodeTransformer):
 
 class _SandboxEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset(_BINOPS)
+    concat = staticmethod(_joined)
 
     def __init__(self) -> None:
         super().__init__(undefined=jinja2.StrictUndefined, autoescape=False)
