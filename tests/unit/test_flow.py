@@ -196,6 +196,32 @@ def test_a_validator_that_does_not_compile() -> None:
     assert problem.startswith("extraction rule 'r-x': validator does not compile")
 
 
+def test_patterns_and_validators_re2_cannot_run_are_problems_naming_the_feature() -> None:
+    flow = replace(
+        valid_flow(),
+        rules=(
+            rule("r-back", "a", pattern=r"(\w)\1"),
+            rule("r-look", "b", pattern=r"\d+", validator=r"(?<!0)\d+"),
+        ),
+    )
+    assert problems_of(flow) == [
+        "extraction rule 'r-back': pattern does not compile: backreferences are not supported "
+        "(patterns run on RE2, in linear time): invalid escape sequence: \\1",
+        "extraction rule 'r-look': validator does not compile: lookbehind are not supported "
+        "(patterns run on RE2, in linear time): invalid perl operator: (?<!",
+    ]
+
+
+def test_a_costly_condition_is_a_problem() -> None:
+    digits = "[0,1,2,3,4,5,6,7,8,9]"
+    nested = f"{digits}.all(a, {digits}.all(b, {digits}.all(c, a + b + c > 0)))"
+    base = valid_flow()
+    flow = replace(base, transitions=(*base.transitions, transition("t-x", "greet", "qualify", nested)))
+    [problem] = problems_of(flow)
+    assert problem.startswith("transition 't-x': condition nests comprehensions")
+    assert "3 deep; the maximum is 2" in problem
+
+
 def test_an_llm_rule_in_a_stage_without_an_extraction_template() -> None:
     flow = replace(valid_flow(), rules=(rule("r-x", "need", ExtractorKind.LLM, stage_id="greet"),))
     assert problems_of(flow) == [
