@@ -134,7 +134,7 @@ class Pipeline:
         earlier = [m for m in history if message is None or m.message_id != message.message_id]
         if not flow.stages:
             variables = standard_variables(business, conversation, conversation.stage, text, earlier)
-            prompt = self._default_prompt(business, variables, earlier)
+            prompt = await self._default_prompt(business, variables, earlier)
             return Prepared(
                 conversation.stage, False, dict(conversation.data), False, prompt, (), {"response": prompt}
             )
@@ -196,7 +196,7 @@ class Pipeline:
             template_by_id(flow, stage.response_template_id) if stage and stage.response_template_id else None
         )
         if response is None:
-            prompt = self._default_prompt(business, variables, earlier)
+            prompt = await self._default_prompt(business, variables, earlier)
         else:
             system, content = await off_loop(render_template, response, variables)
             prompt = _prompt(system, earlier, content)
@@ -306,12 +306,15 @@ class Pipeline:
         self._extraction_errors(problems, errors)
         return found
 
-    def _default_prompt(
+    async def _default_prompt(
         self, business: Business, variables: Mapping[str, Any], history: Sequence[Message]
     ) -> list[ChatMessage]:
-        return _prompt(
-            render(business.system_prompt, variables), history, render(business.response_template, variables)
-        )
+        sources = (business.system_prompt, business.response_template)
+        if any("{%" in source for source in sources):  # loops or macros: may take its whole budget
+            system, content = await off_loop(_render_both, sources, variables)
+        else:  # expressions only: a few bounded operations, cheaper than a thread hop
+            system, content = _render_both(sources, variables)
+        return _prompt(system, history, content)
 
     def _extraction_errors(self, problems: Sequence[str], errors: list[str]) -> None:
         for problem in problems:
@@ -321,6 +324,10 @@ class Pipeline:
         log.warning("%s: %s", kind.__name__, problem)
         self.observer.error(kind.__name__)
         errors.append(f"{kind.__name__}: {problem}")
+
+
+def _render_both(sources: tuple[str, str], variables: Mapping[str, Any]) -> tuple[str, str]:
+    return render(sources[0], variables), render(sources[1], variables)
 
 
 def _prompt(system: str, history: Sequence[Message], content: str) -> list[ChatMessage]:

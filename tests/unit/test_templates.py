@@ -60,7 +60,7 @@ def test_ordinary_templates_still_render() -> None:
         ("{% for i in range(10**9) %}x{% endfor %}", "range() of 1000000000 numbers; the maximum is 1000"),
         (
             "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
-            "took more than 100000 steps",
+            "(the limit)",  # the steps, or on a loaded machine the time: whichever runs out first
         ),
         ("{{ 'x' * 50000000 }}", "repeating a value 50000000 times; the result would be over 200000"),
         ("{% for i in range(1000) %}{{ 'x' * 1000 }}{% endfor %}", "output over 200000 characters"),
@@ -95,7 +95,7 @@ def test_ordinary_templates_still_render() -> None:
             "{% macro m() %}{% for i in range(400) %}{{ 'y' * 1000 }}{% endfor %}{% endmacro %}{{ m() | length }}",
             "a block of 400000 characters",
         ),
-        ("{% for c in message * 400 %}{% for d in message * 400 %}{% endfor %}{% endfor %}", "100000 steps"),
+        ("{% for c in message * 400 %}{% for d in message * 400 %}{% endfor %}{% endfor %}", "(the limit)"),
         # Failures of the template's own making are template errors, not crashes.
         ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
         ("{{ 1 / 0 }}", "ZeroDivisionError"),
