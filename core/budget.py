@@ -23,17 +23,25 @@ class BudgetExceeded(Exception):
 
 
 class Budget:
-    __slots__ = ("deadline", "max_seconds", "max_steps", "steps", "what")
+    """Steps and time for one piece of work; `within` another budget, a step counts in both (the
+    stage selection's budget covers all its conditions, each of which has its own)."""
 
-    def __init__(self, what: str, *, max_steps: int, max_seconds: float) -> None:
+    __slots__ = ("deadline", "max_seconds", "max_steps", "steps", "what", "within")
+
+    def __init__(
+        self, what: str, *, max_steps: int, max_seconds: float, within: Budget | None = None
+    ) -> None:
         self.what = what
         self.max_steps = max_steps
         self.max_seconds = max_seconds
+        self.within = within
         self.steps = 0
         self.deadline = time.monotonic() + max_seconds
 
     def tick(self, steps: int = 1) -> None:
         """Count `steps`; raise `BudgetExceeded` when the steps or the time are used up."""
+        if self.within is not None:
+            self.within.tick(steps)
         self.steps += steps
         if self.steps > self.max_steps:
             raise BudgetExceeded(f"{self.what} took more than {self.max_steps} steps (the limit)")
@@ -52,6 +60,11 @@ def running(budget: Budget) -> Iterator[Budget]:
         yield budget
     finally:
         _CURRENT.reset(token)
+
+
+def current() -> Budget | None:
+    """The budget of the work running now, if any."""
+    return _CURRENT.get()
 
 
 def tick(steps: int = 1) -> None:

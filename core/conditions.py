@@ -49,7 +49,7 @@ from celpy.evaluation import (
     base_functions,
 )
 
-from core.budget import Budget, BudgetExceeded, running, tick
+from core.budget import Budget, BudgetExceeded, current, running, tick
 from core.errors import InvalidInput, StageTransitionError
 from core.flow_models import FlowContext
 
@@ -64,6 +64,10 @@ MAX_CONDITION_STEPS = 5000
 tens). Beyond it the evaluation fails, and a failed condition is false."""
 MAX_CONDITION_SECONDS = 0.25
 """The backstop: an evaluation that runs longer than this fails the same way."""
+MAX_SELECTION_STEPS = 20_000
+MAX_SELECTION_SECONDS = 0.5
+"""All the conditions one stage selection evaluates (a stage may have many transitions), together:
+once spent, the conditions left fail at once, so they are false."""
 VARIABLES = frozenset({"message", "stage", "data", "turns", "turns_in_stage"})
 _MACROS = frozenset({"has", "all", "exists", "exists_one", "map", "filter"})
 _BINDING_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
@@ -149,7 +153,12 @@ class Condition:
 
         The evaluation runs on a budget (`MAX_CONDITION_STEPS`, `MAX_CONDITION_SECONDS`): one
         that would take longer fails here, whatever the condition says."""
-        budget = Budget("the condition", max_steps=MAX_CONDITION_STEPS, max_seconds=MAX_CONDITION_SECONDS)
+        budget = Budget(
+            "the condition",
+            max_steps=MAX_CONDITION_STEPS,
+            max_seconds=MAX_CONDITION_SECONDS,
+            within=current(),  # the stage selection's, when one runs
+        )
         try:
             with running(budget):
                 result = self._program.evaluate(_activation(context))
@@ -165,6 +174,11 @@ class Condition:
             kind = _cel_type_name(result)
             raise ConditionEvalError(f"condition {self.source!r} gave a value of type {kind}, not a bool")
         return bool(result)
+
+
+def selection_budget() -> Budget:
+    """The budget of one stage selection's conditions together (see `MAX_SELECTION_STEPS`)."""
+    return Budget("the stage selection", max_steps=MAX_SELECTION_STEPS, max_seconds=MAX_SELECTION_SECONDS)
 
 
 def evaluate_or_false(condition: Condition, context: FlowContext) -> tuple[bool, str | None]:

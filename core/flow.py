@@ -12,7 +12,8 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from core.conditions import ConditionError, compile_condition, evaluate_or_false
+from core.budget import running
+from core.conditions import ConditionError, compile_condition, evaluate_or_false, selection_budget
 from core.errors import InvalidInput, StageTransitionError
 from core.extraction import default_pattern
 from core.flow_models import (
@@ -91,8 +92,13 @@ def select_next_stage(flow: Flow, current: str, ctx: FlowContext) -> StageDecisi
     condition holds is taken; none: stay. A condition that fails to evaluate counts as false
     and is reported in `errors`. A current stage that is no longer in the flow restarts from
     the entry stage (reported too); with no usable entry stage that raises
-    `StageTransitionError`.
+    `StageTransitionError`. All the conditions evaluated share one budget (`selection_budget`).
     """
+    with running(selection_budget()):
+        return _select(flow, current, ctx)
+
+
+def _select(flow: Flow, current: str, ctx: FlowContext) -> StageDecision:
     errors: list[str] = []
     stage = stage_by_name(flow, current)
     if stage is None:
