@@ -43,7 +43,7 @@ from core.errors import TemplateError
 MAX_RANGE_ITEMS = 1000
 MAX_RENDER_STEPS = 100_000
 MAX_RENDER_SECONDS = 0.5
-MAX_OUTPUT_CHARS = 200_000
+MAX_OUTPUT_CHARS = 1_000_000
 MAX_INT_BITS = 4096
 MAX_WIDTH = 1000
 """The largest width, indent or count a filter may be given (`center`, `indent`, `batch` ...)."""
@@ -56,14 +56,37 @@ class _Limit(Exception):
     """A template went over one of the limits; the message names it."""
 
 
-def _size(value: Any) -> int:
-    if isinstance(value, str | bytes | list | tuple | dict | set | frozenset):
-        return len(value)
-    return 0
+_SEQUENCES = (str, bytes, list, tuple)
+
+
+def _weight(value: Any, limit: int = MAX_OUTPUT_CHARS) -> int:
+    """About how many characters `value` prints as, nested values and repeated references
+    included (what `str()` would build), counted only until it is over `limit`: the count costs
+    at most `limit` steps, however a value shares its parts."""
+    total = 0
+    stack = [value]
+    while stack and total <= limit:
+        item = stack.pop()
+        if isinstance(item, str | bytes):
+            total += len(item)
+        elif isinstance(item, list | tuple | set | frozenset):
+            total += len(item) + 1
+            if total <= limit:
+                stack.extend(item)
+        elif isinstance(item, dict):
+            total += 2 * len(item) + 1
+            if total <= limit:
+                stack.extend(item.keys())
+                stack.extend(item.values())
+        elif isinstance(item, int):
+            total += item.bit_length() // 3 + 1
+        else:
+            total += 1
+    return total
 
 
 def _checked(value: Any, what: str = "a value") -> Any:
-    size = _size(value)
+    size = _weight(value)
     if size > MAX_OUTPUT_CHARS:
         raise _Limit(f"{what} of {size} items or characters; the maximum is {MAX_OUTPUT_CHARS}")
     if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
@@ -101,7 +124,7 @@ def _joined(parts: Iterable[str]) -> str:
 
 def _concatenated(value: Any) -> Any:
     tick()
-    return _checked(value, "a string built with ~")
+    return _checked(value, "a value built or printed")
 
 
 # --- binary operators, checked before a huge value is built --------------------------------------
@@ -111,7 +134,11 @@ _FORMAT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 
 def _multiply(left: Any, right: Any) -> Any:
     for seq, times in ((left, right), (right, left)):
-        if isinstance(times, int) and _size(seq) and _size(seq) * max(times, 0) > MAX_OUTPUT_CHARS:
+        if (
+            isinstance(seq, _SEQUENCES)
+            and isinstance(times, int)
+            and _weight(seq) * max(times, 0) > MAX_OUTPUT_CHARS
+        ):
             raise _Limit(f"repeating a value {times} times; the result would be over {MAX_OUTPUT_CHARS}")
     if (
         isinstance(left, int)
@@ -233,8 +260,13 @@ def _guarded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
 # --- the environment ---------------------------------------------------------------------------
 
 
+def _sized(node: nodes.Expr) -> nodes.Filter:
+    return nodes.Filter(node, _SIZE_FILTER, [], [], None, None, lineno=node.lineno)
+
+
 class _Guards(NodeTransformer):
-    """Route every loop's iterable and every `~` through the budget and size guards."""
+    """Route every loop's iterable through the budget, and every `~`, list, tuple and dict literal
+    and every printed value through the size check (before `str()` builds its text)."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
@@ -243,7 +275,26 @@ class _Guards(NodeTransformer):
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)
-        return nodes.Filter(node, _SIZE_FILTER, [], [], None, None, lineno=node.lineno)
+        return _sized(node)
+
+    def visit_List(self, node: nodes.List) -> nodes.Node:
+        self.generic_visit(node)
+        return _sized(node)
+
+    def visit_Dict(self, node: nodes.Dict) -> nodes.Node:
+        self.generic_visit(node)
+        return _sized(node)
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Node:
+        self.generic_visit(node)
+        return _sized(node) if node.ctx == "load" else node  # not `{% for a, b in ... %}`
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Node:
+        self.generic_visit(node)
+        node.nodes = [
+            child if isinstance(child, nodes.TemplateData) else _sized(child) for child in node.nodes
+        ]
+        return node
 
 
 class _SandboxEnvironment(ImmutableSandboxedEnvironment):

@@ -117,7 +117,7 @@ def test_a_template_over_a_limit_at_render_time_is_a_clear_dry_run_error(admin: 
     r = admin.patch("/templates/greet", {"content": "{{ message * 10**6 }}"})
     assert r.status_code == 200, r.text
     failed = error(admin.post("/dry-run", {"message": "hi"}), 422, "template_error")
-    assert "the result would be over 200000" in failed["message"], failed
+    assert "the result would be over 1000000" in failed["message"], failed
 
 
 # --- bounded when run --------------------------------------------------------------------------

@@ -62,8 +62,8 @@ def test_ordinary_templates_still_render() -> None:
             "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
             "(the limit)",  # the steps, or on a loaded machine the time: whichever runs out first
         ),
-        ("{{ 'x' * 50000000 }}", "repeating a value 50000000 times; the result would be over 200000"),
-        ("{% for i in range(1000) %}{{ 'x' * 1000 }}{% endfor %}", "output over 200000 characters"),
+        ("{{ 'x' * 50000000 }}", "repeating a value 50000000 times; the result would be over 1000000"),
+        ("{% for i in range(1000) %}{{ 'x' * 2000 }}{% endfor %}", "output over 1000000 characters"),
         # Other ways to build something huge in one step, refused before it is built.
         ("{{ 2 ** 100000 }}", "a number over 4096 bits"),
         ("{{ '%0999999999d' % 1 }}", "a % format width or precision over 1000"),
@@ -78,22 +78,31 @@ def test_ordinary_templates_still_render() -> None:
         ("{{ ('x' * 100000) | wordwrap(1, wrapstring='y' * 10) }}", "wordwrap() would make"),
         # Doubling with ~ and with macros: stopped when a value gets too big, or by the steps.
         (
-            "{% set a = 'x' * 1000 %}{% set b = a ~ a %}{% set c = b ~ b %}{% set d = c ~ c %}"
+            "{% set a = 'x' * 10000 %}{% set b = a ~ a %}{% set c = b ~ b %}{% set d = c ~ c %}"
             "{% set e = d ~ d %}{% set f = e ~ e %}{% set g = f ~ f %}{% set h = g ~ g %}"
             "{% set i = h ~ h %}{{ i | length }}",
-            "a string built with ~ of 256000",
+            "a value built or printed of 1280000",
         ),
+        # A list of many references to one big string prints as all of them: counted before str().
+        ("{{ [message * 400000] * 3 }}", "repeating a value 3 times; the result would be over 1000000"),
+        (
+            "{% set a = message * 400000 %}{{ [a, a, a] }}",
+            "a value built or printed of 1600004 items or characters; the maximum is 1000000",
+        ),
+        ("{% set a = message * 400000 %}{{ {'x': a, 'y': a, 'z': a} }}", "a value built or printed"),
+        ("{% set a = message * 400000 %}{% set l = [a, a] %}{{ l | string }}", "a value built or printed"),
+        ("{% set a = [message * 300000] %}{% set b = a + a %}{{ b | length }}", "the maximum is 1000000"),
         (  # 2**40 calls: whichever of the steps or the time runs out first stops it
             "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
             "(the limit)",
         ),
         (  # output gathered in a block or a macro, not streamed: counted before it is joined
-            "{% set x %}{% for i in range(400) %}{{ 'y' * 1000 }}{% endfor %}{% endset %}{{ x | length }}",
-            "a block of 400000 characters; the maximum is 200000",
+            "{% set x %}{% for i in range(1000) %}{{ 'y' * 2000 }}{% endfor %}{% endset %}{{ x | length }}",
+            "a block of 2000000 characters; the maximum is 1000000",
         ),
         (
-            "{% macro m() %}{% for i in range(400) %}{{ 'y' * 1000 }}{% endfor %}{% endmacro %}{{ m() | length }}",
-            "a block of 400000 characters",
+            "{% macro m() %}{% for i in range(1000) %}{{ 'y' * 2000 }}{% endfor %}{% endmacro %}{{ m() | length }}",
+            "a block of 2000000 characters",
         ),
         ("{% for c in message * 400 %}{% for d in message * 400 %}{% endfor %}{% endfor %}", "(the limit)"),
         # Failures of the template's own making are template errors, not crashes.
@@ -107,6 +116,14 @@ def test_a_template_over_a_limit_fails_naming_it(source: str, problem: str) -> N
     with pytest.raises(TemplateError) as raised:
         render(source, VARIABLES)
     assert problem in raised.value.message
+
+
+def test_unpacking_and_literals_still_work() -> None:
+    source = (
+        "{% set a, b = 1, 2 %}{{ a + b }}|{% for k, v in {'x': 1} | items %}{{ k }}={{ v }}{% endfor %}"
+        "|{% for x, y in [(1, 2), (3, 4)] %}{{ x * y }},{% endfor %}|{{ ('p', 'q') | join }}"
+    )
+    assert render(source, {}) == "3|x=1|2,12,|pq"
 
 
 def test_the_steps_are_per_render() -> None:
