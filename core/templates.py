@@ -46,6 +46,9 @@ MAX_RENDER_SECONDS = 0.5
 MAX_OUTPUT_CHARS = 1_000_000
 MAX_INT_BITS = 4096
 MAX_WIDTH = 1000
+MAX_TEMPLATE_CHARS = 20_000
+"""A template's source (its content, or its system prompt): compiling one costs time linear in it,
+and long ones (Jinja2 compiles a dense 500 KB template for half a minute) would hold up a worker."""
 """The largest width, indent or count a filter may be given (`center`, `indent`, `batch` ...)."""
 
 _LOOP_FILTER = "chatgw_loop"
@@ -324,23 +327,20 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
 _ENV = _SandboxEnvironment()
 
 
-def _parse(source: str) -> nodes.Template:
-    try:
-        tree = _ENV.parse(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(f"template syntax error on line {exc.lineno}: {exc.message}") from exc
-    guarded = _Guards().visit(tree)
-    assert isinstance(guarded, nodes.Template)
-    return guarded
-
-
 @lru_cache(maxsize=512)
 def _compile(source: str) -> jinja2.Template:
-    tree = _parse(source)
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise TemplateError(f"template is {len(source)} characters long; the maximum is {MAX_TEMPLATE_CHARS}")
     try:
-        return _ENV.from_string(tree)
+        guarded = _Guards().visit(_ENV.parse(source))
+        assert isinstance(guarded, nodes.Template)
+        return _ENV.from_string(guarded)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error on line {exc.lineno}: {exc.message}") from exc
+    except (RecursionError, SyntaxError, MemoryError) as exc:  # Python's own limits, compiling it
+        raise TemplateError(
+            "template nests too deeply to compile: fewer tags or brackets inside one another"
+        ) from exc
 
 
 def render(source: str, variables: Mapping[str, Any]) -> str:
@@ -377,25 +377,24 @@ def render(source: str, variables: Mapping[str, Any]) -> str:
 def template_problems(source: str) -> list[str]:
     """What is wrong with `source` that can be known without rendering it (empty: nothing)."""
     try:
-        tree = _ENV.parse(source)
-    except jinja2.TemplateSyntaxError as exc:
-        return [f"syntax error on line {exc.lineno}: {exc.message}"]
+        _compile(source)
+    except TemplateError as exc:
+        return [exc.message.removeprefix("template ")]
     problems = []
-    for call in tree.find_all(nodes.Call):
-        if isinstance(call.node, nodes.Name) and call.node.name == "range" and not call.kwargs:
-            bounds = [_constant(arg) for arg in call.args]
-            if bounds and all(isinstance(b, int) for b in bounds):
-                try:
-                    _capped_range(*bounds)  # type: ignore[arg-type]
-                except _Limit as exc:
-                    problems.append(f"line {call.lineno}: {exc}")
-                except (ValueError, TypeError):
-                    pass
-    if not problems:
-        try:
-            _compile(source)
-        except TemplateError as exc:
-            problems.append(exc.message.removeprefix("template "))
+    try:
+        calls = list(_ENV.parse(source).find_all(nodes.Call))
+        for call in calls:
+            if isinstance(call.node, nodes.Name) and call.node.name == "range" and not call.kwargs:
+                bounds = [_constant(arg) for arg in call.args]
+                if bounds and all(isinstance(b, int) for b in bounds):
+                    try:
+                        _capped_range(*bounds)  # type: ignore[arg-type]
+                    except _Limit as exc:
+                        problems.append(f"line {call.lineno}: {exc}")
+                    except (ValueError, TypeError):
+                        pass
+    except RecursionError:  # compiled, so only the literal checks gave up: nothing known
+        pass
     return problems
 
 

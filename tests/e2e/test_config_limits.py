@@ -107,6 +107,15 @@ def test_a_literal_range_over_the_limit_is_refused_when_saved(admin: Admin) -> N
     ), refused
 
 
+def test_a_template_too_long_or_too_deep_to_compile_is_refused_when_saved(admin: Admin) -> None:
+    body = {"name": unique("tpl"), "type": "response_generation", "content": "x" * 20_001}
+    refused = error(admin.post("/templates", body), 422, "invalid_flow")
+    assert any("content is 20001 characters long; the maximum is 20000" in p for p in refused["problems"])
+    body = {**body, "content": "ok", "system_prompt": "{% if 1 %}" * 600 + "{% endif %}" * 600}
+    refused = error(admin.post("/templates", body), 422, "invalid_flow")
+    assert any("system_prompt nests too deeply to compile" in p for p in refused["problems"]), refused
+
+
 def test_a_template_over_a_limit_at_render_time_is_a_clear_dry_run_error(admin: Admin) -> None:
     r = admin.patch(
         "/templates/greet", {"content": "{% for i in range(message|length * 10**6) %}x{% endfor %}"}

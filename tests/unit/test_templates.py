@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from core.errors import TemplateError
-from core.templates import render, template_problems
+from core.templates import MAX_TEMPLATE_CHARS, render, template_problems
 
 
 def test_variables_and_filters_render() -> None:
@@ -150,6 +150,18 @@ def test_the_steps_are_per_render() -> None:
             "{{ oops",
             ["syntax error on line 1: unexpected end of template, expected 'end of print statement'."],
         ),
+        (
+            "x" * (MAX_TEMPLATE_CHARS + 1),
+            [f"is {MAX_TEMPLATE_CHARS + 1} characters long; the maximum is 20000"],
+        ),
+        (  # a chain parsed in a loop, but compiled (and walked) recursively
+            "{{ " + " + ".join(["1"] * 4000) + " }}",
+            ["nests too deeply to compile: fewer tags or brackets inside one another"],
+        ),
+        (
+            "{% if 1 %}" * 600 + "{% endif %}" * 600,
+            ["nests too deeply to compile: fewer tags or brackets inside one another"],
+        ),
     ],
 )
 def test_what_is_known_before_rendering_is_reported_when_saved(source: str, problems: list[str]) -> None:
@@ -159,3 +171,10 @@ def test_what_is_known_before_rendering_is_reported_when_saved(source: str, prob
 def test_a_range_too_large_to_work_out_fails_at_render_time() -> None:
     with pytest.raises(TemplateError, match="a number over 4096 bits"):
         render("{{ range(2**5000) }}", {})
+
+
+def test_a_template_that_cannot_be_compiled_fails_its_render_too() -> None:
+    with pytest.raises(TemplateError, match="nests too deeply to compile"):
+        render("{{ " + " + ".join(["1"] * 4000) + " }}", {})
+    with pytest.raises(TemplateError, match="characters long; the maximum is 20000"):
+        render("x" * (MAX_TEMPLATE_CHARS + 1), {})
