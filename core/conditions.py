@@ -56,6 +56,9 @@ from core.flow_models import FlowContext
 MAX_CONDITION_CHARS = 1000
 MAX_CONDITION_NODES = 1000
 """Nodes of the parsed expression (a name, a literal, an operator, a call: each one or a few)."""
+MAX_CONDITION_DEPTH = 200
+"""Levels of the parsed expression inside one another (a plain condition has 30 to 60; each pair of
+brackets adds about 10): evaluating is recursive, and a deeper one would exhaust Python's stack."""
 MAX_MACRO_NESTING = 2
 """Comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) inside one another: each level
 multiplies the work, so a few nested ones over short literal lists run for seconds."""
@@ -276,12 +279,28 @@ def _check_size(tree: lark.Tree[lark.Token], source: str) -> None:
         raise ConditionError(
             f"condition has {nodes} expression nodes; the maximum is {MAX_CONDITION_NODES}: {source!r}"
         )
+    levels = _depth(tree)
+    if levels > MAX_CONDITION_DEPTH:
+        raise ConditionError(
+            f"condition nests {levels} levels deep (brackets, calls and operators inside one another); "
+            f"the maximum is {MAX_CONDITION_DEPTH}: {source!r}"
+        )
     depth = _macro_depth(tree)
     if depth > MAX_MACRO_NESTING:
         raise ConditionError(
             f"condition nests comprehensions (all, exists, exists_one, map, filter) {depth} deep; "
             f"the maximum is {MAX_MACRO_NESTING}: {source!r}"
         )
+
+
+def _depth(tree: lark.Tree[lark.Token]) -> int:
+    deepest = 0
+    stack: list[tuple[lark.Tree[lark.Token], int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
+    return deepest
 
 
 def _macro_depth(node: Any) -> int:

@@ -8,6 +8,7 @@ import pytest
 
 from core.conditions import (
     MAX_CONDITION_CHARS,
+    MAX_CONDITION_DEPTH,
     MAX_CONDITION_NODES,
     MAX_CONDITION_SECONDS,
     MAX_CONDITION_STEPS,
@@ -190,6 +191,13 @@ def test_the_nested_comprehensions_that_froze_the_loop_are_refused_when_compiled
     in_range = f"{DIGITS}.map(a, {DIGITS}.map(b, {DIGITS}.map(c, c))).size() > 0"
     with pytest.raises(ConditionError, match="3 deep"):
         compile_condition(in_range)
+
+
+def test_a_condition_nested_too_deep_to_evaluate_is_refused() -> None:
+    """Evaluating is recursive: sixty brackets inside one another exhaust Python's stack."""
+    assert compile_condition("(" * 15 + "true" + ")" * 15).evaluate(ctx()) is True
+    with pytest.raises(ConditionError, match=f"levels deep .*; the maximum is {MAX_CONDITION_DEPTH}"):
+        compile_condition("(" * 60 + "true" + ")" * 60)
 
 
 def test_two_levels_of_comprehension_compile() -> None:
