@@ -146,6 +146,9 @@ class AnswerRunner:
         self.flows = flows
         self.pipeline = pipeline
         self._turns: dict[ConversationId, _Turns] = {}
+        self._leases: dict[ResponseId, AnswerLease] = {}
+        """The leases of the answers running here: the sweep never ends these (see
+        `_sweep_forever`)."""
         self._sweeper: asyncio.Task[None] | None = None
         self.writer = AnswerWriter(events.store, observer)
 
@@ -254,6 +257,7 @@ class AnswerRunner:
         try:
             # The lease comes before the ai_start: an instance that dies right after publishing
             # it leaves an answer that the lease sweep of another instance ends.
+            self._leases[answer.response_id] = lease
             await self.broker.hold_lease(lease, self.settings.lease_seconds)
             heartbeat = asyncio.create_task(self._renew_lease(lease), name=f"lease-{answer.response_id}")
             started = await self._start(turns, answer, bid, cid)
@@ -264,6 +268,7 @@ class AnswerRunner:
             settled = await self._run(turns, conversation, answer)
         finally:
             turns.answer = None
+            self._leases.pop(answer.response_id, None)
             if heartbeat is not None:
                 heartbeat.cancel()
             # An answer not settled here (this task was cancelled while its end could not be
@@ -507,11 +512,26 @@ class AnswerRunner:
                 log.exception("renewing an answer lease failed")
 
     async def _sweep_forever(self) -> None:
-        """End, as interrupted, the answers whose owner stopped renewing their lease (it died)."""
+        """End, as interrupted, the answers whose owner stopped renewing their lease (it died).
+
+        An answer running here is alive whatever its lease says: when this instance's loop was
+        held up longer than a lease (a slow step somewhere), its heartbeats are late, and the
+        sweep, woken late as well, must not end this instance's own answers. So after a late
+        wake-up it renews the local leases before it claims any, and a claimed lease that turns
+        out to be a local answer's is renewed, never interrupted. (Another instance's sweep still
+        takes it: an instance held up longer than a lease cannot be told from a dead one.)"""
+        period = self.settings.sweep_seconds
         while True:
-            await asyncio.sleep(self.settings.sweep_seconds)
+            slept_from = time.monotonic()
+            await asyncio.sleep(period)
             try:
+                if time.monotonic() - slept_from > period + self.settings.lease_seconds / 3:
+                    await self._renew_local_leases()
                 for lease in await self.broker.claim_expired_leases(50):
+                    if lease.response_id in self._leases:
+                        log.warning("answer %s outlived its lease here: renewed", lease.response_id)
+                        await self.broker.hold_lease(lease, self.settings.lease_seconds)
+                        continue
                     try:
                         await self._interrupt(lease)
                     except CoreError:  # put it back (expired): the next sweep tries again
@@ -522,6 +542,10 @@ class AnswerRunner:
                 log.warning("sweeping answer leases failed: %s", exc.message)
             except Exception:
                 log.exception("sweeping answer leases failed")
+
+    async def _renew_local_leases(self) -> None:
+        for lease in list(self._leases.values()):
+            await self.broker.hold_lease(lease, self.settings.lease_seconds)
 
     async def _interrupt(self, lease: AnswerLease) -> None:
         try:
