@@ -445,7 +445,7 @@ class PostgresStore:
             async with c.transaction():
                 row = await c.fetchrow(
                     "UPDATE businesses SET api_key_previous_hash = api_key_hash,"
-                    " api_key_previous_until = CASE WHEN api_key_hash IS NULL THEN NULL ELSE $3 END,"
+                    " api_key_previous_until = CASE WHEN api_key_hash IS NULL THEN NULL ELSE $3::timestamptz END,"
                     " api_key_hash = $2 WHERE business_id = $1 AND api_key_hash IS DISTINCT FROM $2"
                     f" RETURNING {_BUSINESS_COLUMNS}",
                     bid,
@@ -470,7 +470,7 @@ class PostgresStore:
                 was_valid = await c.fetchval(
                     "UPDATE businesses b SET api_key_previous_hash = NULL, api_key_previous_until = NULL"
                     " FROM businesses old WHERE b.business_id = $1 AND old.business_id = b.business_id"
-                    " RETURNING old.api_key_previous_until > now()",
+                    " RETURNING coalesce(old.api_key_previous_until > now(), false)",
                     bid,
                 )
                 if was_valid is None:
