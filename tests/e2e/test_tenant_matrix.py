@@ -78,8 +78,12 @@ def _flow_names(gw: GatewayProcess) -> dict[str, str]:
 
 def _make_flow(y: httpx.Client) -> dict[str, str]:
     tag = uuid.uuid4().hex[:8]
-    has_entry = any(stage["is_entry"] for stage in y.get("/v1/admin/flow").json()["stages"])
-    stage = y.post("/v1/admin/stages", json={"name": f"y-stage-{tag}", "is_entry": not has_entry})
+    entry = next((st["name"] for st in y.get("/v1/admin/flow").json()["stages"] if st["is_entry"]), None)
+    # The entry stage when Y has none yet (other tests may have given Y a flow), else reached from it.
+    new_stage: dict[str, Any] = {"name": f"y-stage-{tag}", "is_entry": entry is None}
+    if entry is not None:
+        new_stage["from"] = [{"stage": entry}]
+    stage = y.post("/v1/admin/stages", json=new_stage)
     assert stage.status_code == 201, stage.text
     template = y.post(
         "/v1/admin/templates",
