@@ -94,6 +94,8 @@ def origin_problem(
         canonical = normalize_origin(origin)
     except ValueError:
         canonical = origin
+    if canonical == SELF:  # the list's word, never a page's origin (a browser sends no such thing)
+        canonical = origin
     for entry in allowed:
         if entry == SELF and is_own_origin(origin, host):
             return None

@@ -87,6 +87,7 @@ def test_listed_origins_and_self_are_allowed_and_nothing_else() -> None:
         ("https://shop.example.com.evil.example", "gw.example"),
         ("http://gw.example:8001", "gw.example:8000"),  # another port is another origin
         ("null", "gw.example"),  # a sandboxed frame or a file
+        ("self", "gw.example"),  # the list's word, not an origin
     ]
     for origin, host in refused:
         problem = origin_problem(business, origin, host)
