@@ -94,11 +94,9 @@ def origin_problem(
         canonical = normalize_origin(origin)
     except ValueError:
         canonical = origin
-    if canonical == SELF:  # the list's word, never a page's origin (a browser sends no such thing)
-        canonical = origin
     for entry in allowed:
         if entry == SELF and is_own_origin(origin, host):
             return None
-        if entry == canonical:
+        if entry == canonical != SELF:  # `self` is the list's word, never a page's origin
             return None
     return f"origin {origin!r} is not allowed for business {business.public_id!r}"
