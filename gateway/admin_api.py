@@ -83,7 +83,7 @@ from gateway.admin_codec import (
 )
 from gateway.auth import bearer_token, business_for_api_key
 from gateway.context import Gateway
-from gateway.http_api import _int_param, api
+from gateway.http_api import _int_param, api, storable_json
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,10 @@ async def read_body(request: Request) -> Body:
     if len(raw) > MAX_ADMIN_BODY_BYTES:
         raise TooLarge(f"request body is over {MAX_ADMIN_BODY_BYTES} bytes")
     try:
-        return Body(orjson.loads(raw or b"{}"))
+        data = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:
         raise InvalidInput("request body is not valid JSON") from None
+    return Body(storable_json(data))
 
 
 async def commit(gw: Gateway, loaded: Flow, flow: Flow, action: str, data: dict[str, Any]) -> Flow:

@@ -136,6 +136,13 @@ class Body:
             raise self.bad(field, "must be a JSON object")
         return value
 
+    def items(self, field: str) -> list[Any]:
+        """A JSON list (required)."""
+        value = self._get(field, None)
+        if not isinstance(value, list):
+            raise self.bad(field, "must be a list")
+        return value
+
     def obj(self, field: str) -> Body:
         return Body(self._data.get(field, {}), self.path(field))
 

@@ -6,7 +6,9 @@
  * Attributes of the tag (all but data-business optional):
  *   data-business   the business's public id
  *   data-title      the panel's heading (default "Chat with us")
- *   data-user-id, data-user-hash   a verified user identity (the HMAC of the id, made by the business's server)
+ *   data-user-id, data-user-hash   a verified user identity: the business's own id of the signed-in user,
+ *                   and the hex HMAC-SHA256 of that id under the business's identity secret, made by the
+ *                   business's server (never in the page); sent as `user: {id, hash}` when a session is made
  *   data-open="true"   open the panel at once
  *   data-accent     a CSS colour for the launcher, the header and the user's bubbles
  *   data-gateway    the gateway's base URL (default: where this script was loaded from)
