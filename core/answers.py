@@ -393,6 +393,8 @@ class AnswerRunner:
                 if not pieces:
                     self.observer.first_token(time.monotonic() - started_at)
                 pieces += 1
+                if "\x00" in piece:  # PostgreSQL cannot store NUL: no client sees what is not kept
+                    piece = piece.replace("\x00", "")
                 pump.push(piece)
         finally:
             self.observer.pieces(pieces)
