@@ -25,6 +25,8 @@ from gateway.connection import serve_socket
 from gateway.context import Gateway
 from gateway.demo import DEMO_BUSINESS, DEMO_FLOW
 from gateway.hub import Hub
+from gateway.limits import Limiter
+from gateway.limits_http import LimitsMiddleware
 from gateway.metrics import Metrics
 from gateway.presence import Presence
 from gateway.settings import Settings
@@ -87,6 +89,13 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
         metrics=metrics,
         presence=Presence(broker, ttl=PRESENCE_TTL_S),
         checks=backends.checks,
+        limits=Limiter(
+            settings.limits,
+            registry=metrics.registry,
+            redis_url=settings.redis_url,
+            redis_prefix=settings.redis_prefix,
+            on_error=metrics.error,
+        ),
     )
 
 
@@ -123,6 +132,7 @@ def create_app(
             ", ".join(f"{name}={backend}" for name, (backend, _) in gw.checks.items()),
             gw.llm.name,
         )
+        await gw.limits.connect()
         await gw.store.connect()
         await gw.broker.connect()
         try:
@@ -138,6 +148,7 @@ def create_app(
             await gw.broker.close()
             await gw.store.close()
             await gw.llm.close()
+            await gw.limits.close()
             log.info("stopped")
 
     routes = [
@@ -160,7 +171,8 @@ def create_app(
             allow_origins=["*"],
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
-        )
+        ),
+        Middleware(LimitsMiddleware, gateway=gw),  # inside CORS: a 429 is readable cross-origin
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.gateway = gw
