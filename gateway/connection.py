@@ -30,7 +30,7 @@ from core.types import ConversationId, new_id
 from gateway.auth import Principal
 from gateway.context import Gateway
 from gateway.errors import Unauthorized
-from gateway.limits import RateLimited
+from gateway.limits import Limit, RateLimited
 from gateway.protocol import (
     AgentAction,
     ClientFrame,
@@ -68,13 +68,20 @@ class Refused(Exception):
     """Ends the connection at hello (or later) with an error frame and a close code."""
 
     def __init__(
-        self, code: CloseCode, error: ErrorCode, message: str, *, retry_after_ms: int | None = None
+        self,
+        code: CloseCode,
+        error: ErrorCode,
+        message: str,
+        *,
+        retry_after_ms: int | None = None,
+        limit: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.error = error
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.limit = limit
 
 
 class Role(Protocol):
@@ -263,6 +270,11 @@ class Connection:
             if message["type"] == "websocket.disconnect":
                 self.close_code = self.close_code or message.get("code")
                 return
+            try:
+                await self.gw.limits.hit(Limit.SOCKET_FRAMES, self.session_id)
+            except RateLimited as exc:
+                await self.rate_limited(exc, None, None)
+                continue
             text = message.get("text")
             if text is None:
                 self.frame_error(
@@ -282,17 +294,19 @@ class Connection:
     async def _receive_or_idle(self) -> Message | None:
         """The next message; None (and the socket closing) after CHATGW_WS_IDLE_TIMEOUT_S without one."""
         idle = self.gw.settings.limits.idle_timeout
-        if not idle:
-            return await self.ws.receive()
         try:
-            return await asyncio.wait_for(self.ws.receive(), idle)
+            async with asyncio.timeout(idle or None):
+                return await self.ws.receive()
         except TimeoutError:
             self.close(CloseCode.GOING_AWAY, f"idle for {idle:g} s")
             return None
 
     def refuse(self, refused: Refused) -> None:
         self.gw.metrics.error(refused.error.value)
-        self.send(error_frame(refused.error, refused.message, retry_after_ms=refused.retry_after_ms))
+        frame = error_frame(refused.error, refused.message, retry_after_ms=refused.retry_after_ms)
+        if refused.limit is not None:
+            frame["limit"] = refused.limit
+        self.send(frame)
         self.close(refused.code, refused.message[:120])
 
     async def _receive_hello(self) -> Hello | None:
@@ -332,6 +346,7 @@ class Connection:
                     ErrorCode.RATE_LIMITED,
                     exc.message,
                     retry_after_ms=exc.retry_after_ms,
+                    limit=exc.limit.value,
                 ) from None
         try:
             if principal.role == "agent":

@@ -144,6 +144,7 @@ Rate = str | None
 class LimitSettings:
     """Rate and resource limits (docs/limits.md). Rates are per window; `None` is off."""
 
+    socket_frames: Rate = "120/10seconds"
     socket_messages: Rate = "30/10seconds"
     socket_typing: Rate = "5/second"
     conversation_messages: Rate = "60/minute"
@@ -166,6 +167,7 @@ class LimitSettings:
     def from_env(cls, e: _Env) -> LimitSettings:
         d = cls()
         return cls(
+            socket_frames=e.rate("CHATGW_LIMIT_SOCKET_FRAMES", d.socket_frames),
             socket_messages=e.rate("CHATGW_LIMIT_SOCKET_MESSAGES", d.socket_messages),
             socket_typing=e.rate("CHATGW_LIMIT_SOCKET_TYPING", d.socket_typing),
             conversation_messages=e.rate("CHATGW_LIMIT_CONVERSATION_MESSAGES", d.conversation_messages),

@@ -358,7 +358,8 @@ def test_a_rate_limit_is_said_in_plain_words_and_the_message_waits(
     banner = w.page.locator(".banner")
     banner.wait_for()
     assert re.fullmatch(
-        r"You're sending messages too fast\. Your message will be sent in \d+ s\.", banner.text_content() or ""
+        r"You're sending messages too fast\. Your message will be sent in \d+ s\.",
+        banner.text_content() or "",
     )
     waiting = w.page.locator("li.pending .meta")
     assert waiting.text_content() == "Waiting to send: too many messages in a short time."

@@ -27,6 +27,7 @@ async def test_a_slow_consumer_is_closed_while_a_fast_one_keeps_going(
             "CHATGW_REPLAY_WINDOW": "16",
             "CHATGW_OUTBOX_FRAMES": "80",
             # The fast client floods on purpose; the message limits are tested in test_limits.py.
+            "CHATGW_LIMIT_SOCKET_FRAMES": "off",
             "CHATGW_LIMIT_SOCKET_MESSAGES": "off",
             "CHATGW_LIMIT_CONVERSATION_MESSAGES": "off",
             "CHATGW_LIMIT_USER_ANSWERS": "off",

@@ -85,6 +85,23 @@ async def test_typing_spam_is_refused_per_socket(gateway_factory: Factory) -> No
     await client.close()
 
 
+async def test_any_frame_counts_against_the_sockets_frame_rate(gateway_factory: Factory) -> None:
+    """Frames of any kind, bad ones included, count per socket: past the rate each gets
+    `rate_limited` instead of being handled."""
+    gw = gateway_factory({**QUIET, "CHATGW_LIMIT_SOCKET_FRAMES": "4/day"})
+    client = await open_from(gw, ATTACKER)
+    await client.hello(new_widget(gw))  # hello is not counted
+    for raw in ("{not json", '{"type": "shout"}', '{"type": "stop"}', '{"type": "typing", "state": true}'):
+        await client.ws.send(raw)
+    await client.ws.send("{not json")
+    error = await client.recv_type("error")
+    while error["code"] != "rate_limited":
+        error = await client.recv_type("error")
+    assert error["limit"] == "socket_frames"
+    await served(gw, new_widget(gw))
+    await client.close()
+
+
 async def test_a_socket_that_keeps_breaching_is_closed_with_4429(gateway_factory: Factory) -> None:
     """Every breach is answered; past CHATGW_LIMIT_VIOLATIONS breaches the socket is closed (4429)
     and the closes are counted on /metrics."""
@@ -160,7 +177,7 @@ async def test_sockets_per_conversation_are_capped(gateway_factory: Factory) -> 
     extra = await Client.open(gw)
     await extra.send({"type": "hello", "token": widget.token})
     error = await extra.recv()
-    assert error["code"] == "rate_limited"
+    assert (error["code"], error["limit"]) == ("rate_limited", "conversation_sockets")
     assert error["retry_after_ms"] > 0
     assert await closed_with(extra) == 1013
     await served(gw, new_widget(gw))
@@ -298,7 +315,9 @@ async def test_a_socket_closed_by_the_server_is_gone_even_if_the_client_reads_no
             "CHATGW_SCRIPTED_TOKENS": "3",
             "CHATGW_REPLAY_WINDOW": "16",
             "CHATGW_OUTBOX_FRAMES": "80",
+            "CHATGW_MAX_MESSAGE_CHARS": "60000",
             "CHATGW_WS_CLOSE_TIMEOUT_S": "1",
+            "CHATGW_LIMIT_SOCKET_FRAMES": "off",
             "CHATGW_LIMIT_SOCKET_MESSAGES": "off",
             "CHATGW_LIMIT_CONVERSATION_MESSAGES": "off",
             "CHATGW_LIMIT_USER_ANSWERS": "off",
@@ -316,8 +335,8 @@ async def test_a_socket_closed_by_the_server_is_gone_even_if_the_client_reads_no
 
     fast = await Client.open(gw)
     await fast.hello(widget)
-    for n in range(1500):
-        await fast.send({"type": "message", "client_msg_id": f"m-{n}", "text": "x" * 3500})
+    for n in range(200):  # 12 MB: more than the socket buffers between the two ends hold
+        await fast.send({"type": "message", "client_msg_id": f"m-{n}", "text": "x" * 60000})
         await fast.recv_type("ack")
     assert await metric_until(gw, "chatgw_ws_connections", 1.0) == 1.0
     outcome = await send_messages(fast, ["after"])
