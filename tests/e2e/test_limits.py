@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from websockets.asyncio.client import connect
 
 from tests.e2e.client import Client, new_widget, stored_history
@@ -304,6 +305,7 @@ def test_a_connection_that_never_finishes_its_request_is_closed(gateway_factory:
         assert partial.recv(1024) == b""
 
 
+@pytest.mark.timeout(180)  # 12 MB through PostgreSQL on a loaded machine
 async def test_a_socket_closed_by_the_server_is_gone_even_if_the_client_reads_nothing(
     gateway_factory: Factory,
 ) -> None:
