@@ -94,6 +94,7 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             registry=metrics.registry,
             redis_url=settings.redis_url,
             redis_prefix=settings.redis_prefix,
+            redis_pool_size=settings.redis_pool_size,
             on_error=metrics.error,
         ),
     )

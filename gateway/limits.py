@@ -23,12 +23,13 @@ import hashlib
 import ipaddress
 import logging
 import math
-import time
 from collections import Counter as Tally
 from collections.abc import Callable
+from typing import cast
 
 import limits
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+import redis.asyncio
+from limits.aio.storage import MemoryStorage, RedisStorage, SlidingWindowCounterSupport, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from prometheus_client import CollectorRegistry, Counter
@@ -98,6 +99,7 @@ class Limiter:
         registry: CollectorRegistry,
         redis_url: str | None = None,
         redis_prefix: str = "chatgw:",
+        redis_pool_size: int = 16,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -106,6 +108,8 @@ class Limiter:
         self._items = {limit: limits.parse(rate) for limit, rate in rates.items() if isinstance(rate, str)}
         self._redis_url = redis_url
         self._redis_prefix = redis_prefix
+        self._redis_pool_size = redis_pool_size
+        self._pool: redis.asyncio.BlockingConnectionPool | None = None
         self._local: SlidingWindowCounterRateLimiter | None = None
         self._shared: SlidingWindowCounterRateLimiter | None = None
         self._storages: list[Storage] = []
@@ -124,23 +128,30 @@ class Limiter:
         self._storages = [local]
         self._local = self._shared = SlidingWindowCounterRateLimiter(local)
         if self._redis_url is not None:
+            # A bounded pool that waits for a free connection (redis-py's default one opens any
+            # number, or fails at once when capped).
+            self._pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self._redis_url,
+                max_connections=self._redis_pool_size,
+                timeout=2.0,
+                socket_timeout=2.0,
+                socket_connect_timeout=2.0,
+            )
             # limits' default async Redis client is coredis; "redispy" uses redis-py (our pin).
             shared = RedisStorage(
                 "async+" + self._redis_url,
                 implementation="redispy",
                 key_prefix=self._redis_prefix + "limits",
                 wrap_exceptions=True,
-                socket_timeout=2.0,
-                socket_connect_timeout=2.0,
+                connection_pool=self._pool,  # type: ignore[arg-type]  # documented; the stub says scalars
             )
             self._storages.append(shared)
             self._shared = SlidingWindowCounterRateLimiter(shared)
 
     async def close(self) -> None:
-        for storage in self._storages:
-            client = getattr(getattr(storage, "bridge", None), "storage", None)
-            if client is not None:
-                await client.aclose()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.aclose()
         self._storages = []
 
     # -- rates ----------------------------------------------------------------------------------
@@ -156,11 +167,12 @@ class Limiter:
             if await strategy.hit(item, limit.value, *key):
                 self._storage_recovered()
                 return
-            stats = await strategy.get_window_stats(item, limit.value, *key)
+            storage = cast(SlidingWindowCounterSupport, strategy.storage)
+            window = await storage.get_sliding_window(item.key_for(limit.value, *key), item.get_expiry())
         except StorageError as exc:
             self._storage_failed(exc)
             return
-        retry_after_ms = max(1, math.ceil((stats.reset_time - time.time()) * 1000))
+        retry_after_ms = max(1, math.ceil(retry_after_s(item.amount, item.get_expiry(), *window) * 1000))
         raise self.breach(limit, f"at most {item}", retry_after_ms)
 
     def breach(self, limit: Limit, detail: str, retry_after_ms: int) -> RateLimited:
@@ -252,6 +264,23 @@ class Limiter:
         except RateLimited:
             return True
         return False
+
+
+def retry_after_s(
+    amount: int, expiry: float, previous: int, previous_ttl: float, current: int, current_ttl: float
+) -> float:
+    """When a sliding window counter lets the next call pass, from the window as the storage
+    reports it (the library's own `get_window_stats` can answer "now" for a window just begun).
+
+    A call passes while `previous * (time left of the previous window) / expiry + current` is below
+    `amount`; the current window ends `current_ttl - expiry` from now, and its count then weighs as
+    the previous one."""
+    if current >= amount:
+        ends_in = max(0.0, current_ttl - expiry)
+        return ends_in + expiry * max(0.0, 1 - amount / current)
+    if previous == 0:
+        return 0.0
+    return max(0.0, previous_ttl - (amount - current) * expiry / previous)
 
 
 def _release(tally: Tally[str], key: str | None) -> None:

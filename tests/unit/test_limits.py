@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.limits import Limit, Limiter, RateLimited
+from gateway.limits import Limit, Limiter, RateLimited, retry_after_s
 from gateway.protocol import SendMessage, Typing
 from gateway.settings import LimitSettings, Settings, SettingsError
 
@@ -92,3 +92,19 @@ async def test_a_socket_is_told_to_close_past_its_violations() -> None:
     made = await limiter(violations="2/day")
     assert [await made.violated("s") for _ in range(3)] == [False, False, True]
     assert not await made.violated("another")
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [
+        # (previous, previous_ttl, current, current_ttl) of a 60 s window with room for 10.
+        ((0, 0.0, 10, 100.0), 40.0),  # full: once this window ends (in 40 s), its 10 weigh less than 10
+        ((0, 0.0, 20, 100.0), 70.0),  # twice over: the end, then half the next window
+        ((10, 48.0, 5, 110.0), 18.0),  # the previous window weighs 8 now, and must weigh under 5
+        ((0, 0.0, 3, 80.0), 0.0),  # not over at all
+    ],
+)
+def test_retry_after_is_when_the_sliding_window_has_room(
+    window: tuple[int, float, int, float], expected: float
+) -> None:
+    assert retry_after_s(10, 60, *window) == pytest.approx(expected)
