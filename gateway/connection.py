@@ -292,8 +292,11 @@ class Connection:
             await self._handle(frame)
 
     async def _receive_or_idle(self) -> Message | None:
-        """The next message; None (and the socket closing) after CHATGW_WS_IDLE_TIMEOUT_S without one."""
+        """The next message; None (and the socket closing) after CHATGW_WS_IDLE_TIMEOUT_S without one.
+        Agents' sockets are not timed: an agent watches the console without sending anything."""
         idle = self.gw.settings.limits.idle_timeout
+        if self.role is not None and self.role.kind == "agent":
+            idle = 0
         try:
             async with asyncio.timeout(idle or None):
                 return await self.ws.receive()
