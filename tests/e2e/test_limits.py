@@ -14,6 +14,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
+from tests.e2e.agents import AgentClient, new_agent
 from tests.e2e.client import Client, new_widget, stored_history
 from tests.e2e.limits_support import (
     ATTACKER,
@@ -283,12 +284,19 @@ def test_bodies_over_the_limit_are_refused_before_they_are_read(gateway_factory:
 
 
 async def test_an_idle_socket_is_closed(gateway_factory: Factory) -> None:
-    """A socket that sends nothing for CHATGW_WS_IDLE_TIMEOUT_S is closed (1001, going away)."""
+    """A widget socket that sends nothing for CHATGW_WS_IDLE_TIMEOUT_S is closed (1001, going
+    away); an agent's socket, as quiet for as long, is not."""
     gw = gateway_factory({**QUIET, "CHATGW_WS_IDLE_TIMEOUT_S": "1"})
+    agent = await AgentClient.open(gw)
+    await agent.agent_hello(new_agent(gw))
+    widget = new_widget(gw)
     client = await Client.open(gw)
-    await client.hello(new_widget(gw))
+    await client.hello(widget)
     assert await closed_with(client) == 1001
     assert client.ws.close_reason == "idle for 1 s"
+    subscribed = await agent.subscribe(widget.conversation_id)
+    assert subscribed["type"] == "subscribed"
+    await agent.close()
 
 
 def test_a_connection_that_never_finishes_its_request_is_closed(gateway_factory: Factory) -> None:
