@@ -29,7 +29,7 @@ from typing import cast
 
 import limits
 import redis.asyncio
-from limits.aio.storage import MemoryStorage, RedisStorage, SlidingWindowCounterSupport, Storage
+from limits.aio.storage import MemoryStorage, RedisStorage, SlidingWindowCounterSupport
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from prometheus_client import CollectorRegistry, Counter
@@ -112,7 +112,6 @@ class Limiter:
         self._pool: redis.asyncio.BlockingConnectionPool | None = None
         self._local: SlidingWindowCounterRateLimiter | None = None
         self._shared: SlidingWindowCounterRateLimiter | None = None
-        self._storages: list[Storage] = []
         self._per_ip: Tally[str] = Tally()
         self._per_conversation: Tally[str] = Tally()
         self._storage_failing = False
@@ -124,9 +123,7 @@ class Limiter:
         )
 
     async def connect(self) -> None:
-        local: Storage = MemoryStorage()
-        self._storages = [local]
-        self._local = self._shared = SlidingWindowCounterRateLimiter(local)
+        self._local = self._shared = SlidingWindowCounterRateLimiter(MemoryStorage())
         if self._redis_url is not None:
             # A bounded pool that waits for a free connection (redis-py's default one opens any
             # number, or fails at once when capped).
@@ -145,14 +142,12 @@ class Limiter:
                 wrap_exceptions=True,
                 connection_pool=self._pool,  # type: ignore[arg-type]  # documented; the stub says scalars
             )
-            self._storages.append(shared)
             self._shared = SlidingWindowCounterRateLimiter(shared)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.aclose()
-        self._storages = []
 
     # -- rates ----------------------------------------------------------------------------------
 
@@ -165,7 +160,8 @@ class Limiter:
         assert strategy is not None, "Limiter.connect() first"
         try:
             if await strategy.hit(item, limit.value, *key):
-                self._storage_recovered()
+                if strategy is not self._local:
+                    self._storage_recovered()
                 return
             storage = cast(SlidingWindowCounterSupport, strategy.storage)
             window = await storage.get_sliding_window(item.key_for(limit.value, *key), item.get_expiry())

@@ -108,3 +108,23 @@ def test_retry_after_is_when_the_sliding_window_has_room(
     window: tuple[int, float, int, float], expected: float
 ) -> None:
     assert retry_after_s(10, 60, *window) == pytest.approx(expected)
+
+
+async def test_shared_limits_let_calls_through_when_redis_cannot_be_reached() -> None:
+    """Nothing listens on port 1: the shared limit is not counted, the call passes, and the
+    failure is reported (the per-socket limits, in memory, still hold)."""
+    errors: list[str] = []
+    made = Limiter(
+        LimitSettings(ip_http="1/day", socket_messages="1/day"),
+        registry=CollectorRegistry(),
+        redis_url="redis://127.0.0.1:1/0",
+        on_error=errors.append,
+    )
+    await made.connect()
+    for _ in range(3):
+        await made.hit(Limit.IP_HTTP, "203.0.113.1")
+    assert errors == ["limiter_unavailable"] * 3
+    await made.hit(Limit.SOCKET_MESSAGES, "s")
+    with pytest.raises(RateLimited):
+        await made.hit(Limit.SOCKET_MESSAGES, "s")
+    await made.close()
