@@ -12,14 +12,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings, EndedAnswer
+from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings
 from core.broker import Broker, NotHuman, StreamMissing
+from core.ended_answers import EndedAnswer
 from core.errors import Conflict, CoreError
 from core.event_log import EventLog, message_payload
 from core.flow_cache import FlowCache
 from core.keyed_lock import KeyedLock
 from core.llm import LLMProvider
-from core.models import AuditEntry, Business, Conversation
+from core.models import Agent, AuditEntry, Business, Conversation
 from core.observer import NullObserver, Observer
 from core.pipeline import Pipeline
 from core.rules import check_client_msg_id, check_message_text, should_answer
@@ -125,15 +126,18 @@ class ConversationService:
         Here, the model is cancelled at once and the answer ends itself. Elsewhere, the answer is
         ended through the broker and its owner told to close its model stream (see `Broker`: an
         answer ends once)."""
-        if self.answers.stop_local(conversation_id, AnswerStatus.STOPPED):
+        stopped_here = self.answers.stop_local(conversation_id, AnswerStatus.STOPPED)
+        if stopped_here and self.answers.started_here(conversation_id):
             return True
+        # Not started here (or still waiting for the answer streaming now to end: that one is
+        # what the user sees and stops).
         bid = business.business_id
         try:
             event = await self.broker.end_answer(conversation_id, AnswerStatus.STOPPED, feed=bid)
         except StreamMissing:
-            return False
+            return stopped_here
         if event is None:
-            return False
+            return stopped_here
         ended = EndedAnswer.from_event(bid, event)
         await self._ended_elsewhere(ended)
         return True
@@ -212,7 +216,8 @@ class ConversationService:
             raise NotHuman("the AI answers in this conversation: take it over before writing")
         if conversation.agent_id != agent_id:
             raise Conflict(f"agent {conversation.agent_id} holds this conversation")
-        _, ack = await self._post(business, conversation_id, client_msg_id, text, Role.AGENT)
+        author = await self.store.get_agent(bid, agent_id)
+        _, ack = await self._post(business, conversation_id, client_msg_id, text, Role.AGENT, author)
         if not ack.duplicate:
             data = {"message_id": ack.message_id, "chars": len(text)}
             await self._audit(bid, agent_id, "agent.message", conversation_id, data)
@@ -239,7 +244,13 @@ class ConversationService:
     # -- internals ------------------------------------------------------------------------------
 
     async def _post(
-        self, business: Business, conversation_id: ConversationId, client_msg_id: str, text: str, role: Role
+        self,
+        business: Business,
+        conversation_id: ConversationId,
+        client_msg_id: str,
+        text: str,
+        role: Role,
+        author: Agent | None = None,
     ) -> tuple[Conversation, Ack]:
         check_client_msg_id(client_msg_id)
         check_message_text(text, max_chars=self.settings.max_message_chars)
@@ -247,7 +258,7 @@ class ConversationService:
         async with self._locks.hold(conversation_id):
             conversation = await self.store.get_conversation(bid, conversation_id)
             message, created = await self.store.add_user_message(
-                bid, conversation_id, client_msg_id, text, role=role
+                bid, conversation_id, client_msg_id, text, role=role, author=author
             )
             seq = message.seq
             if seq is None:  # new, or stored by an earlier attempt whose publish failed

@@ -14,6 +14,7 @@ Every refusal is the API's JSON error body `{"error": {"code", "message"}}`.
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
@@ -54,6 +55,7 @@ class LimitsMiddleware:
         if refusal is None and scope["path"].startswith("/v1/"):
             refusal = await self._rate_refusal(scope)
         if refusal is not None:
+            _readable_by_the_widget(refusal, scope)
             await refusal(scope, receive, send)
             return
         await self._call_with_body_cap(scope, receive, send, most)
@@ -111,6 +113,19 @@ class LimitsMiddleware:
                 raise
             self.gw.metrics.error("too_large")
             await limit_response("too_large", 413, exc.message)(scope, capped_receive, send)
+
+
+# The endpoints the widget calls from businesses' pages (http_api.browser_facing): their refusals
+# here must be readable cross-origin too, so that the widget can say why and when to retry.
+_WIDGET_PATHS = re.compile(r"^/v1/(widget/sessions|conversations/[^/]+/messages)$")
+
+
+def _readable_by_the_widget(response: JSONResponse, scope: Scope) -> None:
+    origin = Headers(scope=scope).get("origin")
+    if origin is not None and _WIDGET_PATHS.match(scope["path"]):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+        response.headers["Vary"] = "Origin"
 
 
 def _bearer(headers: Headers) -> str | None:

@@ -67,6 +67,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
     limits: LimitSettings = field(default_factory=lambda: LimitSettings())
+    metrics_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -125,6 +126,7 @@ class Settings:
             log_level=(e.get("CHATGW_LOG_LEVEL") or "INFO").upper(),
             log_format=log_format,
             limits=LimitSettings.from_env(e),
+            metrics_token=_metrics_token(e.get("CHATGW_METRICS_TOKEN")),
         )
         # A resume replays up to a whole window at once into the session's outbox.
         if settings.outbox_frames < settings.replay_window + 64:
@@ -190,6 +192,13 @@ class LimitSettings:
             close_timeout=e.number("CHATGW_WS_CLOSE_TIMEOUT_S", d.close_timeout, low=0.1, high=60),
             header_timeout=e.number("CHATGW_HTTP_HEADER_TIMEOUT_S", d.header_timeout, low=0.1, high=600),
         )
+
+
+def _metrics_token(token: str | None) -> str | None:
+    """CHATGW_METRICS_TOKEN: when set, /metrics and /readyz need it as a bearer token."""
+    if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
+        raise SettingsError("CHATGW_METRICS_TOKEN must be at least 16 characters, without spaces")
+    return token
 
 
 class _Env:

@@ -229,6 +229,12 @@ def test_api_requests_per_address_and_per_key(gateway_factory: Factory) -> None:
         # The address is limited whatever it sends (the key's refusal counted too).
         anonymous = [http.get("/v1/agents", headers=from_address(ATTACKER)).status_code for _ in range(2)]
         assert anonymous == [401, 429]
+        # A refusal of an endpoint the widget calls is readable by the page that called it.
+        page = {**from_address(ATTACKER), "Origin": "https://shop.example"}
+        history = http.get("/v1/conversations/any/messages", headers=page)
+        assert history.status_code == 429
+        assert history.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+        assert history.headers["Access-Control-Expose-Headers"] == "Retry-After"
         assert http.get("/healthz", headers=from_address(ATTACKER)).status_code == 200
         other_key = http.get(
             "/v1/agents", headers={"Authorization": "Bearer not-the-key", **from_address(BYSTANDER)}
