@@ -85,6 +85,9 @@ def start_gateway(variant: Variant, tmp: Path, base_url: str, streams: int) -> G
             "LLM_MODEL": "bench-model",
             "CHATGW_LLM_CONCURRENCY": str(max(streams, 1)),
             "CHATGW_LLM_REQUESTS_PER_MINUTE": "1000000",
+            # Every stream comes from this machine, all to one business (docs/limits.md).
+            "CHATGW_LIMIT_EXEMPT_IPS": "127.0.0.1,::1",
+            "CHATGW_LIMIT_BUSINESS_ANSWERS": "off",
             "CHATGW_LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         }

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from core.broker import Broker
@@ -24,6 +25,8 @@ from gateway.connection import serve_socket
 from gateway.context import Gateway
 from gateway.demo import DEMO_BUSINESS, DEMO_FLOW
 from gateway.hub import Hub
+from gateway.limits import Limiter
+from gateway.limits_http import LimitsMiddleware
 from gateway.metrics import Metrics
 from gateway.presence import Presence
 from gateway.settings import Settings
@@ -86,6 +89,14 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
         metrics=metrics,
         presence=Presence(broker, ttl=PRESENCE_TTL_S),
         checks=backends.checks,
+        limits=Limiter(
+            settings.limits,
+            registry=metrics.registry,
+            redis_url=settings.redis_url,
+            redis_prefix=settings.redis_prefix,
+            redis_pool_size=settings.redis_pool_size,
+            on_error=metrics.error,
+        ),
     )
 
 
@@ -122,6 +133,7 @@ def create_app(
             ", ".join(f"{name}={backend}" for name, (backend, _) in gw.checks.items()),
             gw.llm.name,
         )
+        await gw.limits.connect()
         await gw.store.connect()
         await gw.broker.connect()
         try:
@@ -137,6 +149,7 @@ def create_app(
             await gw.broker.close()
             await gw.store.close()
             await gw.llm.close()
+            await gw.limits.close()
             log.info("stopped")
 
     routes = [
@@ -157,7 +170,10 @@ def create_app(
     # No CORS middleware: only the two endpoints the widget calls from businesses' pages answer
     # cross-origin requests (http_api.browser_facing); the admin and agent APIs are same-origin.
     app = Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_api.http_exception}
+        routes=routes,
+        middleware=[Middleware(LimitsMiddleware, gateway=gw)],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_api.http_exception},
     )
     app.state.gateway = gw
     return app

@@ -18,6 +18,7 @@ from gateway.app import create_app
 from gateway.drain import DrainingServer
 from gateway.logs import configure_logging
 from gateway.settings import Settings, SettingsError
+from gateway.transport import protocols
 
 log = logging.getLogger(__name__)
 
@@ -215,12 +216,14 @@ def uvicorn_config(
     installed), sans-I/O websockets (with write backpressure), keepalive pings on, per-message
     deflate off (memory and CPU per socket), frames capped at CHATGW_MAX_FRAME_BYTES (larger ones
     close with 1009), and a bounded graceful shutdown."""
+    http_protocol, ws_protocol = protocols(settings.limits)  # websockets-sansio and httptools, with deadlines
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop=loop,
-        ws="websockets-sansio",
+        http=http_protocol,
+        ws=ws_protocol,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_interval,

@@ -16,11 +16,13 @@ States: AWAITING_HELLO -> OPEN -> CLOSING.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections import deque
 from typing import Any, Protocol
 
+from starlette.types import Message
 from starlette.websockets import WebSocket
 
 from core.errors import CoreError, InvalidInput, TooLarge, Unavailable
@@ -29,6 +31,7 @@ from core.types import ConversationId, new_id
 from gateway.auth import Principal
 from gateway.context import Gateway
 from gateway.errors import Unauthorized
+from gateway.limits import Limit, RateLimited
 from gateway.origins import origin_problem
 from gateway.protocol import (
     AgentAction,
@@ -67,13 +70,20 @@ class Refused(Exception):
     """Ends the connection at hello (or later) with an error frame and a close code."""
 
     def __init__(
-        self, code: CloseCode, error: ErrorCode, message: str, *, retry_after_ms: int | None = None
+        self,
+        code: CloseCode,
+        error: ErrorCode,
+        message: str,
+        *,
+        retry_after_ms: int | None = None,
+        limit: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.error = error
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.limit = limit
 
 
 class Role(Protocol):
@@ -106,6 +116,11 @@ class Connection:
         self._wake = asyncio.Event()
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        self._tasks: tuple[asyncio.Task[None], ...] = ()
+        self._closing: _Close | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._address_key: str | None = None
+        self._conversation_key: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -114,10 +129,13 @@ class Connection:
         if self.gw.draining:
             await self.ws.close(CloseCode.DRAINING, "this instance is draining: reconnect")
             return
+        if not await self._admit():
+            return
         self.gw.sessions.add(self)
         self.gw.metrics.sockets.inc()
         reader = asyncio.create_task(self._read(), name=f"ws-read-{self.session_id}")
         writer = asyncio.create_task(self._write(), name=f"ws-write-{self.session_id}")
+        self._tasks = (reader, writer)
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
@@ -131,11 +149,30 @@ class Connection:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
+            await self._close_abandoned()
+            if self._deadline is not None:
+                self._deadline.cancel()
             await self._leave()
+            self.gw.limits.close_connection(self._address_key)
+            self.gw.limits.close_conversation_socket(self._conversation_key)
             self.gw.metrics.sockets.dec()
             self.gw.sessions.discard(self)
             self.closed.set()
             log.info("socket closed", extra={**self.log_extra(), "close_code": self.close_code})
+
+    async def _admit(self) -> bool:
+        """Count the socket against its address's limits; refuse it (1013) when over."""
+        client = self.ws.client
+        try:
+            self._address_key = await self.gw.limits.open_connection(client.host if client else None)
+        except RateLimited as exc:
+            self.gw.metrics.error(ErrorCode.RATE_LIMITED.value)
+            frame = error_frame(ErrorCode.RATE_LIMITED, exc.message, retry_after_ms=exc.retry_after_ms)
+            frame["limit"] = exc.limit.value
+            await self.ws.send_text(encode(frame))
+            await self.ws.close(CloseCode.TRY_AGAIN_LATER, exc.message[:120])
+            return False
+        return True
 
     async def _leave(self) -> None:
         for subscription in list(self.subscriptions.values()):
@@ -154,8 +191,28 @@ class Connection:
         if self.state is State.CLOSING:
             return
         self.state = State.CLOSING
-        self._outbox.append(_Close(code, reason))
+        self._closing = _Close(code, reason)
+        self._outbox.append(self._closing)
         self._wake.set()
+        # Closed whatever the client does: a client that reads nothing holds up the writer, so
+        # after the close timeout both tasks are ended (and the transport aborted: gateway.transport).
+        timeout = self.gw.settings.limits.close_timeout
+        self._deadline = asyncio.get_running_loop().call_later(timeout, self._abandon)
+
+    async def _close_abandoned(self) -> None:
+        """The writer was ended before it sent the queued close (the client reads nothing): send
+        it now; the protocol does not wait for room to send it (gateway.transport)."""
+        pending = self._closing
+        if pending is None or self.close_code is not None:
+            return
+        self.close_code = pending.code
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(pending.code, pending.reason), 1.0)
+
+    def _abandon(self) -> None:
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
 
     # -- out ------------------------------------------------------------------------------------
 
@@ -209,10 +266,17 @@ class Connection:
             self.refuse(refused)
             return
         while self.state is not State.CLOSING:
-            message = await self.ws.receive()
+            message = await self._receive_or_idle()
+            if message is None:
+                return
             if message["type"] == "websocket.disconnect":
                 self.close_code = self.close_code or message.get("code")
                 return
+            try:
+                await self.gw.limits.hit(Limit.SOCKET_FRAMES, self.session_id)
+            except RateLimited as exc:
+                await self.rate_limited(exc, None, None)
+                continue
             text = message.get("text")
             if text is None:
                 self.frame_error(
@@ -229,9 +293,25 @@ class Connection:
             self.gw.metrics.frame_in(frame_type(frame))
             await self._handle(frame)
 
+    async def _receive_or_idle(self) -> Message | None:
+        """The next message; None (and the socket closing) after CHATGW_WS_IDLE_TIMEOUT_S without one.
+        Agents' sockets are not timed: an agent watches the console without sending anything."""
+        idle = self.gw.settings.limits.idle_timeout
+        if self.role is not None and self.role.kind == "agent":
+            idle = 0
+        try:
+            async with asyncio.timeout(idle or None):
+                return await self.ws.receive()
+        except TimeoutError:
+            self.close(CloseCode.GOING_AWAY, f"idle for {idle:g} s")
+            return None
+
     def refuse(self, refused: Refused) -> None:
         self.gw.metrics.error(refused.error.value)
-        self.send(error_frame(refused.error, refused.message, retry_after_ms=refused.retry_after_ms))
+        frame = error_frame(refused.error, refused.message, retry_after_ms=refused.retry_after_ms)
+        if refused.limit is not None:
+            frame["limit"] = refused.limit
+        self.send(frame)
         self.close(refused.code, refused.message[:120])
 
     async def _receive_hello(self) -> Hello | None:
@@ -262,6 +342,17 @@ class Connection:
         except Unauthorized as exc:
             raise Refused(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, exc.message) from None
         self.principal = principal
+        if principal.role != "agent" and principal.conversation_id is not None:
+            try:
+                self._conversation_key = self.gw.limits.open_conversation_socket(principal.conversation_id)
+            except RateLimited as exc:
+                raise Refused(
+                    CloseCode.TRY_AGAIN_LATER,
+                    ErrorCode.RATE_LIMITED,
+                    exc.message,
+                    retry_after_ms=exc.retry_after_ms,
+                    limit=exc.limit.value,
+                ) from None
         try:
             if principal.role == "agent":
                 from gateway.agent import AgentRole
@@ -297,7 +388,10 @@ class Connection:
         try:
             if isinstance(frame, Hello):
                 raise FrameError(ErrorCode.BAD_FRAME, "hello: already said hello on this socket")
+            await self._admit_frame(frame, conversation_id)
             await self.role.handle(frame)
+        except RateLimited as exc:
+            await self.rate_limited(exc, client_msg_id, conversation_id)
         except Refused as refused:
             self.refuse(refused)
         except FrameError as exc:
@@ -309,6 +403,33 @@ class Connection:
             log.exception("frame handling failed", extra=self.log_extra())
             self.gw.metrics.error(ErrorCode.INTERNAL.value)
             self.send(error_frame(ErrorCode.INTERNAL, "internal error", client_msg_id=client_msg_id))
+
+    async def _admit_frame(self, frame: ClientFrame, conversation_id: str | None) -> None:
+        principal = self.principal
+        assert principal is not None
+        user = None
+        if principal.role != "agent":
+            conversation_id = principal.conversation_id
+            user = (str(principal.business_id), principal.subject)
+        await self.gw.limits.admit_frame(
+            frame, session_id=self.session_id, conversation_id=conversation_id, user=user
+        )
+
+    async def rate_limited(
+        self, exc: RateLimited, client_msg_id: str | None, conversation_id: str | None
+    ) -> None:
+        """Answer a breach with `rate_limited`; a socket that breaches too often is closed (4429)."""
+        self.gw.metrics.error(ErrorCode.RATE_LIMITED.value)
+        frame = error_frame(
+            ErrorCode.RATE_LIMITED,
+            exc.message,
+            client_msg_id=client_msg_id,
+            retry_after_ms=exc.retry_after_ms,
+        )
+        frame["limit"] = exc.limit.value
+        self.send(self._tagged(frame, conversation_id))
+        if await self.gw.limits.violated(self.session_id):
+            self.close(CloseCode.TOO_MANY_VIOLATIONS, "too many rate limit violations")
 
     def frame_error(self, exc: FrameError, conversation_id: str | None = None) -> None:
         self.gw.metrics.error(exc.code.value)

@@ -12,6 +12,7 @@ from core.store import Store
 from gateway.auth import TokenIssuer
 from gateway.backends import Check
 from gateway.hub import Hub
+from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.presence import Presence
 from gateway.settings import Settings
@@ -32,5 +33,6 @@ class Gateway:
     presence: Presence
     checks: dict[str, tuple[str, Check]]
     """Dependency name -> (backend name, readiness check), for /readyz and the start log."""
+    limits: Limiter
     sessions: set[Any] = field(default_factory=set)
     draining: bool = False

@@ -27,6 +27,8 @@ from core.types import BusinessId, ConversationId, EndUserId, EventType, StageNa
 from gateway.auth import active_agent, bearer_token, business_for_api_key, looks_like_token
 from gateway.context import Gateway
 from gateway.errors import GatewayError, Unauthorized
+from gateway.limits import Limit, RateLimited
+from gateway.limits_http import limit_response
 from gateway.origins import origin_problem
 from gateway.protocol import unstorable, unstorable_in
 
@@ -51,10 +53,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def error_response(code: str, message: str, *, retry_after_ms: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, retry_after_ms // 1000))} if retry_after_ms is not None else None
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, _STATUS.get(code, 500), headers=headers
-    )
+    return limit_response(code, _STATUS.get(code, 500), message, retry_after_ms)
 
 
 def api(handler: Handler) -> Handler:
@@ -68,7 +67,7 @@ def api(handler: Handler) -> Handler:
             return await handler(request)
         except (CoreError, GatewayError) as exc:
             gw.metrics.error(exc.code)
-            retry = exc.retry_after_ms if isinstance(exc, Unavailable) else None
+            retry = exc.retry_after_ms if isinstance(exc, Unavailable | RateLimited) else None
             return error_response(exc.code, exc.message, retry_after_ms=retry)
         except Exception:
             log.exception("request failed: %s %s", request.method, request.url.path)
@@ -211,6 +210,7 @@ async def create_widget_session(request: Request) -> Response:
     end_user = await gw.store.ensure_end_user(bid, external_id) if external_id is not None else None
     cid = body.get("conversation_id")
     if cid is None:
+        await _count_new_session(gw, request)
         end_user = end_user or await gw.store.create_end_user(bid, None)
         flow = await gw.conversations.flows.get(bid)
         start = next((s.name for s in flow.stages if s.is_entry), business.entry_stage)
@@ -234,6 +234,13 @@ async def create_widget_session(request: Request) -> Response:
         },
         status,
     )
+
+
+async def _count_new_session(gw: Gateway, request: Request) -> None:
+    """A new conversation costs rows and may cost answers: count it against the client address."""
+    address = request.client.host if request.client is not None else None
+    if address is not None and not gw.limits.exempt(address):
+        await gw.limits.hit(Limit.IP_WIDGET_SESSIONS, address)
 
 
 async def _continued(

@@ -60,6 +60,7 @@ class CloseCode(enum.IntEnum):
     """
 
     NORMAL = 1000
+    GOING_AWAY = 1001
     TOO_LARGE = 1009
     INTERNAL_ERROR = 1011
     DRAINING = 1012

@@ -6,11 +6,14 @@ at start with the variable's name; nothing reads `os.environ` later.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+import limits
 
 _N = TypeVar("_N", int, float)
 _FLAGS = dict.fromkeys(("on", "true", "1", "yes"), True) | dict.fromkeys(("off", "false", "0", "no"), False)
@@ -63,6 +66,7 @@ class Settings:
     redis_prefix: str = "chatgw:"
     log_level: str = "INFO"
     log_format: str = "json"
+    limits: LimitSettings = field(default_factory=lambda: LimitSettings())
     metrics_token: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -121,6 +125,7 @@ class Settings:
             redis_prefix=e.get("CHATGW_REDIS_PREFIX") or "chatgw:",
             log_level=(e.get("CHATGW_LOG_LEVEL") or "INFO").upper(),
             log_format=log_format,
+            limits=LimitSettings.from_env(e),
             metrics_token=_metrics_token(e.get("CHATGW_METRICS_TOKEN")),
         )
         # A resume replays up to a whole window at once into the session's outbox.
@@ -130,6 +135,63 @@ class Settings:
                 f"({settings.replay_window + 64}), so that a full replay fits"
             )
         return settings
+
+
+# A rate is written as the `limits` library parses it ("30/10seconds", "100 per minute"); "off"
+# turns the limit off.
+Rate = str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """Rate and resource limits (docs/limits.md). Rates are per window; `None` is off."""
+
+    socket_frames: Rate = "120/10seconds"
+    socket_messages: Rate = "30/10seconds"
+    socket_typing: Rate = "5/second"
+    conversation_messages: Rate = "60/minute"
+    user_answers: Rate = "20/minute"
+    business_answers: Rate = "3000/minute"
+    ip_connects: Rate = "120/minute"
+    ip_widget_sessions: Rate = "30/minute"
+    ip_http: Rate = "600/minute"
+    key_http: Rate = "100/minute"
+    violations: Rate = "10/minute"
+    connections_per_ip: int = 200
+    sockets_per_conversation: int = 10
+    exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_body_bytes: int = 512 * 1024
+    idle_timeout: float = 600.0
+    close_timeout: float = 5.0
+    header_timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, e: _Env) -> LimitSettings:
+        d = cls()
+        return cls(
+            socket_frames=e.rate("CHATGW_LIMIT_SOCKET_FRAMES", d.socket_frames),
+            socket_messages=e.rate("CHATGW_LIMIT_SOCKET_MESSAGES", d.socket_messages),
+            socket_typing=e.rate("CHATGW_LIMIT_SOCKET_TYPING", d.socket_typing),
+            conversation_messages=e.rate("CHATGW_LIMIT_CONVERSATION_MESSAGES", d.conversation_messages),
+            user_answers=e.rate("CHATGW_LIMIT_USER_ANSWERS", d.user_answers),
+            business_answers=e.rate("CHATGW_LIMIT_BUSINESS_ANSWERS", d.business_answers),
+            ip_connects=e.rate("CHATGW_LIMIT_IP_CONNECTS", d.ip_connects),
+            ip_widget_sessions=e.rate("CHATGW_LIMIT_IP_WIDGET_SESSIONS", d.ip_widget_sessions),
+            ip_http=e.rate("CHATGW_LIMIT_IP_HTTP", d.ip_http),
+            key_http=e.rate("CHATGW_LIMIT_KEY_HTTP", d.key_http),
+            violations=e.rate("CHATGW_LIMIT_VIOLATIONS", d.violations),
+            connections_per_ip=e.integer("CHATGW_MAX_CONNECTIONS_PER_IP", d.connections_per_ip, low=1),
+            sockets_per_conversation=e.integer(
+                "CHATGW_MAX_SOCKETS_PER_CONVERSATION", d.sockets_per_conversation, low=1
+            ),
+            exempt=e.networks("CHATGW_LIMIT_EXEMPT_IPS"),
+            max_body_bytes=e.integer(
+                "CHATGW_MAX_BODY_BYTES", d.max_body_bytes, low=1024, high=64 * 1024 * 1024
+            ),
+            idle_timeout=e.number("CHATGW_WS_IDLE_TIMEOUT_S", d.idle_timeout, low=0),
+            close_timeout=e.number("CHATGW_WS_CLOSE_TIMEOUT_S", d.close_timeout, low=0.1, high=60),
+            header_timeout=e.number("CHATGW_HTTP_HEADER_TIMEOUT_S", d.header_timeout, low=0.1, high=600),
+        )
 
 
 def _metrics_token(token: str | None) -> str | None:
@@ -156,6 +218,35 @@ class _Env:
         except ValueError:
             raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
         return _bounded(name, value, low, high)
+
+    def rate(self, name: str, default: Rate) -> Rate:
+        """A rate limit such as "30/10seconds" or "100 per minute"; "off" (or 0) turns it off."""
+        raw = self.get(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("off", "0", "none"):
+            return None
+        try:
+            limits.parse(raw)
+        except ValueError:
+            raise SettingsError(
+                f"{name} must be a rate such as '30/10seconds' or '100 per minute' (or 'off'), got {raw!r}"
+            ) from None
+        return raw
+
+    def networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """Comma-separated addresses or networks ("127.0.0.1, 10.0.0.0/8")."""
+        result = []
+        for part in (self.get(name) or "").split(","):
+            if not part.strip():
+                continue
+            try:
+                result.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise SettingsError(
+                    f"{name} must list IP addresses or networks, got {part.strip()!r}"
+                ) from None
+        return tuple(result)
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.get(name)

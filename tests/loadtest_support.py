@@ -85,12 +85,16 @@ def start_model_server(tmp_dir: Path, *args: str) -> ModelServerProcess:
 
 def model_env(model: ModelServerProcess) -> dict[str, str]:
     """A gateway's environment for answering through the model server, without the model limits
-    of the demo business getting in the way."""
+    of the demo business getting in the way, nor the per-address limits (every simulated user
+    comes from this machine) or the answers budget of the one business they all use
+    (docs/limits.md, "Load tests")."""
     return {
         "OPENAI_API_KEY": "load-test",
         "OPENAI_BASE_URL": model.base_url,
         "CHATGW_LLM_CONCURRENCY": "1000",
         "CHATGW_LLM_REQUESTS_PER_MINUTE": "100000",
+        "CHATGW_LIMIT_EXEMPT_IPS": "127.0.0.1,::1",
+        "CHATGW_LIMIT_BUSINESS_ANSWERS": "off",
     }
 
 

@@ -333,7 +333,10 @@ Sockets open at --connect-rate; then users send for --duration seconds; then the
 For per-token lag, point the gateway at `chatgw model-server` (OPENAI_API_KEY=any,
 OPENAI_BASE_URL=http://127.0.0.1:8100/v1): its tokens carry their send time. Raise the gateway's
 model limits for the business under test (CHATGW_LLM_CONCURRENCY, CHATGW_LLM_REQUESTS_PER_MINUTE),
-or they, not the gateway, set the pace. Targets must be loopback addresses unless --allow-remote."""
+or they, not the gateway, set the pace. Every user comes from this machine: start the gateway with
+CHATGW_LIMIT_EXEMPT_IPS=127.0.0.1,::1 and CHATGW_LIMIT_BUSINESS_ANSWERS=off, or its per-address and
+per-business limits refuse them (errors session_http_429, rate_limited; docs/limits.md). Targets
+must be loopback addresses unless --allow-remote."""
 
 _EPILOG = """\
 Report (a table, or JSON with --json / --json-out; schema "chatgw.loadtest/1" in bench/README.md):

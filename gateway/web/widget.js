@@ -90,7 +90,7 @@
   var conv = null; // {token, conversationId, epoch, seq, mode}
   var items = []; // the transcript in seq order: {key, kind: "message"|"notice", role, text, status, seq, clientMsgId, partial}
   var byKey = new Map();
-  var pending = []; // messages not acknowledged yet: {id, text, failed}
+  var pending = []; // messages not acknowledged yet: {id, text, failed, note (why it waits)}
   var streaming = null; // response_id of the answer streaming now
   var isOpen = false;
   var unread = 0;
@@ -463,6 +463,8 @@
     function error(f) {
       lastError = f;
       if (f.client_msg_id) return messageError(f);
+      // Typing is throttled here already; a refused typing frame is nothing the user must know.
+      if (f.code === "rate_limited" && f.limit === "socket_typing") return;
       if (f.code === "rate_limited") view.banner("You're sending messages too fast. Please wait a moment.", true);
       else if (f.code === "unavailable") view.banner("The chat service is having trouble right now. We'll keep trying.");
       else if (f.code === "too_large") view.banner("That was too long to send.", true);
@@ -479,7 +481,16 @@
             : "The chat service is having trouble. Your message will be sent as soon as it can.",
           f.code === "rate_limited"
         );
-        setTimeout(function () { if (pendingById(p.id)) send(p); }, wait);
+        if (f.code === "rate_limited") {
+          p.note = "Waiting to send: too many messages in a short time.";
+          view.updatePending(p);
+        }
+        setTimeout(function () {
+          if (!pendingById(p.id)) return;
+          p.note = null;
+          send(p);
+          view.updatePending(p);
+        }, wait);
         return;
       }
       p.failed = f.code === "too_large" ? "Too long to send (at most " + MAX_CHARS + " characters)." : "Not sent: " + f.message;
@@ -545,7 +556,7 @@
     }
 
     function flush() {
-      pending.forEach(function (p) { if (!p.failed) send(p); });
+      pending.forEach(function (p) { if (!p.failed) { p.note = null; send(p); } });
       view.pendingAll();
     }
 
@@ -973,7 +984,7 @@
       }
       var meta = li.children[2];
       meta.className = "meta" + (p.failed ? " bad" : "");
-      meta.textContent = p.failed || (link.isLive() ? "Sending…" : "Not sent yet: it will be sent when the chat reconnects.");
+      meta.textContent = p.failed || p.note || (link.isLive() ? "Sending…" : "Not sent yet: it will be sent when the chat reconnects.");
       meta.hidden = false;
       if (p.failed) {
         var again = el("button");

@@ -326,3 +326,58 @@ def test_a_failed_answer_is_said_in_plain_words(
     assert answer.locator(".text").text_content() == "Half an "
     assert answer.locator(".meta").text_content() == "This answer could not be finished."
     assert w.page.locator("li.notice .text").text_content() == FAILED_NOTICE
+
+
+@pytest.fixture(scope="module")
+def limited_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The embedded default letting one socket send one message in 3 seconds (docs/limits.md)."""
+    env = {**QUICK_ANSWERS, "CHATGW_LIMIT_SOCKET_MESSAGES": "1/3seconds", "CHATGW_LIMIT_VIOLATIONS": "off"}
+    gw = start_gateway(tmp_path_factory.mktemp("limited-gateway"), env)
+    yield gw
+    gw.stop()
+
+
+QUICK_ANSWERS = {"CHATGW_SCRIPTED_TPS": "200", "CHATGW_SCRIPTED_TOKENS": "10"}
+
+
+def test_a_rate_limit_is_said_in_plain_words_and_the_message_waits(
+    new_context: NewContext, limited_gateway: GatewayProcess, shots: Screenshots
+) -> None:
+    """A message over the socket's rate: the widget says so in a plain sentence, keeps the message
+    as waiting, and sends it by itself after `retry_after_ms`: both are stored, once each."""
+    w = widget(new_context, limited_gateway)
+    w.watch_frames()
+    w.open()
+    sent: list[str] = []
+    for text in ("First question", "Second question, right away", "Third question, right away"):
+        w.send(text)
+        sent.append(text)
+        # A sliding window can let the second one through when the two straddle its end.
+        if w.page.wait_for_function(_LIMITED_OR_SENT, arg=[len(sent)], polling=20).json_value() == "limited":
+            break
+    banner = w.page.locator(".banner")
+    banner.wait_for()
+    assert re.fullmatch(
+        r"You're sending messages too fast\. Your message will be sent in \d+ s\.",
+        banner.text_content() or "",
+    )
+    waiting = w.page.locator("li.pending .meta")
+    assert waiting.text_content() == "Waiting to send: too many messages in a short time."
+    shots.take(w.page, "rate-limited")
+    refusals = [f for f in w.received if f["type"] == "error"]
+    assert [(f["code"], f["limit"]) for f in refusals] == [("rate_limited", "socket_messages")]
+    assert refusals[0]["retry_after_ms"] > 0
+
+    w.page.wait_for_selector("li.pending", state="detached")
+    shots.take(w.page, "sent-after-the-wait")
+    users = [m["text"] for m in w.history() if m["role"] == "user"]
+    assert users == sent
+
+
+# "limited" once the widget shows its banner, "sent" once `n` messages are acknowledged.
+_LIMITED_OR_SENT = """([n]) => {
+  const root = document.querySelector('[data-chatgw]').shadowRoot;
+  const banner = root.querySelector('.banner');
+  if (banner && !banner.hidden) return 'limited';
+  return root.querySelectorAll('li.user:not(.pending)').length >= n ? 'sent' : false;
+}"""

@@ -22,7 +22,19 @@ async def test_a_slow_consumer_is_closed_while_a_fast_one_keeps_going(
     """Two sockets on one conversation; one stops reading. The other sends and receives every
     message; the stalled one is closed with 4008 once its outbox fills, and can resume afterwards."""
     gw = gateway_factory(
-        {"CHATGW_SCRIPTED_TOKENS": "3", "CHATGW_REPLAY_WINDOW": "16", "CHATGW_OUTBOX_FRAMES": "80"}
+        {
+            "CHATGW_SCRIPTED_TOKENS": "3",
+            "CHATGW_REPLAY_WINDOW": "16",
+            "CHATGW_OUTBOX_FRAMES": "80",
+            # The fast client floods on purpose; the message limits are tested in test_limits.py.
+            "CHATGW_LIMIT_SOCKET_FRAMES": "off",
+            "CHATGW_LIMIT_SOCKET_MESSAGES": "off",
+            "CHATGW_LIMIT_CONVERSATION_MESSAGES": "off",
+            "CHATGW_LIMIT_USER_ANSWERS": "off",
+            # The stalled client takes its close frame only once the fast one is done: give it
+            # that long before the server drops the connection (test_limits.py tests the drop).
+            "CHATGW_WS_CLOSE_TIMEOUT_S": "60",
+        }
     )
     widget = new_widget(gw)
 

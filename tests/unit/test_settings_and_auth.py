@@ -144,7 +144,10 @@ def test_the_server_runs_with_pings_on_deflate_off_and_a_frame_cap() -> None:
     from gateway.cli import uvicorn_config
 
     config = uvicorn_config(Starlette(), Settings.from_env({}), host="127.0.0.1", port=8000)
-    assert config.ws == "websockets-sansio"
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    assert isinstance(config.ws, type)
+    assert issubclass(config.ws, WebSocketsSansIOProtocol)
     assert config.ws_ping_interval == 20.0
     assert config.ws_per_message_deflate is False
     assert config.ws_max_size == 64 * 1024

@@ -1,0 +1,292 @@
+"""Rate and resource limits: who may do how much, and what a breach gets.
+
+Rates are counted by the `limits` library (sliding window counters). Per-socket rates (messages,
+typing, violations) always live in this process's memory: a socket lives on one instance. The
+others (per conversation, per IP, per key, per end user, per business) are shared by every
+instance through Redis when `REDIS_URL` is set, in memory otherwise. Counts of things held open
+(sockets per IP, sockets per conversation) are this instance's.
+
+A breach raises `RateLimited` with the time after which the same call would pass
+(`retry_after_ms`): a socket gets an `error` frame `rate_limited`, HTTP a 429 with `Retry-After`.
+A socket that keeps breaching (CHATGW_LIMIT_VIOLATIONS) is closed with 4429. Every breach counts
+on `chatgw_rate_limited_total{limit}`.
+
+If Redis cannot be reached the shared limits let calls through (logged, and counted as the
+error `limiter_unavailable`): the chat itself needs Redis and fails on its own terms then.
+See docs/limits.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import ipaddress
+import logging
+import math
+from collections import Counter as Tally
+from collections.abc import Callable
+from typing import cast
+
+import limits
+import redis.asyncio
+from limits.aio.storage import MemoryStorage, RedisStorage, SlidingWindowCounterSupport
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
+from prometheus_client import CollectorRegistry, Counter
+
+from gateway.errors import GatewayError
+from gateway.protocol import ClientFrame, SendMessage, Typing
+from gateway.settings import LimitSettings
+
+log = logging.getLogger(__name__)
+
+
+class Limit(enum.StrEnum):
+    """Each limit, by the name it has on /metrics and in `error` frames."""
+
+    SOCKET_FRAMES = "socket_frames"
+    SOCKET_MESSAGES = "socket_messages"
+    SOCKET_TYPING = "socket_typing"
+    CONVERSATION_MESSAGES = "conversation_messages"
+    USER_ANSWERS = "user_answers"
+    BUSINESS_ANSWERS = "business_answers"
+    IP_CONNECTS = "ip_connects"
+    IP_CONNECTIONS = "ip_connections"
+    CONVERSATION_SOCKETS = "conversation_sockets"
+    IP_WIDGET_SESSIONS = "ip_widget_sessions"
+    IP_HTTP = "ip_http"
+    KEY_HTTP = "key_http"
+    VIOLATIONS = "violations"
+
+
+# What is counted, for the error message: "too many <what>".
+_WHAT = {
+    Limit.SOCKET_FRAMES: "frames on this socket",
+    Limit.SOCKET_MESSAGES: "messages on this socket",
+    Limit.SOCKET_TYPING: "typing frames on this socket",
+    Limit.CONVERSATION_MESSAGES: "messages in this conversation",
+    Limit.USER_ANSWERS: "messages asking for an answer from this user",
+    Limit.BUSINESS_ANSWERS: "answers asked of this business's model",
+    Limit.IP_CONNECTS: "new connections from this address",
+    Limit.IP_WIDGET_SESSIONS: "new chat sessions from this address",
+    Limit.IP_HTTP: "requests from this address",
+    Limit.KEY_HTTP: "requests with this key",
+    Limit.VIOLATIONS: "rate limit violations",
+}
+_LOCAL = frozenset({Limit.SOCKET_FRAMES, Limit.SOCKET_MESSAGES, Limit.SOCKET_TYPING, Limit.VIOLATIONS})
+# How long a concurrency breach asks the client to wait before trying again.
+HELD_RETRY_MS = 5000
+
+
+class RateLimited(GatewayError):
+    """A limit was reached; the same call passes again after `retry_after_ms`."""
+
+    code = "rate_limited"
+
+    def __init__(self, limit: Limit, message: str, *, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_ms = retry_after_ms
+
+
+class Limiter:
+    """The limits of one gateway process. `connect()` before use, `close()` at the end."""
+
+    def __init__(
+        self,
+        settings: LimitSettings,
+        *,
+        registry: CollectorRegistry,
+        redis_url: str | None = None,
+        redis_prefix: str = "chatgw:",
+        redis_pool_size: int = 16,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._on_error = on_error
+        rates = {limit: getattr(settings, limit.value, None) for limit in Limit}
+        self._items = {limit: limits.parse(rate) for limit, rate in rates.items() if isinstance(rate, str)}
+        self._redis_url = redis_url
+        self._redis_prefix = redis_prefix
+        self._redis_pool_size = redis_pool_size
+        self._pool: redis.asyncio.BlockingConnectionPool | None = None
+        self._local: SlidingWindowCounterRateLimiter | None = None
+        self._shared: SlidingWindowCounterRateLimiter | None = None
+        self._per_ip: Tally[str] = Tally()
+        self._per_conversation: Tally[str] = Tally()
+        self._storage_failing = False
+        self.hits = Counter(
+            "chatgw_rate_limited",
+            "Calls refused by a rate or resource limit, by limit.",
+            ["limit"],
+            registry=registry,
+        )
+
+    async def connect(self) -> None:
+        self._local = self._shared = SlidingWindowCounterRateLimiter(MemoryStorage())
+        if self._redis_url is not None:
+            # A bounded pool that waits for a free connection (redis-py's default one opens any
+            # number, or fails at once when capped).
+            self._pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self._redis_url,
+                max_connections=self._redis_pool_size,
+                timeout=2.0,
+                socket_timeout=2.0,
+                socket_connect_timeout=2.0,
+            )
+            # limits' default async Redis client is coredis; "redispy" uses redis-py (our pin).
+            shared = RedisStorage(
+                "async+" + self._redis_url,
+                implementation="redispy",
+                key_prefix=self._redis_prefix + "limits",
+                wrap_exceptions=True,
+                connection_pool=self._pool,  # type: ignore[arg-type]  # documented; the stub says scalars
+            )
+            self._shared = SlidingWindowCounterRateLimiter(shared)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.aclose()
+
+    # -- rates ----------------------------------------------------------------------------------
+
+    async def hit(self, limit: Limit, *key: str) -> None:
+        """Count one call against `limit` for `key`; raise `RateLimited` when it is over."""
+        item = self._items.get(limit)
+        if item is None:
+            return
+        strategy = self._local if limit in _LOCAL else self._shared
+        assert strategy is not None, "Limiter.connect() first"
+        try:
+            if await strategy.hit(item, limit.value, *key):
+                if strategy is not self._local:
+                    self._storage_recovered()
+                return
+            storage = cast(SlidingWindowCounterSupport, strategy.storage)
+            window = await storage.get_sliding_window(item.key_for(limit.value, *key), item.get_expiry())
+        except StorageError as exc:
+            self._storage_failed(exc)
+            return
+        retry_after_ms = max(1, math.ceil(retry_after_s(item.amount, item.get_expiry(), *window) * 1000))
+        raise self.breach(limit, f"at most {item}", retry_after_ms)
+
+    def breach(self, limit: Limit, detail: str, retry_after_ms: int) -> RateLimited:
+        """Count a breach of `limit` and make its exception."""
+        self.hits.labels(limit.value).inc()
+        what = _WHAT.get(limit, limit.value.replace("_", " "))
+        seconds = max(1, math.ceil(retry_after_ms / 1000))
+        message = f"too many {what} ({detail}): try again in {seconds} s"
+        return RateLimited(limit, message, retry_after_ms=retry_after_ms)
+
+    def _storage_failed(self, exc: Exception) -> None:
+        if not self._storage_failing:
+            log.warning("rate limits cannot be counted, letting calls through: %s", exc)
+            self._storage_failing = True
+        if self._on_error is not None:
+            self._on_error("limiter_unavailable")
+
+    def _storage_recovered(self) -> None:
+        if self._storage_failing:
+            log.info("rate limits are counted again")
+            self._storage_failing = False
+
+    def exempt(self, address: str | None) -> bool:
+        """Whether per-address limits skip this client address (CHATGW_LIMIT_EXEMPT_IPS)."""
+        if address is None or not self.settings.exempt:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.settings.exempt)
+
+    # -- what is held open ----------------------------------------------------------------------
+
+    async def open_connection(self, address: str | None) -> str | None:
+        """Count a new socket of `address`: its rate of new sockets (shared) and the sockets it
+        holds open on this instance; `RateLimited` when over. Returns the key to pass to
+        `close_connection` (None: nothing counted)."""
+        if address is None or self.exempt(address):
+            return None
+        await self.hit(Limit.IP_CONNECTS, address)
+        most = self.settings.connections_per_ip
+        if self._per_ip[address] >= most:
+            raise self.breach(Limit.IP_CONNECTIONS, f"at most {most} open at once", HELD_RETRY_MS)
+        self._per_ip[address] += 1
+        return address
+
+    def close_connection(self, key: str | None) -> None:
+        _release(self._per_ip, key)
+
+    def open_conversation_socket(self, conversation_id: str) -> str:
+        most = self.settings.sockets_per_conversation
+        if self._per_conversation[conversation_id] >= most:
+            raise self.breach(Limit.CONVERSATION_SOCKETS, f"at most {most} open at once", HELD_RETRY_MS)
+        self._per_conversation[conversation_id] += 1
+        return conversation_id
+
+    def close_conversation_socket(self, key: str | None) -> None:
+        _release(self._per_conversation, key)
+
+    # -- frames ---------------------------------------------------------------------------------
+
+    async def admit_frame(
+        self,
+        frame: ClientFrame,
+        *,
+        session_id: str,
+        conversation_id: str | None,
+        user: tuple[str, str] | None,
+    ) -> None:
+        """Count a client frame against its limits: `typing` per socket; `message` per socket, per
+        conversation and, for an end user's message (`user`: business id, end user id), against
+        the answers the user and the business may ask of the model."""
+        if isinstance(frame, Typing):
+            await self.hit(Limit.SOCKET_TYPING, session_id)
+        elif isinstance(frame, SendMessage):
+            await self.hit(Limit.SOCKET_MESSAGES, session_id)
+            if conversation_id is not None:
+                await self.hit(Limit.CONVERSATION_MESSAGES, conversation_id)
+            if user is not None:
+                business_id, end_user = user
+                await self.hit(Limit.USER_ANSWERS, business_id, end_user)
+                await self.hit(Limit.BUSINESS_ANSWERS, business_id)
+
+    async def violated(self, session_id: str) -> bool:
+        """Count a breach by this socket; True when it has breached too often and must close."""
+        try:
+            await self.hit(Limit.VIOLATIONS, session_id)
+        except RateLimited:
+            return True
+        return False
+
+
+def retry_after_s(
+    amount: int, expiry: float, previous: int, previous_ttl: float, current: int, current_ttl: float
+) -> float:
+    """When a sliding window counter lets the next call pass, from the window as the storage
+    reports it (the library's own `get_window_stats` can answer "now" for a window just begun).
+
+    A call passes while `previous * (time left of the previous window) / expiry + current` is below
+    `amount`; the current window ends `current_ttl - expiry` from now, and its count then weighs as
+    the previous one."""
+    if current >= amount:
+        ends_in = max(0.0, current_ttl - expiry)
+        return ends_in + expiry * max(0.0, 1 - amount / current)
+    if previous == 0:
+        return 0.0
+    return max(0.0, previous_ttl - (amount - current) * expiry / previous)
+
+
+def _release(tally: Tally[str], key: str | None) -> None:
+    if key is None:
+        return
+    tally[key] -= 1
+    if tally[key] <= 0:
+        del tally[key]
+
+
+def key_id(credential: str) -> str:
+    """A short stable name for a credential, so that no key or token is kept as a limiter key."""
+    return hashlib.sha256(credential.encode()).hexdigest()[:24]

@@ -1,0 +1,113 @@
+"""uvicorn's HTTP and WebSocket protocols with the deadlines uvicorn leaves out.
+
+- **Request headers in time.** uvicorn times out an idle keep-alive connection, but not one that
+  never finishes its request line and headers: a client can open thousands of TCP connections
+  and send nothing (or a byte now and then). Here every request's headers must be complete within
+  CHATGW_HTTP_HEADER_TIMEOUT_S of the connection (or of the request's first byte), else the
+  connection is closed.
+- **A closed socket is closed.** uvicorn closes a WebSocket by writing the close frame and then
+  `transport.close()`, which waits for the write buffer to drain: a client that reads nothing
+  keeps the connection (and its buffered frames) for as long as it likes. Here each close is
+  followed by `transport.abort()` when the connection is still there CHATGW_WS_CLOSE_TIMEOUT_S
+  later, and the close frame itself never waits for room in a full buffer.
+
+Both subclass uvicorn's own protocols (httptools, websockets-sansio) and change only that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from gateway.settings import LimitSettings
+
+
+class _GuardedHttp(HttpToolsProtocol):
+    header_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._start_header_timer()  # the next request on a kept-alive connection
+
+    def on_headers_complete(self) -> None:
+        self._stop_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def _start_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class _AbortingTransport:
+    """The socket's transport, whose `close()` becomes an `abort()` when the peer has not let the
+    connection go `timeout` seconds later."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._timeout = timeout
+        self.abort_timer: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        self._transport.close()
+        if self.abort_timer is None:
+            self.abort_timer = self._loop.call_later(self._timeout, self._transport.abort)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _GuardedWebSocket(WebSocketsSansIOProtocol):
+    close_timeout_s = 5.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guarded = _AbortingTransport(transport, self.loop, self.close_timeout_s)  # type: ignore[arg-type]
+        super().connection_made(guarded)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        guarded = self.transport
+        if isinstance(guarded, _AbortingTransport) and guarded.abort_timer is not None:
+            guarded.abort_timer.cancel()
+        super().connection_lost(exc)
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "websocket.close" and self.handshake_complete and not self.writable.is_set():
+            # The client reads nothing: the close frame goes behind what is buffered, at once,
+            # and the connection is aborted if the client has not taken it by the close timeout.
+            self.writable.set()
+        await super().send(message)
+        if message["type"] == "websocket.close" and self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.close_timeout_s, self.transport.abort)
+
+
+def protocols(settings: LimitSettings) -> tuple[type[HttpToolsProtocol], type[WebSocketsSansIOProtocol]]:
+    """The HTTP and WebSocket protocol classes for uvicorn's config, with these settings' deadlines."""
+    http = type("GuardedHttpProtocol", (_GuardedHttp,), {"header_timeout": settings.header_timeout})
+    ws = type("GuardedWebSocketProtocol", (_GuardedWebSocket,), {"close_timeout_s": settings.close_timeout})
+    return http, ws
