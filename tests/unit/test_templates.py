@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from core import templates
 from core.errors import TemplateError
 from core.templates import MAX_TEMPLATE_CHARS, render, template_problems
 
@@ -126,7 +127,9 @@ def test_unpacking_and_literals_still_work() -> None:
     assert render(source, {}) == "3|x=1|2,12,|pq"
 
 
-def test_the_steps_are_per_render() -> None:
+def test_the_steps_are_per_render(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Steps are the point: the time backstop, which a loaded machine could hit first, is lifted.
+    monkeypatch.setattr(templates, "MAX_RENDER_SECONDS", 60.0)
     source = "{% for i in range(1000) %}{% for j in range(50) %}{% endfor %}{% endfor %}done"
     assert [render(source, {}) for _ in range(3)] == ["done"] * 3
 
