@@ -19,6 +19,7 @@ import asyncio
 import enum
 import logging
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from starlette.websockets import WebSocket
@@ -106,13 +107,17 @@ class Connection:
         self._wake = asyncio.Event()
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        self.close_reason = ""
+        self.closed_by: str | None = None  # "gateway", or "client" (the client, or its connection)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> None:
         await self.ws.accept()
         if self.gw.draining:
-            await self.ws.close(CloseCode.DRAINING, "this instance is draining: reconnect")
+            self._closing(CloseCode.DRAINING, "this instance is draining: reconnect", "gateway")
+            await self.ws.close(CloseCode.DRAINING, self.close_reason)
+            self._log_closed()
             return
         self.gw.sessions.add(self)
         self.gw.metrics.sockets.inc()
@@ -135,7 +140,28 @@ class Connection:
             self.gw.metrics.sockets.dec()
             self.gw.sessions.discard(self)
             self.closed.set()
-            log.info("socket closed", extra={**self.log_extra(), "close_code": self.close_code})
+            self._log_closed()
+
+    def _closing(self, code: int | None, reason: str, by: str) -> None:
+        """Record the first close seen: the one the gateway sent, or the client's."""
+        if self.closed_by is None:
+            self.close_code, self.close_reason, self.closed_by = code, reason, by
+
+    def _log_closed(self) -> None:
+        code = self.close_code if self.close_code is not None else "no close code"
+        reason = f" {self.close_reason!r}" if self.close_reason else ""
+        log.info(
+            "socket closed by the %s: %s%s",
+            self.closed_by or "connection",
+            code,
+            reason,
+            extra={
+                **self.log_extra(),
+                "close_code": self.close_code,
+                "close_reason": self.close_reason,
+                "closed_by": self.closed_by,
+            },
+        )
 
     async def _leave(self) -> None:
         for subscription in list(self.subscriptions.values()):
@@ -188,7 +214,7 @@ class Connection:
                     await self._wake.wait()
                 item = self._outbox.popleft()
                 if isinstance(item, _Close):
-                    self.close_code = item.code
+                    self._closing(item.code, item.reason, "gateway")
                     await self.ws.close(item.code, item.reason)
                     return
                 frame_type, text = item
@@ -211,7 +237,7 @@ class Connection:
         while self.state is not State.CLOSING:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
-                self.close_code = self.close_code or message.get("code")
+                self._disconnected(message)
                 return
             text = message.get("text")
             if text is None:
@@ -229,6 +255,9 @@ class Connection:
             self.gw.metrics.frame_in(frame_type(frame))
             await self._handle(frame)
 
+    def _disconnected(self, message: Mapping[str, Any]) -> None:
+        self._closing(message.get("code"), str(message.get("reason") or ""), "client")
+
     def refuse(self, refused: Refused) -> None:
         self.gw.metrics.error(refused.error.value)
         self.send(error_frame(refused.error, refused.message, retry_after_ms=refused.retry_after_ms))
@@ -243,6 +272,7 @@ class Connection:
                 CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, f"no hello within {timeout:g} s"
             ) from None
         if message["type"] == "websocket.disconnect":
+            self._disconnected(message)
             return None
         text = message.get("text")
         try:

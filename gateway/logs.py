@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-_CONTEXT_FIELDS = ("session_id", "conversation_id", "business_id")
+_CONTEXT_FIELDS = ("session_id", "conversation_id", "business_id", "close_code", "close_reason", "closed_by")
 
 
 class JsonFormatter(logging.Formatter):
