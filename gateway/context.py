@@ -34,3 +34,5 @@ class Gateway:
     """Dependency name -> (backend name, readiness check), for /readyz and the start log."""
     sessions: set[Any] = field(default_factory=set)
     draining: bool = False
+    demo_api_key: str = ""
+    """The demo business's admin API key, as every instance on the store shares it (set at start)."""
