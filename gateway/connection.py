@@ -56,12 +56,21 @@ class State(enum.Enum):
     CLOSING = "closing"
 
 
+# A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455 5.5); a longer one is not sent at all.
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to fit a close frame, at a character boundary."""
+    return text.encode(errors="replace")[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
+
+
 class _Close:
     __slots__ = ("code", "reason")
 
     def __init__(self, code: CloseCode, reason: str) -> None:
         self.code = code
-        self.reason = reason
+        self.reason = close_reason(reason)
 
 
 class Refused(Exception):
@@ -261,7 +270,7 @@ class Connection:
     def refuse(self, refused: Refused) -> None:
         self.gw.metrics.error(refused.error.value)
         self.send(error_frame(refused.error, refused.message, retry_after_ms=refused.retry_after_ms))
-        self.close(refused.code, refused.message[:120])
+        self.close(refused.code, refused.message)
 
     async def _receive_hello(self) -> Hello | None:
         timeout = self.gw.settings.hello_timeout
