@@ -197,7 +197,7 @@ class Session:
     received: list[dict[str, Any]] = field(default_factory=list)
     close_code: int | None = None
     closed: bool = False
-    oversized: bool = False  # a frame over the size limit was sent
+    failing: bool = False  # a frame was sent that the WebSocket layer fails the connection for
 
     @classmethod
     def open(cls, gw: GatewayProcess) -> Session:
@@ -210,7 +210,7 @@ class Session:
                 raw = raw.text()
             payload = raw.payload if isinstance(raw, BadUtf8) else raw
             size = len(payload.encode()) if isinstance(payload, str) else len(payload)
-            self.oversized = self.oversized or size > MAX_FRAME_BYTES
+            self.failing = self.failing or size > MAX_FRAME_BYTES or isinstance(raw, BadUtf8)
             if isinstance(raw, BadUtf8):
                 self.ws.send(raw.payload, text=True)
             else:
@@ -240,10 +240,11 @@ class Session:
 
     def _closed(self, closed: ConnectionClosed) -> None:
         code = closed.rcvd.code if closed.rcvd is not None else None
-        # The gateway drops a connection whose frame is too large right after its 1009, while the
-        # client may still be sending: TCP may then lose the close frame (a reset). Nothing else
-        # may end a connection without a close code.
-        allowed = REFUSALS | ({None} if self.oversized else set())
+        # The WebSocket layer fails a connection whose frame is too large (1009) or not UTF-8 (1007):
+        # it drops the connection right after its close frame, while the client may still be
+        # sending, and TCP may then lose the close frame (a reset). Nothing else may end a
+        # connection without a close code.
+        allowed = REFUSALS | ({None} if self.failing else set())
         assert code in allowed, f"closed with {code} ({closed}); received {self.received[-5:]}"
         self.close_code = code
         self.closed = True
