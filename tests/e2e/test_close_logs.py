@@ -14,12 +14,14 @@ from tests.e2e.client import Client, new_widget
 from tests.servers import GatewayProcess
 
 
-async def close_records(gw: GatewayProcess, session_count: int, **match: Any) -> list[dict[str, Any]]:
-    """The gateway's "socket closed" log records with the fields in `match`, once there are
-    `session_count` of them (a close is logged just after the socket ends)."""
+async def close_records(
+    gw: GatewayProcess, since: int, session_count: int, **match: Any
+) -> list[dict[str, Any]]:
+    """The gateway's "socket closed" log records after offset `since` of its log with the fields in
+    `match`, once there are `session_count` of them (a close is logged just after the socket ends)."""
     for _ in range(500):
         records = []
-        for line in gw.log().splitlines():
+        for line in gw.log()[since:].splitlines():
             if not line.startswith("{"):
                 continue
             record = orjson.loads(line)
@@ -34,6 +36,7 @@ async def close_records(gw: GatewayProcess, session_count: int, **match: Any) ->
 
 
 async def test_a_refused_token_is_logged_with_its_close_code_and_reason(gateway: GatewayProcess) -> None:
+    since = len(gateway.log())
     widget = new_widget(gateway)
     forged = jwt.encode(
         {**jwt.decode(widget.token, options={"verify_signature": False})},
@@ -48,7 +51,7 @@ async def test_a_refused_token_is_logged_with_its_close_code_and_reason(gateway:
     assert client.ws.close_code == 4401
 
     [record] = await close_records(
-        gateway, 1, close_code=4401, close_reason="invalid token: Signature verification failed"
+        gateway, since, 1, close_code=4401, close_reason="invalid token: Signature verification failed"
     )
     assert record["closed_by"] == "gateway"
     assert (
@@ -57,13 +60,14 @@ async def test_a_refused_token_is_logged_with_its_close_code_and_reason(gateway:
 
 
 async def test_a_client_close_is_logged_with_the_clients_code_and_reason(gateway: GatewayProcess) -> None:
+    since = len(gateway.log())
     widget = new_widget(gateway)
     client = await Client.open(gateway)
     await client.hello(widget)
     await client.ws.close(4000, "page closed")
 
     [record] = await close_records(
-        gateway, 1, conversation_id=widget.conversation_id, close_code=4000, closed_by="client"
+        gateway, since, 1, conversation_id=widget.conversation_id, close_code=4000, closed_by="client"
     )
     assert record["close_reason"] == "page closed"
     assert record["session_id"]
