@@ -196,6 +196,11 @@ class Store(Protocol):
         """The business whose admin API key hashes to `key_hash` (the current key, or the
         replaced one until the end of its overlap), or `NotFound`."""
 
+    async def claim_setting(self, name: str, proposed: str, *, replace: bool = False) -> str:
+        """The value of the setting `name` that every instance on this store shares: `proposed`
+        when none is stored yet (or always, with `replace`), else the one stored. The first claim
+        of a name decides, atomically; later ones get its value back."""
+
     async def get_flow(self, business_id: BusinessId) -> Flow:
         """The business's whole flow configuration, with its version."""
 

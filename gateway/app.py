@@ -2,34 +2,32 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Message, Receive, Scope, Send
 
 from core.broker import Broker
 from core.conversation import ConversationService, CoreSettings
-from core.errors import Conflict
 from core.llm import LLMProvider
-from core.models import AuditEntry
 from core.scripted_llm import ScriptedLLM
 from gateway import access_api, admin_api, agents_api, console_api, http_api, static
-from gateway.auth import TokenIssuer, hash_api_key
+from gateway.auth import TokenIssuer
 from gateway.backends import make_backends
 from gateway.connection import serve_socket
 from gateway.context import Gateway
-from gateway.demo import DEMO_BUSINESS, DEMO_FLOW
 from gateway.hub import Hub
 from gateway.limits import Limiter
 from gateway.limits_http import LimitsMiddleware
 from gateway.metrics import Metrics
 from gateway.presence import Presence
 from gateway.settings import Settings
+from gateway.startup import StartupError, connect_backends, log_start, seed_demo, share_credentials
 
 log = logging.getLogger(__name__)
 
@@ -97,51 +95,51 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             redis_pool_size=settings.redis_pool_size,
             on_error=metrics.error,
         ),
+        demo_api_key=settings.demo_api_key,
     )
 
 
-async def seed_demo(gw: Gateway) -> None:
-    """The demo business, its admin API key and its flow (only when it has none yet)."""
-    business = await gw.store.ensure_business(DEMO_BUSINESS)
-    await gw.store.set_api_key(business.business_id, hash_api_key(gw.settings.demo_api_key))
-    flow = await gw.store.get_flow(business.business_id)
-    if not flow.stages:
-        audit = AuditEntry("system", "flow.seed_demo", {"stages": len(DEMO_FLOW.stages)})
-        with contextlib.suppress(Conflict):  # another instance seeded it at the same moment
-            await gw.store.save_flow(
-                business.business_id, DEMO_FLOW, expected_version=flow.version, audit=audit
-            )
+class GatewayApp(Starlette):
+    """The gateway's Starlette app. A start that fails with `StartupError` is reported to the server
+    as its one line (Starlette would send the whole traceback)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await super().__call__(scope, receive, send)
+            return
+
+        async def send_one_line(message: Message) -> None:
+            error = getattr(self.state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and error:
+                message = {**message, "message": error}
+            await send(message)
+
+        await super().__call__(scope, receive, send_one_line)
 
 
-def create_app(
-    settings: Settings | None = None,
-    *,
-    on_ready: Callable[[], None] | None = None,
-    broker: Broker | None = None,
-) -> Starlette:
+def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> Starlette:
+    """The app; the server announces ready once it listens (gateway.drain.DrainingServer)."""
     settings = settings or Settings.from_env()
     gw = build_gateway(settings, broker=broker)  # bad backend URLs fail here, at start
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if settings.secret_is_random:
-            log.warning(
-                "CHATGW_SECRET is not set: tokens are signed with a random key and die with this process"
-            )
-        log.info(
-            "starting: %s, model=%s",
-            ", ".join(f"{name}={backend}" for name, (backend, _) in gw.checks.items()),
-            gw.llm.name,
-        )
+        log_start(gw)
         await gw.limits.connect()
-        await gw.store.connect()
-        await gw.broker.connect()
         try:
+            await connect_backends(gw)
+        except StartupError as exc:
+            app.state.startup_error = str(exc)
+            raise
+        try:
+            try:
+                await share_credentials(gw)
+            except StartupError as exc:
+                app.state.startup_error = str(exc)
+                raise
             await seed_demo(gw)
             gw.conversations.start()
             gw.presence.start()
-            if on_ready is not None:
-                on_ready()
             yield
         finally:
             await gw.presence.close()
@@ -169,7 +167,7 @@ def create_app(
     ]
     # No CORS middleware: only the two endpoints the widget calls from businesses' pages answer
     # cross-origin requests (http_api.browser_facing); the admin and agent APIs are same-origin.
-    app = Starlette(
+    app = GatewayApp(
         routes=routes,
         middleware=[Middleware(LimitsMiddleware, gateway=gw)],
         lifespan=lifespan,

@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import functools
 import importlib.util
+import ipaddress
 import logging
+import re
 import socket
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 import uvicorn
 from starlette.applications import Starlette
@@ -23,15 +26,22 @@ from gateway.transport import protocols
 log = logging.getLogger(__name__)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line refused in one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in _TOOLS:  # tools with their own options; they need no gateway settings
         return _tool(argv[0])(argv[1:])
-    parser = argparse.ArgumentParser(prog="chatgw", description="Real-time WebSocket chat gateway.")
+    parser = _Parser(prog="chatgw", description="Real-time WebSocket chat gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="port (default $PORT or 8000)")
+    serve.add_argument("--host", type=_host, default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=None, help="port, 1-65535 (default $PORT or 8000)")
     serve.add_argument(
         "--workers",
         type=_workers,
@@ -96,6 +106,31 @@ def _steps(value: str) -> int | None:
     if steps < 1:
         raise argparse.ArgumentTypeError("expected a number >= 1 or 'all'")
     return steps
+
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _host(value: str) -> str:
+    """An IP address or a host name (resolved when the server binds)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if len(value) > 253 or not _HOSTNAME.fullmatch(value):
+            raise argparse.ArgumentTypeError(
+                f"expected an IP address or a host name, got {value!r}"
+            ) from None
+    return value
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {port}")
+    return port
 
 
 def _workers(value: str) -> int:
@@ -183,7 +218,14 @@ def run_server(
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
 
-    def ready() -> None:
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        print(f"chatgw: {exc}", file=sys.stderr)
+        return 2
+    gw = app.state.gateway
+
+    def ready() -> None:  # the server listens: say so, never earlier
         if on_ready is not None:
             on_ready()
         if not announce:
@@ -193,18 +235,18 @@ def run_server(
             f"chatgw is ready: open {base}/ (demo) - WebSocket ws://{shown}:{port}/ws{processes}", flush=True
         )
         if settings.demo_api_key_is_random:
+            where = (
+                "kept in the database for every instance on it"
+                if settings.database_url
+                else "random for this process"
+            )
             print(
-                f"demo admin API key (random; set CHATGW_DEMO_API_KEY to fix it): {settings.demo_api_key}",
+                f"demo admin API key ({where}; set CHATGW_DEMO_API_KEY to choose it): {gw.demo_api_key}",
                 flush=True,
             )
 
-    try:
-        app = create_app(settings, on_ready=ready)
-    except ValueError as exc:
-        print(f"chatgw: {exc}", file=sys.stderr)
-        return 2
     config = uvicorn_config(app, settings, host=host, port=port, loop=loop)
-    server = DrainingServer(config, app.state.gateway)
+    server = DrainingServer(config, gw, on_ready=ready)
     server.run(sockets=sockets)
     return 0 if server.started else 1
 

@@ -20,6 +20,7 @@ import contextlib
 import enum
 import logging
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from starlette.types import Message
@@ -58,12 +59,21 @@ class State(enum.Enum):
     CLOSING = "closing"
 
 
+# A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455 5.5); a longer one is not sent at all.
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to fit a close frame, at a character boundary."""
+    return text.encode(errors="replace")[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
+
+
 class _Close:
     __slots__ = ("code", "reason")
 
     def __init__(self, code: CloseCode, reason: str) -> None:
         self.code = code
-        self.reason = reason
+        self.reason = close_reason(reason)
 
 
 class Refused(Exception):
@@ -116,8 +126,10 @@ class Connection:
         self._wake = asyncio.Event()
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        self.close_reason = ""
+        self.closed_by: str | None = None  # "gateway", or "client" (the client, or its connection)
         self._tasks: tuple[asyncio.Task[None], ...] = ()
-        self._closing: _Close | None = None
+        self._pending_close: _Close | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._address_key: str | None = None
         self._conversation_key: str | None = None
@@ -127,7 +139,9 @@ class Connection:
     async def run(self) -> None:
         await self.ws.accept()
         if self.gw.draining:
-            await self.ws.close(CloseCode.DRAINING, "this instance is draining: reconnect")
+            self._closing(CloseCode.DRAINING, "this instance is draining: reconnect", "gateway")
+            await self.ws.close(CloseCode.DRAINING, self.close_reason)
+            self._log_closed()
             return
         if not await self._admit():
             return
@@ -158,7 +172,28 @@ class Connection:
             self.gw.metrics.sockets.dec()
             self.gw.sessions.discard(self)
             self.closed.set()
-            log.info("socket closed", extra={**self.log_extra(), "close_code": self.close_code})
+            self._log_closed()
+
+    def _closing(self, code: int | None, reason: str, by: str) -> None:
+        """Record the first close seen: the one the gateway sent, or the client's."""
+        if self.closed_by is None:
+            self.close_code, self.close_reason, self.closed_by = code, reason, by
+
+    def _log_closed(self) -> None:
+        code = self.close_code if self.close_code is not None else "no close code"
+        reason = f" {self.close_reason!r}" if self.close_reason else ""
+        log.info(
+            "socket closed by the %s: %s%s",
+            self.closed_by or "connection",
+            code,
+            reason,
+            extra={
+                **self.log_extra(),
+                "close_code": self.close_code,
+                "close_reason": self.close_reason,
+                "closed_by": self.closed_by,
+            },
+        )
 
     async def _admit(self) -> bool:
         """Count the socket against its address's limits; refuse it (1013) when over."""
@@ -169,8 +204,10 @@ class Connection:
             self.gw.metrics.error(ErrorCode.RATE_LIMITED.value)
             frame = error_frame(ErrorCode.RATE_LIMITED, exc.message, retry_after_ms=exc.retry_after_ms)
             frame["limit"] = exc.limit.value
+            self._closing(CloseCode.TRY_AGAIN_LATER, close_reason(exc.message), "gateway")
             await self.ws.send_text(encode(frame))
-            await self.ws.close(CloseCode.TRY_AGAIN_LATER, exc.message[:120])
+            await self.ws.close(CloseCode.TRY_AGAIN_LATER, self.close_reason)
+            self._log_closed()
             return False
         return True
 
@@ -191,8 +228,8 @@ class Connection:
         if self.state is State.CLOSING:
             return
         self.state = State.CLOSING
-        self._closing = _Close(code, reason)
-        self._outbox.append(self._closing)
+        self._pending_close = _Close(code, reason)
+        self._outbox.append(self._pending_close)
         self._wake.set()
         # Closed whatever the client does: a client that reads nothing holds up the writer, so
         # after the close timeout both tasks are ended (and the transport aborted: gateway.transport).
@@ -202,10 +239,10 @@ class Connection:
     async def _close_abandoned(self) -> None:
         """The writer was ended before it sent the queued close (the client reads nothing): send
         it now; the protocol does not wait for room to send it (gateway.transport)."""
-        pending = self._closing
-        if pending is None or self.close_code is not None:
+        pending = self._pending_close
+        if pending is None or self.closed_by is not None:
             return
-        self.close_code = pending.code
+        self._closing(pending.code, pending.reason, "gateway")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(pending.code, pending.reason), 1.0)
 
@@ -245,7 +282,7 @@ class Connection:
                     await self._wake.wait()
                 item = self._outbox.popleft()
                 if isinstance(item, _Close):
-                    self.close_code = item.code
+                    self._closing(item.code, item.reason, "gateway")
                     await self.ws.close(item.code, item.reason)
                     return
                 frame_type, text = item
@@ -270,7 +307,7 @@ class Connection:
             if message is None:
                 return
             if message["type"] == "websocket.disconnect":
-                self.close_code = self.close_code or message.get("code")
+                self._disconnected(message)
                 return
             try:
                 await self.gw.limits.hit(Limit.SOCKET_FRAMES, self.session_id)
@@ -306,13 +343,16 @@ class Connection:
             self.close(CloseCode.GOING_AWAY, f"idle for {idle:g} s")
             return None
 
+    def _disconnected(self, message: Mapping[str, Any]) -> None:
+        self._closing(message.get("code"), str(message.get("reason") or ""), "client")
+
     def refuse(self, refused: Refused) -> None:
         self.gw.metrics.error(refused.error.value)
         frame = error_frame(refused.error, refused.message, retry_after_ms=refused.retry_after_ms)
         if refused.limit is not None:
             frame["limit"] = refused.limit
         self.send(frame)
-        self.close(refused.code, refused.message[:120])
+        self.close(refused.code, refused.message)
 
     async def _receive_hello(self) -> Hello | None:
         timeout = self.gw.settings.hello_timeout
@@ -323,6 +363,7 @@ class Connection:
                 CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, f"no hello within {timeout:g} s"
             ) from None
         if message["type"] == "websocket.disconnect":
+            self._disconnected(message)
             return None
         text = message.get("text")
         try:

@@ -36,3 +36,5 @@ class Gateway:
     limits: Limiter
     sessions: set[Any] = field(default_factory=set)
     draining: bool = False
+    demo_api_key: str = ""
+    """The demo business's admin API key, as every instance on the store shares it (set at start)."""

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import socket
+from collections.abc import Callable
 
 import uvicorn
 
@@ -39,11 +40,20 @@ async def drain_gateway(gw: Gateway) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server with the gateway's drain run first on shutdown."""
+    """uvicorn's server with the gateway's drain run first on shutdown; `on_ready` is called once
+    the app has started and the server listens (never before the port is bound)."""
 
-    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+    def __init__(
+        self, config: uvicorn.Config, gateway: Gateway, *, on_ready: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(config)
         self._gateway = gateway
+        self._on_ready = on_ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit and self._on_ready is not None:
+            self._on_ready()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-_CONTEXT_FIELDS = ("session_id", "conversation_id", "business_id")
+_CONTEXT_FIELDS = ("session_id", "conversation_id", "business_id", "close_code", "close_reason", "closed_by")
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,8 +28,22 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class ClientFaultFilter(logging.Filter):
+    """uvicorn logs a client's text frame that is not UTF-8 as an error with a traceback (and closes
+    the socket with 1007): the fault is the client's, so it becomes one warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Invalid UTF-8 sequence received from client.":
+            record.msg = "socket closed by the gateway: 1007 (a text frame was not UTF-8)"
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ClientFaultFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

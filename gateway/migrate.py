@@ -15,6 +15,8 @@ from pathlib import Path
 
 import asyncpg
 
+from core.errors import Unavailable
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # pg_advisory_lock key: "chatgw" in ASCII, as a 64-bit integer.
 LOCK_KEY = int.from_bytes(b"chatgw", "big")
@@ -23,6 +25,10 @@ _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(up|down)\.sql$")
 
 class MigrationError(Exception):
     """The migration files or the database's migration history are inconsistent."""
+
+
+class SchemaOutOfDate(Unavailable):
+    """The database's schema is older than this gateway needs: `chatgw migrate up` fixes it."""
 
 
 @dataclass(frozen=True, slots=True)

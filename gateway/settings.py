@@ -12,10 +12,12 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import limits
 
 _N = TypeVar("_N", int, float)
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _FLAGS = dict.fromkeys(("on", "true", "1", "yes"), True) | dict.fromkeys(("off", "false", "0", "no"), False)
 
 
@@ -80,12 +82,17 @@ class Settings:
         log_format = e.get("CHATGW_LOG_FORMAT") or "json"
         if log_format not in ("json", "text"):
             raise SettingsError("CHATGW_LOG_FORMAT must be 'json' or 'text'")
+        log_level = (e.get("CHATGW_LOG_LEVEL") or "INFO").upper()
+        if log_level not in _LOG_LEVELS:
+            raise SettingsError(
+                f"CHATGW_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}"
+            )
         settings = cls(
             port=e.integer("PORT", 8000, low=1, high=65535),
-            database_url=e.get("DATABASE_URL"),
-            redis_url=e.get("REDIS_URL"),
+            database_url=e.url("DATABASE_URL", ("postgres", "postgresql")),
+            redis_url=e.url("REDIS_URL", ("redis", "rediss", "unix")),
             openai_api_key=e.get("OPENAI_API_KEY"),
-            openai_base_url=e.get("OPENAI_BASE_URL"),
+            openai_base_url=e.url("OPENAI_BASE_URL", ("http", "https")),
             llm_model=e.get("LLM_MODEL") or defaults.llm_model,
             llm_fallback_models=tuple(
                 m.strip() for m in (e.get("LLM_FALLBACK_MODELS") or "").split(",") if m.strip()
@@ -123,7 +130,7 @@ class Settings:
             answer_lease=e.number("CHATGW_ANSWER_LEASE_S", 5.0, low=0.5, high=60),
             reconnect_spread_ms=e.integer("CHATGW_RECONNECT_SPREAD_MS", 2000, low=0, high=600_000),
             redis_prefix=e.get("CHATGW_REDIS_PREFIX") or "chatgw:",
-            log_level=(e.get("CHATGW_LOG_LEVEL") or "INFO").upper(),
+            log_level=log_level,
             log_format=log_format,
             limits=LimitSettings.from_env(e),
             metrics_token=_metrics_token(e.get("CHATGW_METRICS_TOKEN")),
@@ -247,6 +254,23 @@ class _Env:
                     f"{name} must list IP addresses or networks, got {part.strip()!r}"
                 ) from None
         return tuple(result)
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+        """A URL with one of `schemes` and, if it names a port, a valid one. Errors show the
+        scheme only: the rest may hold a password."""
+        raw = self.get(name)
+        if raw is None:
+            return None
+        try:
+            parts = urlsplit(raw)
+            parts.port  # noqa: B018 -- raises ValueError when the port is not a number in range
+        except ValueError as exc:
+            raise SettingsError(f"{name} is not a valid URL: {exc}") from None
+        if parts.scheme.lower() not in schemes:
+            expected = " or ".join(f"{scheme}://" for scheme in schemes)
+            got = f"{parts.scheme}:..." if parts.scheme else "no scheme"
+            raise SettingsError(f"{name} must start with {expected}, got {got!r}")
+        return raw
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.get(name)

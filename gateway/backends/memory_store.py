@@ -61,6 +61,7 @@ class MemoryStore:
         self._api_keys: dict[str, BusinessId] = {}
         self._previous_keys: dict[BusinessId, tuple[str, datetime]] = {}
         self._external_users: dict[tuple[BusinessId, str], EndUserId] = {}
+        self._settings: dict[str, str] = {}
         self._flows: dict[BusinessId, Flow] = {}
         self._audit: dict[BusinessId, list[AuditRecord]] = {}
         self._agents: dict[AgentId, Agent] = {}
@@ -366,6 +367,11 @@ class MemoryStore:
         if business_id is None:
             raise NotFound("no business has that API key")
         return self._businesses[business_id]
+
+    async def claim_setting(self, name: str, proposed: str, *, replace: bool = False) -> str:
+        if replace:
+            self._settings[name] = proposed
+        return self._settings.setdefault(name, proposed)
 
     async def get_flow(self, business_id: BusinessId) -> Flow:
         await self.get_business(business_id)

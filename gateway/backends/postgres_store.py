@@ -56,7 +56,7 @@ from core.types import (
 )
 from gateway.backends.pg_ids import uuid_or_not_found as _uuid
 from gateway.backends.postgres_flow import insert_audit, read_flow, write_flow
-from gateway.migrate import Migrator, schema_version
+from gateway.migrate import Migrator, SchemaOutOfDate, schema_version
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class PostgresStore:
         have = await self._run(schema_version)
         if have < need:
             await self.close()
-            raise Unavailable(
+            raise SchemaOutOfDate(
                 f"the database schema is at version {have}, this gateway needs {need}: run 'chatgw migrate up'"
             )
 
@@ -494,6 +494,23 @@ class PostgresStore:
         if row is None:
             raise NotFound("no business has that API key")
         return _business(row)
+
+    async def claim_setting(self, name: str, proposed: str, *, replace: bool = False) -> str:
+        # One statement: a concurrent first claim waits on the key's row lock, then takes the
+        # conflict branch and returns the value that won.
+        value = await self._run(
+            lambda c: c.fetchval(
+                "INSERT INTO gateway_settings (name, value) VALUES ($1, $2)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                " value = CASE WHEN $3 THEN EXCLUDED.value ELSE gateway_settings.value END,"
+                " updated_at = CASE WHEN $3 THEN now() ELSE gateway_settings.updated_at END"
+                " RETURNING value",
+                name,
+                proposed,
+                replace,
+            )
+        )
+        return str(value)
 
     async def get_flow(self, business_id: BusinessId) -> Flow:
         async def run(c: asyncpg.Connection) -> Flow | None:

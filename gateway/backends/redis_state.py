@@ -345,6 +345,9 @@ class CachedStore:
     async def get_business_by_api_key(self, key_hash: str) -> Business:
         return await self._inner.get_business_by_api_key(key_hash)
 
+    async def claim_setting(self, name: str, proposed: str, *, replace: bool = False) -> str:
+        return await self._inner.claim_setting(name, proposed, replace=replace)
+
     async def get_flow(self, business_id: BusinessId) -> Flow:
         return await self._inner.get_flow(business_id)
 

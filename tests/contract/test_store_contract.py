@@ -223,6 +223,17 @@ async def test_api_keys_name_their_business(store: Store) -> None:
         await store.set_api_key(two.business_id, rotated)
 
 
+async def test_the_first_claim_of_a_setting_decides_and_replace_overrides_it(store: Store) -> None:
+    name = f"setting-{new_id()[:8]}"
+    claims = await asyncio.gather(*(store.claim_setting(name, f"value-{n}") for n in range(8)))
+    assert len(set(claims)) == 1
+    assert claims[0] in {f"value-{n}" for n in range(8)}
+    assert await store.claim_setting(name, "later") == claims[0]
+    assert await store.claim_setting(name, "chosen", replace=True) == "chosen"
+    assert await store.claim_setting(name, "after that") == "chosen"
+    assert await store.claim_setting(f"other-{name}", "own value") == "own value"
+
+
 def a_flow(business_id: BusinessId) -> Flow:
     template = Template(
         new_id(), business_id, "answer", TemplateType.RESPONSE_GENERATION, "{{ message }}", "Be brief."

@@ -52,6 +52,7 @@ async def test_up_down_all_and_up_again_leaves_a_working_schema(empty_database: 
         "templates",
         "extraction_rules",
         "audit_logs",
+        "gateway_settings",
         "schema_migrations",
     }
     assert await tables(empty_database) == expected

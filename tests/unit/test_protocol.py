@@ -105,3 +105,13 @@ def test_close_code_ranges_tell_reconnect_from_give_up() -> None:
     assert not CloseCode.UNAUTHORIZED.should_reconnect
     assert not CloseCode.FORBIDDEN.should_reconnect
     assert not CloseCode.TOO_LARGE.should_reconnect
+
+
+def test_a_close_reason_is_cut_to_fit_a_close_frame() -> None:
+    from gateway.connection import MAX_CLOSE_REASON_BYTES, close_reason
+
+    assert close_reason("short") == "short"
+    long = close_reason("é" * 200)
+    assert len(long.encode()) <= MAX_CLOSE_REASON_BYTES
+    assert long == "é" * 61
+    assert close_reason("😀" * 40) == "😀" * 30

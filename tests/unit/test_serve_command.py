@@ -47,3 +47,34 @@ def test_the_model_limits_fit_a_busy_site_and_can_be_changed() -> None:
     assert defaults.llm_requests_per_minute >= 60 * defaults.llm_concurrency / 10
     tuned = Settings.from_env({"CHATGW_LLM_CONCURRENCY": "16", "CHATGW_LLM_REQUESTS_PER_MINUTE": "500"})
     assert (tuned.llm_concurrency, tuned.llm_requests_per_minute) == (16, 500)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--port", "70000"], "argument --port: expected a port from 1 to 65535, got 70000"),
+        (["--port", "0"], "argument --port: expected a port from 1 to 65535, got 0"),
+        (["--port", "eighty"], "argument --port: expected a port number, got 'eighty'"),
+        (["--host", "two words"], "argument --host: expected an IP address or a host name"),
+        (["--host", ""], "argument --host: expected an IP address or a host name"),
+        (["--host", "under_score.example"], "argument --host: expected an IP address or a host name"),
+    ],
+)
+def test_a_bad_flag_is_refused_in_one_line(
+    args: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", *args])
+
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"chatgw serve: {expected}")
+    assert err.endswith("(see chatgw serve --help)\n")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "127.0.0.1", "localhost", "gw-1.internal.example"])
+def test_addresses_and_host_names_are_accepted(host: str) -> None:
+    from gateway.cli import _host
+
+    assert _host(host) == host

@@ -42,6 +42,39 @@ def test_values_are_read_and_checked() -> None:
         Settings.from_env({"CHATGW_LOG_FORMAT": "xml"})
 
 
+def test_the_log_level_is_one_python_knows() -> None:
+    assert Settings.from_env({"CHATGW_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    with pytest.raises(
+        SettingsError, match=r"^CHATGW_LOG_LEVEL must be one of DEBUG, INFO, .*got 'VERBOSE'$"
+    ):
+        Settings.from_env({"CHATGW_LOG_LEVEL": "verbose"})
+
+
+@pytest.mark.parametrize(
+    ("name", "good", "bad"),
+    [
+        ("DATABASE_URL", "postgresql://u:p@db:5432/chat", "mysql://u:secret-pw@db/chat"),
+        ("DATABASE_URL", "postgres:///chat", "db.example:5432"),
+        ("REDIS_URL", "redis://cache:6379/0", "localhost:6379"),
+        ("REDIS_URL", "unix:///run/redis.sock", "http://cache"),
+        ("OPENAI_BASE_URL", "http://127.0.0.1:8080/v1", "ftp://models"),
+    ],
+)
+def test_urls_are_checked_by_scheme_without_echoing_them(name: str, good: str, bad: str) -> None:
+    assert getattr(Settings.from_env({name: good}), name.lower()) == good
+    with pytest.raises(SettingsError, match=f"^{name} must start with ") as caught:
+        Settings.from_env({name: bad})
+    assert "secret-pw" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_url_with_a_bad_port_names_its_variable() -> None:
+    with pytest.raises(SettingsError, match=r"^REDIS_URL is not a valid URL: Port"):
+        Settings.from_env({"REDIS_URL": "redis://cache:99999/0"})
+    with pytest.raises(SettingsError, match=r"^DATABASE_URL is not a valid URL: Port"):
+        Settings.from_env({"DATABASE_URL": "postgresql://db:port/chat"})
+
+
 def test_the_redis_pool_size_is_read_and_bounded() -> None:
     assert Settings.from_env({}).redis_pool_size == 16
     assert Settings.from_env({"CHATGW_REDIS_POOL_SIZE": "64"}).redis_pool_size == 64
