@@ -309,8 +309,11 @@ class Connection:
             if message["type"] == "websocket.disconnect":
                 self._disconnected(message)
                 return
+            # An agent's console follows and acts on many conversations: its frames have a limit
+            # of their own, higher than a widget's.
+            agent = self.role is not None and self.role.kind == "agent"
             try:
-                await self.gw.limits.hit(Limit.SOCKET_FRAMES, self.session_id)
+                await self.gw.limits.hit(Limit.AGENT_FRAMES if agent else Limit.SOCKET_FRAMES, self.session_id)
             except RateLimited as exc:
                 await self.rate_limited(exc, None, None)
                 continue

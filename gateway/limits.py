@@ -45,6 +45,7 @@ class Limit(enum.StrEnum):
     """Each limit, by the name it has on /metrics and in `error` frames."""
 
     SOCKET_FRAMES = "socket_frames"
+    AGENT_FRAMES = "agent_frames"
     SOCKET_MESSAGES = "socket_messages"
     SOCKET_TYPING = "socket_typing"
     CONVERSATION_MESSAGES = "conversation_messages"
@@ -62,6 +63,7 @@ class Limit(enum.StrEnum):
 # What is counted, for the error message: "too many <what>".
 _WHAT = {
     Limit.SOCKET_FRAMES: "frames on this socket",
+    Limit.AGENT_FRAMES: "frames on this agent socket",
     Limit.SOCKET_MESSAGES: "messages on this socket",
     Limit.SOCKET_TYPING: "typing frames on this socket",
     Limit.CONVERSATION_MESSAGES: "messages in this conversation",
@@ -73,7 +75,7 @@ _WHAT = {
     Limit.KEY_HTTP: "requests with this key",
     Limit.VIOLATIONS: "rate limit violations",
 }
-_LOCAL = frozenset({Limit.SOCKET_FRAMES, Limit.SOCKET_MESSAGES, Limit.SOCKET_TYPING, Limit.VIOLATIONS})
+_LOCAL = frozenset({Limit.SOCKET_FRAMES, Limit.AGENT_FRAMES, Limit.SOCKET_MESSAGES, Limit.SOCKET_TYPING, Limit.VIOLATIONS})
 # How long a concurrency breach asks the client to wait before trying again.
 HELD_RETRY_MS = 5000
 

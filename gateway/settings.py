@@ -154,6 +154,7 @@ class LimitSettings:
     """Rate and resource limits (docs/limits.md). Rates are per window; `None` is off."""
 
     socket_frames: Rate = "120/10seconds"
+    agent_frames: Rate = "600/10seconds"
     socket_messages: Rate = "30/10seconds"
     socket_typing: Rate = "5/second"
     conversation_messages: Rate = "60/minute"
@@ -177,6 +178,7 @@ class LimitSettings:
         d = cls()
         return cls(
             socket_frames=e.rate("CHATGW_LIMIT_SOCKET_FRAMES", d.socket_frames),
+            agent_frames=e.rate("CHATGW_LIMIT_AGENT_FRAMES", d.agent_frames),
             socket_messages=e.rate("CHATGW_LIMIT_SOCKET_MESSAGES", d.socket_messages),
             socket_typing=e.rate("CHATGW_LIMIT_SOCKET_TYPING", d.socket_typing),
             conversation_messages=e.rate("CHATGW_LIMIT_CONVERSATION_MESSAGES", d.conversation_messages),

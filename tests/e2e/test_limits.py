@@ -104,6 +104,25 @@ async def test_any_frame_counts_against_the_sockets_frame_rate(gateway_factory: 
     await client.close()
 
 
+async def test_an_agents_socket_has_a_frame_rate_of_its_own(gateway_factory: Factory) -> None:
+    """An agent's console sends more than a widget (it follows many conversations): its frames
+    count against `agent_frames`, not the widget's `socket_frames`."""
+    gw = gateway_factory(
+        {**QUIET, "CHATGW_LIMIT_SOCKET_FRAMES": "2/day", "CHATGW_LIMIT_AGENT_FRAMES": "6/day"}
+    )
+    widget = new_widget(gw)
+    agent = await AgentClient.open(gw)
+    await agent.agent_hello(new_agent(gw))
+    for _ in range(3):  # past the widget's rate, within the agent's
+        assert (await agent.subscribe(widget.conversation_id))["type"] == "subscribed"
+    for _ in range(4):
+        await agent.send({"type": "subscribe", "conversation_id": widget.conversation_id})
+    error = await agent.recv_type("error")
+    assert (error["code"], error["limit"]) == ("rate_limited", "agent_frames")
+    await served(gw, new_widget(gw))
+    await agent.close()
+
+
 async def test_a_socket_that_keeps_breaching_is_closed_with_4429(gateway_factory: Factory) -> None:
     """Every breach is answered; past CHATGW_LIMIT_VIOLATIONS breaches the socket is closed (4429)
     and the closes are counted on /metrics."""

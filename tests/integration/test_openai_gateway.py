@@ -5,6 +5,7 @@ and a user's stop closes the HTTP stream to the provider."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,9 +60,15 @@ async def test_an_answer_streams_from_the_provider_and_its_usage_is_stored(
     await client.close()
     conn = await asyncpg.connect(database_url)
     try:
-        usage = await conn.fetchrow(
-            "SELECT prompt_tokens, completion_tokens FROM messages WHERE message_id = $1", end["message_id"]
-        )
+        # The answer is stored just after its ai_end goes out: give it a moment.
+        for _ in range(100):
+            usage = await conn.fetchrow(
+                "SELECT prompt_tokens, completion_tokens FROM messages WHERE message_id = $1",
+                end["message_id"],
+            )
+            if usage is not None:
+                break
+            await asyncio.sleep(0.05)
     finally:
         await conn.close()
     assert usage is not None
@@ -86,9 +93,13 @@ async def test_nul_characters_from_the_model_are_dropped_before_anyone_sees_them
     await client.close()
     conn = await asyncpg.connect(database_url)
     try:
-        stored = await conn.fetchval(
-            "SELECT text FROM messages WHERE response_id = $1 AND status = 'complete'", end["response_id"]
-        )
+        for _ in range(100):  # stored just after its ai_end goes out
+            stored = await conn.fetchval(
+                "SELECT text FROM messages WHERE response_id = $1 AND status = 'complete'", end["response_id"]
+            )
+            if stored is not None:
+                break
+            await asyncio.sleep(0.05)
     finally:
         await conn.close()
     assert stored == "Nul here and there."
