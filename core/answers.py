@@ -23,12 +23,14 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from core.broker import AnswerEnded, AnswerLease, HumanMode, StreamMissing
 from core.delta_pump import DeltaPump
-from core.errors import CoreError
+from core.errors import CoreError, Overloaded
 from core.event_log import EventLog
 from core.extraction import plain_values
 from core.flow_cache import FlowCache
@@ -61,6 +63,11 @@ class CoreSettings:
     lease_seconds: float = 5.0
     """An answer whose owner stops renewing its lease for this long is ended as interrupted."""
     sweep_seconds: float = 1.0
+    max_active_answers: int = 0
+    """Conversations this instance answers at once (0: no limit). A user message that would start
+    one more is refused with `Overloaded`, before it is stored."""
+    overload_retry_ms: int = 1000
+    """The refusal's `retry_after_ms` is this plus a random share of it (retries spread out)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +166,40 @@ class AnswerRunner:
         self.flows = flows
         self.pipeline = pipeline
         self._turns: dict[ConversationId, _Turns] = {}
+        self._admitting: Counter[ConversationId] = Counter()  # messages admitted, not yet scheduled
         self._sweeper: asyncio.Task[None] | None = None
+        self._leases: set[AnswerLease] = set()  # the leases of the answers streaming here
+        self._renewer: asyncio.Task[None] | None = None
+
+    # -- admission ------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Conversations with an answer running (or about to) on this instance."""
+        return len(self._turns)
+
+    def reserve(self, conversation_id: ConversationId) -> None:
+        """Admit a user message that may start an answer here, or raise `Overloaded` when this
+        instance answers `max_active_answers` conversations already. A conversation answering here
+        is always admitted (its message waits for the running answer, it adds none). Call
+        `release` once the answer is scheduled (or the message came to nothing)."""
+        limit = self.settings.max_active_answers
+        if limit and conversation_id not in self._turns and conversation_id not in self._admitting:
+            admitting = sum(1 for cid in self._admitting if cid not in self._turns)
+            if len(self._turns) + admitting >= limit:
+                base = self.settings.overload_retry_ms
+                retry_ms = base + random.randrange(base + 1)
+                raise Overloaded(
+                    f"this instance is answering as many conversations as it may ({limit}): the "
+                    f"message was not taken, send it again in {retry_ms} ms",
+                    retry_after_ms=retry_ms,
+                )
+        self._admitting[conversation_id] += 1
+
+    def release(self, conversation_id: ConversationId) -> None:
+        self._admitting[conversation_id] -= 1
+        if self._admitting[conversation_id] <= 0:
+            del self._admitting[conversation_id]
 
     # -- control --------------------------------------------------------------------------------
 
@@ -203,6 +243,11 @@ class AnswerRunner:
         """Start the background sweep that ends the answers of instances that died."""
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="answer-lease-sweeper")
+        self._start_renewer()
+
+    def _start_renewer(self) -> None:
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_forever(), name="answer-lease-renewer")
 
     async def drain(self, *, grace: float) -> None:
         """Let running answers (and the ones queued behind them) finish for up to `grace`
@@ -214,10 +259,11 @@ class AnswerRunner:
 
     async def aclose(self, *, grace: float = 5.0) -> None:
         """End every running answer as `interrupted` and wait for them to be stored."""
-        sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
+        for task in (self._sweeper, self._renewer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._sweeper = self._renewer = None
         tasks = []
         for turns in list(self._turns.values()):
             turns.pending = False
@@ -254,7 +300,7 @@ class AnswerRunner:
         if turns.stop_requested:
             turns.stop_requested = False
             answer.end(AnswerStatus.STOPPED)
-        heartbeat: asyncio.Task[None] | None = None
+        leased = False
         try:
             try:
                 await self.events.publish(bid, cid, EventType.AI_START, {"response_id": answer.response_id})
@@ -265,7 +311,9 @@ class AnswerRunner:
             if answer.state is AnswerState.PREPARING:
                 answer.state = AnswerState.STREAMING
             await self.broker.hold_lease(lease, self.settings.lease_seconds)
-            heartbeat = asyncio.create_task(self._renew_lease(lease), name=f"lease-{answer.response_id}")
+            leased = True
+            self._leases.add(lease)  # renewed from now on with all the others (`_renew_forever`)
+            self._start_renewer()
             pump = DeltaPump(
                 lambda chunk: self._publish_delta(bid, cid, turns, answer, chunk),
                 flush_after=self.settings.delta_flush_seconds,
@@ -280,8 +328,8 @@ class AnswerRunner:
             await self._finish(bid, cid, answer, status, pump.text)
         finally:
             turns.answer = None
-            if heartbeat is not None:
-                heartbeat.cancel()
+            self._leases.discard(lease)
+            if leased:
                 with contextlib.suppress(CoreError):
                     await self.broker.drop_lease(lease)
 
@@ -413,17 +461,34 @@ class AnswerRunner:
 
     # -- leases ---------------------------------------------------------------------------------
 
-    async def _renew_lease(self, lease: AnswerLease) -> None:
-        """Renew the answer's lease three times per lease period until cancelled. Never dies of a
-        failure: a missed renewal is retried at the next tick (the lease outlives two misses)."""
+    async def _renew_forever(self) -> None:
+        """Renew the leases of every answer streaming here three times per lease period, all in
+        one broker call (one round trip, however many answers). Never dies of a failure: a missed
+        renewal is retried at the next tick (a lease outlives two misses)."""
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
+            leases = list(self._leases)
+            if not leases:
+                continue
             try:
-                await self.broker.hold_lease(lease, self.settings.lease_seconds)
+                lost = await self.broker.renew_leases(leases, self.settings.lease_seconds)
             except CoreError as exc:
-                log.warning("renewing an answer lease failed: %s", exc.message)
+                log.warning("renewing %d answer leases failed: %s", len(leases), exc.message)
+                self.observer.error("lease_renewal_failed")
+                continue
             except Exception:
-                log.exception("renewing an answer lease failed")
+                log.exception("renewing answer leases failed")
+                self.observer.error("lease_renewal_failed")
+                continue
+            for lease in lost:
+                if lease in self._leases:  # not just ended here: another instance's sweep took it
+                    log.warning(
+                        "the lease of answer %s expired while it streamed here",
+                        lease.response_id,
+                        extra={"conversation_id": lease.conversation_id},
+                    )
+                    self.observer.error("lease_lost")
+                    self._leases.discard(lease)  # not taken again: its next delta learns the rest
 
     async def _sweep_forever(self) -> None:
         """End, as interrupted, the answers whose owner stopped renewing their lease (it died)."""
@@ -449,6 +514,7 @@ class AnswerRunner:
             event = None
         if event is None:
             return
+        self.observer.error("lease_expired")
         log.warning(
             "answer %s lost its owner: ended as interrupted",
             lease.response_id,

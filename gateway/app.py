@@ -70,9 +70,18 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             delta_max_chars=settings.delta_max_chars,
             lease_seconds=settings.answer_lease,
             sweep_seconds=min(1.0, settings.answer_lease / 5),
+            max_active_answers=settings.max_active_answers,
+            overload_retry_ms=settings.overload_retry_ms,
         ),
     )
-    metrics.watch(pool=backends.pool_stats, reconnects=backends.broker_reconnects)
+    metrics.watch(
+        pool=backends.pool_stats,
+        reconnects=backends.broker_reconnects,
+        pool_waits=backends.pool_waits,
+        redis=backends.redis_stats,
+    )
+    metrics.answers_active.set_function(lambda: conversations.answers.active)
+    metrics.answers_active_limit.set(settings.max_active_answers)
     hub = Hub(broker)
     hub.on_flow_changed = conversations.flows.invalidate
     hub.on_answer_ended = conversations.on_answer_ended
