@@ -19,6 +19,10 @@ from gateway.loadtest.stats import AskClock, FanoutPairer, StreamCheck
 if TYPE_CHECKING:
     from gateway.loadtest.agents import AgentClient
 
+RETRIED_CODES = frozenset({"unavailable", "rate_limited"})
+"""Error codes naming a message that the gateway did not take, to be sent again after their
+`retry_after_ms`."""
+
 
 class ConversationSocket(SocketClient):
     """A socket with a widget token: one conversation, one stream check."""
@@ -54,7 +58,8 @@ class UserClient(ConversationSocket):
 
     def __init__(self, run: Run, conversation: Conversation, target: Target) -> None:
         super().__init__(run, conversation, target)
-        self.pending: dict[str, int] = {}  # client_msg_id -> sent at
+        self.pending: dict[str, int] = {}  # client_msg_id -> sent at (its first sending)
+        self.texts: dict[str, str] = {}  # client_msg_id -> text, while pending (to send it again)
         self.asking = AskClock()
         self.asked_at: dict[str, int | None] = {}  # response id -> when its question was sent
         self.sent = 0
@@ -76,15 +81,18 @@ class UserClient(ConversationSocket):
         text = f"Question {n} of load test conversation {self.conversation.index}; write to lt{self.conversation.index}@example.com"
         sent_at = now_ns()
         self.pending[cmid] = sent_at
+        self.texts[cmid] = text
         self.asking.sent(sent_at)
         if not await self.send({"type": "message", "client_msg_id": cmid, "text": text}):
-            del self.pending[cmid]
+            del self.pending[cmid], self.texts[cmid]
             return False
         self.tally.counts["messages_sent"] += 1
         return True
 
     def on_ack(self, frame: dict[str, Any], now: int) -> None:
-        sent_at = self.pending.pop(frame.get("client_msg_id", ""), None)
+        cmid = frame.get("client_msg_id", "")
+        sent_at = self.pending.pop(cmid, None)
+        self.texts.pop(cmid, None)
         if sent_at is None:
             self.tally.counts["unexpected_acks"] += 1
             return
@@ -92,8 +100,29 @@ class UserClient(ConversationSocket):
         self.tally.hist["ack"].add((now - sent_at) // 1000)
 
     def on_error(self, frame: dict[str, Any]) -> None:
-        if self.pending.pop(frame.get("client_msg_id") or "", None) is not None:
-            self.tally.counts["messages_refused"] += 1
+        """An error naming a pending message: counted by code (`message_refusals`). One that says
+        when to try again (`unavailable` or `rate_limited` with `retry_after_ms`: the gateway did
+        not take it) is sent again then, as the widget does, and stays pending; any other ends it
+        as refused."""
+        cmid = frame.get("client_msg_id") or ""
+        if cmid not in self.pending:
+            return
+        code = str(frame.get("code"))
+        self.tally.keyed["message_refusals"][code] += 1
+        retry_ms = frame.get("retry_after_ms")
+        if code in RETRIED_CODES and isinstance(retry_ms, int | float) and retry_ms >= 0:
+            self.tally.counts["messages_retried"] += 1
+            self.conversation.spawn(self._resend(cmid, retry_ms / 1000))
+            return
+        del self.pending[cmid]
+        self.texts.pop(cmid, None)
+        self.tally.counts["messages_refused"] += 1
+
+    async def _resend(self, cmid: str, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        text = self.texts.get(cmid)
+        if text is not None and cmid in self.pending:  # a socket closed meanwhile: it stays unacked
+            await self.send({"type": "message", "client_msg_id": cmid, "text": text})
 
     def on_ai_start(self, frame: dict[str, Any], now: int) -> None:
         self.tally.counts["answers_started"] += 1
