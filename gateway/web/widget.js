@@ -459,8 +459,10 @@
     }
 
     function error(f) {
-      lastError = f;
+      // An error about one message says nothing about the connection: it must not decide how a
+      // later close is handled.
       if (f.client_msg_id) return messageError(f);
+      lastError = f;
       if (f.code === "rate_limited") view.banner("You're sending messages too fast. Please wait a moment.", true);
       else if (f.code === "unavailable") view.banner("The chat service is having trouble right now. We'll keep trying.");
       else if (f.code === "too_large") view.banner("That was too long to send.", true);
@@ -470,12 +472,16 @@
       var p = pendingById(f.client_msg_id);
       if (!p) return;
       if (f.code === "rate_limited" || f.code === "unavailable" || f.code === "internal") {
+        // Not stored: it stays pending and is sent again (same id) after retry_after_ms.
         var wait = Math.max(1000, f.retry_after_ms || 3000);
+        var secs = Math.ceil(wait / 1000);
         view.banner(
           f.code === "rate_limited"
-            ? "You're sending messages too fast. Your message will be sent in " + Math.ceil(wait / 1000) + " s."
-            : "The chat service is having trouble. Your message will be sent as soon as it can.",
-          f.code === "rate_limited"
+            ? "You're sending messages too fast. Your message will be sent in " + secs + " s."
+            : f.code === "unavailable"
+              ? "The chat service is busy right now. Your message will be sent in " + secs + " s."
+              : "The chat service is having trouble. Your message will be sent as soon as it can.",
+          f.code !== "internal"
         );
         setTimeout(function () { if (pendingById(p.id)) send(p); }, wait);
         return;

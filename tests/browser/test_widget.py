@@ -9,8 +9,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
+import httpx
+import orjson
 import pytest
 from playwright.sync_api import BrowserContext
+from websockets.sync.client import connect
 
 from core.conversation import FAILED_NOTICE
 from tests.browser.conftest import Screenshots
@@ -326,3 +329,50 @@ def test_a_failed_answer_is_said_in_plain_words(
     assert answer.locator(".text").text_content() == "Half an "
     assert answer.locator(".meta").text_content() == "This answer could not be finished."
     assert w.page.locator("li.notice .text").text_content() == FAILED_NOTICE
+
+
+@pytest.fixture(scope="module")
+def one_answer_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The embedded default answering one conversation at a time (CHATGW_MAX_ACTIVE_ANSWERS=1),
+    with answers of about 2 s."""
+    env = {"CHATGW_MAX_ACTIVE_ANSWERS": "1", "CHATGW_SCRIPTED_TPS": "20", "CHATGW_SCRIPTED_TOKENS": "40"}
+    gw = start_gateway(tmp_path_factory.mktemp("one-answer-gateway"), env)
+    yield gw
+    gw.stop()
+
+
+def test_a_message_refused_while_the_service_is_full_is_sent_again_and_answered(
+    new_context: NewContext, one_answer_gateway: GatewayProcess, shots: Screenshots
+) -> None:
+    """Another conversation holds the one answer allowed: the widget's message is refused with
+    `unavailable` and `retry_after_ms`, stays pending with a notice, and is sent again (same id)
+    after that time, then stored once and answered."""
+    gw = one_answer_gateway
+    session = httpx.post(f"{gw.http}/v1/widget/sessions", json={"business": "demo"}, timeout=10).json()
+    w = widget(new_context, gw)
+    w.watch_frames()
+    w.open()
+    with connect(gw.ws, open_timeout=10) as busy:
+        busy.send(orjson.dumps({"type": "hello", "token": session["token"]}).decode())
+        busy.send(orjson.dumps({"type": "message", "client_msg_id": "busy-1", "text": "Hold on"}).decode())
+        while orjson.loads(busy.recv(timeout=10))["type"] != "ai_start":
+            pass
+        w.send("Are you there?")
+        w.page.wait_for_selector(".banner:not([hidden])")
+        assert "busy right now" in (w.page.locator(".banner").text_content() or "")
+        assert w.page.locator("li.pending").count() == 1
+        shots.take(w.page, "refused-pending")
+    refused = [f for f in w.received if f["type"] == "error"]
+    assert refused[0]["code"] == "unavailable"
+    assert refused[0]["retry_after_ms"] > 0
+    w.page.wait_for_selector("li.user:not(.pending)", timeout=30_000)
+    answer = w.wait_answer(chars=1)
+    final = w.follow(answer.key, answer.text).final
+    shots.take(w.page, "answered")
+    assert final.state == "complete"
+    sends = [f for f in w.sent if f["type"] == "message"]
+    assert len(sends) >= 2
+    assert len({f["client_msg_id"] for f in sends}) == 1
+    stored = w.history()
+    assert [(m["role"], m["text"]) for m in stored][:1] == [("user", "Are you there?")]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
