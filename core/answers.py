@@ -23,14 +23,13 @@ import asyncio
 import contextlib
 import enum
 import logging
-import random
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
+from core.admission import Admission
 from core.broker import AnswerEnded, AnswerLease, HumanMode, StreamMissing
 from core.delta_pump import DeltaPump
-from core.errors import CoreError, Overloaded
+from core.errors import CoreError
 from core.event_log import EventLog
 from core.extraction import plain_values
 from core.flow_cache import FlowCache
@@ -67,7 +66,7 @@ class CoreSettings:
     """Conversations this instance answers at once (0: no limit). A user message that would start
     one more is refused with `Overloaded`, before it is stored."""
     overload_retry_ms: int = 1000
-    """The refusal's `retry_after_ms` is this plus a random share of it (retries spread out)."""
+    """The least `retry_after_ms` of such a refusal (`core.admission` estimates the wait)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +165,7 @@ class AnswerRunner:
         self.flows = flows
         self.pipeline = pipeline
         self._turns: dict[ConversationId, _Turns] = {}
-        self._admitting: Counter[ConversationId] = Counter()  # messages admitted, not yet scheduled
+        self.admission = Admission(limit=settings.max_active_answers, retry_ms=settings.overload_retry_ms)
         self._sweeper: asyncio.Task[None] | None = None
         self._leases: set[AnswerLease] = set()  # the leases of the answers streaming here
         self._renewer: asyncio.Task[None] | None = None
@@ -180,26 +179,12 @@ class AnswerRunner:
 
     def reserve(self, conversation_id: ConversationId) -> None:
         """Admit a user message that may start an answer here, or raise `Overloaded` when this
-        instance answers `max_active_answers` conversations already. A conversation answering here
-        is always admitted (its message waits for the running answer, it adds none). Call
+        instance answers `max_active_answers` conversations already (see `core.admission`). Call
         `release` once the answer is scheduled (or the message came to nothing)."""
-        limit = self.settings.max_active_answers
-        if limit and conversation_id not in self._turns and conversation_id not in self._admitting:
-            admitting = sum(1 for cid in self._admitting if cid not in self._turns)
-            if len(self._turns) + admitting >= limit:
-                base = self.settings.overload_retry_ms
-                retry_ms = base + random.randrange(base + 1)
-                raise Overloaded(
-                    f"this instance is answering as many conversations as it may ({limit}): the "
-                    f"message was not taken, send it again in {retry_ms} ms",
-                    retry_after_ms=retry_ms,
-                )
-        self._admitting[conversation_id] += 1
+        self.admission.reserve(conversation_id, self._turns.keys())
 
     def release(self, conversation_id: ConversationId) -> None:
-        self._admitting[conversation_id] -= 1
-        if self._admitting[conversation_id] <= 0:
-            del self._admitting[conversation_id]
+        self.admission.release(conversation_id)
 
     # -- control --------------------------------------------------------------------------------
 
@@ -301,12 +286,14 @@ class AnswerRunner:
             turns.stop_requested = False
             answer.end(AnswerStatus.STOPPED)
         leased = False
+        started_at: float | None = None
         try:
             try:
                 await self.events.publish(bid, cid, EventType.AI_START, {"response_id": answer.response_id})
             except HumanMode:  # an agent holds the conversation: the AI does not answer
                 turns.pending = False
                 return
+            started_at = time.monotonic()
             await self.store.set_active_response(bid, cid, answer.response_id)
             if answer.state is AnswerState.PREPARING:
                 answer.state = AnswerState.STREAMING
@@ -328,6 +315,8 @@ class AnswerRunner:
             await self._finish(bid, cid, answer, status, pump.text)
         finally:
             turns.answer = None
+            if started_at is not None:
+                self.admission.answer_ended(time.monotonic() - started_at)
             self._leases.discard(lease)
             if leased:
                 with contextlib.suppress(CoreError):

@@ -78,6 +78,7 @@ def build(
             "acked": c["acks"],
             "refused": c["messages_refused"],
             "retried": c["messages_retried"],
+            "held": c["messages_held"],
             "refusals_by_code": dict(tally.keyed["message_refusals"]),
             "unacked": c["unacked_messages"],
             "unexpected_acks": c["unexpected_acks"],

@@ -349,6 +349,8 @@
     var held = null; // events held back while history is refetched after a reset
     var nextDelay = null; // set by a `reconnect` frame or an error's retry_after_ms
     var lastError = null;
+    var holdUntil = 0; // a refusal's retry_after_ms: no message is sent before this (Date.now())
+    var holdTimer = 0;
     var stopped = false;
     var resetGen = 0;
     var welcomeMode = "ai";
@@ -483,7 +485,7 @@
               : "The chat service is having trouble. Your message will be sent as soon as it can.",
           f.code !== "internal"
         );
-        setTimeout(function () { if (pendingById(p.id)) send(p); }, wait);
+        holdSends(wait);
         return;
       }
       p.failed = f.code === "too_large" ? "Too long to send (at most " + MAX_CHARS + " characters)." : "Not sent: " + f.message;
@@ -542,8 +544,19 @@
       );
     }
 
+    // The gateway said to wait: this message and any written meanwhile stay pending and go out,
+    // in order, when the wait is over (the gateway would refuse them before then anyway).
+    function holdSends(wait) {
+      holdUntil = Math.max(holdUntil, Date.now() + wait);
+      clearTimeout(holdTimer);
+      holdTimer = setTimeout(function () {
+        holdTimer = 0;
+        if (live) flush();
+      }, holdUntil - Date.now());
+    }
+
     function send(p) {
-      if (!live) return false;
+      if (!live || Date.now() < holdUntil) return false;
       ws.send(JSON.stringify({ type: "message", client_msg_id: p.id, text: p.text }));
       return true;
     }
@@ -564,7 +577,8 @@
     function stop() {
       stopped = true;
       clearTimeout(timer);
-      timer = 0;
+      clearTimeout(holdTimer);
+      timer = holdTimer = 0;
       var sock = ws;
       ws = null;
       live = false;

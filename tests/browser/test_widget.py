@@ -331,6 +331,11 @@ def test_a_failed_answer_is_said_in_plain_words(
     assert w.page.locator("li.notice .text").text_content() == FAILED_NOTICE
 
 
+_PENDING_GONE = (
+    "document.querySelector('[data-chatgw]').shadowRoot.querySelectorAll('li.pending').length === 0"
+)
+
+
 @pytest.fixture(scope="module")
 def one_answer_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """The embedded default answering one conversation at a time (CHATGW_MAX_ACTIVE_ANSWERS=1),
@@ -360,19 +365,24 @@ def test_a_message_refused_while_the_service_is_full_is_sent_again_and_answered(
         w.send("Are you there?")
         w.page.wait_for_selector(".banner:not([hidden])")
         assert "busy right now" in (w.page.locator(".banner").text_content() or "")
-        assert w.page.locator("li.pending").count() == 1
+        w.send("Hello?")  # written during the wait: held, and sent after the first
+        assert w.page.locator("li.pending").count() == 2
         shots.take(w.page, "refused-pending")
     refused = [f for f in w.received if f["type"] == "error"]
     assert refused[0]["code"] == "unavailable"
     assert refused[0]["retry_after_ms"] > 0
-    w.page.wait_for_selector("li.user:not(.pending)", timeout=30_000)
+    w.page.wait_for_function(f"() => {_PENDING_GONE}", polling=50, timeout=30_000)
     answer = w.wait_answer(chars=1)
     final = w.follow(answer.key, answer.text).final
     shots.take(w.page, "answered")
     assert final.state == "complete"
-    sends = [f for f in w.sent if f["type"] == "message"]
-    assert len(sends) >= 2
-    assert len({f["client_msg_id"] for f in sends}) == 1
+    sends = [f["client_msg_id"] for f in w.sent if f["type"] == "message"]
+    first, second = dict.fromkeys(sends)  # two messages, in the order written
+    assert sends.count(first) >= 2  # refused, then sent again
+    assert sends[:2] == [first, first]  # the second was held during the wait, then sent after it
     stored = w.history()
-    assert [(m["role"], m["text"]) for m in stored][:1] == [("user", "Are you there?")]
-    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert [(m["role"], m["text"]) for m in stored if m["role"] == "user"] == [
+        ("user", "Are you there?"),
+        ("user", "Hello?"),
+    ]
+    assert stored[-1]["role"] == "assistant"

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from core.admission import Admission
 from core.broker import AnswerLease
 from core.conversation import ConversationService, CoreSettings
 from core.errors import Overloaded
@@ -139,3 +140,26 @@ async def test_every_answer_lease_is_renewed_in_one_call_per_tick() -> None:
     assert broker.holds == 5  # one hold per answer; every renewal after it went in a batch
     assert broker.renewals, "no renewal happened"
     assert max(broker.renewals) == 5
+
+
+def test_the_retry_after_estimates_the_wait_for_a_slot() -> None:
+    """Little's law: conversations waiting x seconds per answer / slots; never below the configured
+    least, spread by up to half; refusals older than the window no longer count."""
+    now = [100.0]
+    admission = Admission(limit=10, retry_ms=1000, max_retry_ms=30_000, window=10, clock=lambda: now[0])
+    busy = {ConversationId(f"busy-{n}") for n in range(10)}
+    with pytest.raises(Overloaded) as first:
+        admission.reserve(ConversationId("w-0"), busy)
+    assert 1000 <= first.value.retry_after_ms <= 1500  # no answer ended yet: the least
+    for _ in range(5):
+        admission.answer_ended(2.0)
+    for n in range(1, 50):
+        with pytest.raises(Overloaded) as refused:
+            admission.reserve(ConversationId(f"w-{n}"), busy)
+    assert 10_000 <= refused.value.retry_after_ms <= 15_000  # 50 waiting x 2 s / 10 slots
+    now[0] += 11
+    with pytest.raises(Overloaded) as later:
+        admission.reserve(ConversationId("w-late"), busy)
+    assert 1000 <= later.value.retry_after_ms <= 1500  # the others' refusals are over 10 s old
+    admission.reserve(ConversationId("w-late"), busy - {ConversationId("busy-0")})  # a slot freed
+    admission.release(ConversationId("w-late"))
