@@ -67,6 +67,9 @@ class CoreSettings:
     one more is refused with `Overloaded`, before it is stored."""
     overload_retry_ms: int = 1000
     """The least `retry_after_ms` of such a refusal (`core.admission` estimates the wait)."""
+    overload_lag_seconds: float = 0.0
+    """Below `max_active_answers`, the limit shrinks while the event loop lags more than this
+    (0: the limit is `max_active_answers` alone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +168,12 @@ class AnswerRunner:
         self.flows = flows
         self.pipeline = pipeline
         self._turns: dict[ConversationId, _Turns] = {}
-        self.admission = Admission(limit=settings.max_active_answers, retry_ms=settings.overload_retry_ms)
+        self.admission = Admission(
+            limit=settings.max_active_answers,
+            retry_ms=settings.overload_retry_ms,
+            lag_target=settings.overload_lag_seconds,
+        )
+        self._lag_watch: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._leases: set[AnswerLease] = set()  # the leases of the answers streaming here
         self._renewer: asyncio.Task[None] | None = None
@@ -228,6 +236,8 @@ class AnswerRunner:
         """Start the background sweep that ends the answers of instances that died."""
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="answer-lease-sweeper")
+        if self._lag_watch is None and self.admission.cap and self.admission.lag_target:
+            self._lag_watch = asyncio.create_task(self.admission.watch(), name="admission-lag-watch")
         self._start_renewer()
 
     def _start_renewer(self) -> None:
@@ -244,11 +254,11 @@ class AnswerRunner:
 
     async def aclose(self, *, grace: float = 5.0) -> None:
         """End every running answer as `interrupted` and wait for them to be stored."""
-        for task in (self._sweeper, self._renewer):
+        for task in (self._sweeper, self._renewer, self._lag_watch):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._sweeper = self._renewer = None
+        self._sweeper = self._renewer = self._lag_watch = None
         tasks = []
         for turns in list(self._turns.values()):
             turns.pending = False

@@ -76,7 +76,16 @@ class Metrics:
         )
         self.answers_active_limit = Gauge(
             "chatgw_answers_active_limit",
-            "CHATGW_MAX_ACTIVE_ANSWERS: beyond it new answers are refused (0: no limit).",
+            "The limit in force on answers at once (CHATGW_MAX_ACTIVE_ANSWERS, less while the event"
+            " loop lags); beyond it new answers are refused (0: no limit).",
+            registry=r,
+        )
+        self.answers_active_cap = Gauge(
+            "chatgw_answers_active_cap", "CHATGW_MAX_ACTIVE_ANSWERS (0: no limit).", registry=r
+        )
+        self.event_loop_lag = Gauge(
+            "chatgw_event_loop_lag_seconds",
+            "How late the event loop ran a timer, at the last sample (every 0.25 s).",
             registry=r,
         )
         self.redis_reconnects = Gauge(

@@ -205,8 +205,12 @@ class UserClient(ConversationSocket):
         return super().idle() and not self.pending and not self.asking.waiting
 
     def account_end(self) -> None:
-        """Count what is still outstanding when the run ends."""
-        self.tally.counts["unacked_messages"] += len(self.pending)
+        """Count what is still outstanding when the run ends: messages the gateway said to send
+        again later (refused, or written during the wait), which it never took, apart from
+        messages that got no answer at all."""
+        waiting = len(self.held) if self.flusher is not None else 0
+        self.tally.counts["messages_waiting"] += waiting
+        self.tally.counts["unacked_messages"] += len(self.pending) - waiting
         if self.asking.waiting:
             self.tally.counts["unanswered_users"] += 1
 

@@ -79,6 +79,7 @@ def build(
             "refused": c["messages_refused"],
             "retried": c["messages_retried"],
             "held": c["messages_held"],
+            "waiting": c["messages_waiting"],
             "refusals_by_code": dict(tally.keyed["message_refusals"]),
             "unacked": c["unacked_messages"],
             "unexpected_acks": c["unexpected_acks"],
@@ -225,7 +226,8 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"  close codes  {_pairs(conn['close_codes'])}")
     lines += [
         f"messages       {msgs['sent']} sent, {msgs['acked']} acked ({msgs['acks_per_s']}/s), "
-        f"{msgs['unacked']} unacked, {msgs['refused']} refused, {msgs['retried']} sent again after a refusal"
+        f"{msgs['unacked']} unacked, {msgs['waiting']} still waiting to be sent again, "
+        f"{msgs['refused']} refused, {msgs['retried']} sent again after a refusal"
         f"{' (' + _pairs(msgs['refusals_by_code']) + ')' if msgs['refusals_by_code'] else ''}, "
         f"{msgs['stops_sent']} stops sent",
         f"answers        {ans['started']} started, {ans['ended']} ended"

@@ -377,7 +377,7 @@ def test_a_message_refused_while_the_service_is_full_is_sent_again_and_answered(
     shots.take(w.page, "answered")
     assert final.state == "complete"
     sends = [f["client_msg_id"] for f in w.sent if f["type"] == "message"]
-    first, second = dict.fromkeys(sends)  # two messages, in the order written
+    first, _second = dict.fromkeys(sends)  # two messages, in the order written
     assert sends.count(first) >= 2  # refused, then sent again
     assert sends[:2] == [first, first]  # the second was held during the wait, then sent after it
     stored = w.history()

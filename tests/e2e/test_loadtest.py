@@ -147,7 +147,13 @@ def test_refusals_are_reported_by_code_and_sent_again(
         assert messages["retried"] >= 3
         assert messages["refusals_by_code"] == {"unavailable": messages["retried"]}
         assert run.report["errors"] == {"unavailable": messages["retried"]}
-        assert messages["refused"] == messages["unacked"] == messages["unexpected_acks"] == 0
+        assert (
+            messages["refused"]
+            == messages["unacked"]
+            == messages["waiting"]
+            == messages["unexpected_acks"]
+            == 0
+        )
         assert messages["acked"] == messages["sent"] >= 4
         assert answers["by_status"] == {"complete": answers["started"]}
         assert answers["unfinished"] == answers["users_left_waiting"] == 0

@@ -163,3 +163,29 @@ def test_the_retry_after_estimates_the_wait_for_a_slot() -> None:
     assert 1000 <= later.value.retry_after_ms <= 1500  # the others' refusals are over 10 s old
     admission.reserve(ConversationId("w-late"), busy - {ConversationId("busy-0")})  # a slot freed
     admission.release(ConversationId("w-late"))
+
+
+def test_the_limit_shrinks_while_the_event_loop_lags_and_grows_back_when_it_binds() -> None:
+    admission = Admission(limit=100, retry_ms=1000, lag_target=0.1, floor=16)
+    busy = {ConversationId(f"busy-{n}") for n in range(100)}
+    admission.sample(0.02)
+    assert admission.limit == 100  # no lag: the cap
+    for _ in range(3):
+        admission.sample(0.5)
+    assert admission.limit == 72  # 100 -> 90 -> 81 -> 72: a tenth less per lagging tick
+    for _ in range(50):
+        admission.sample(2.0)
+    assert admission.limit == 16  # never below the floor
+    admission.sample(0.01)
+    assert admission.limit == 16  # no lag, but nothing was refused: the limit held nobody back
+    with pytest.raises(Overloaded):
+        admission.reserve(ConversationId("new"), busy)
+    admission.sample(0.01)
+    assert admission.limit == 17  # it held someone back and the loop keeps up: one more
+    with pytest.raises(Overloaded):
+        admission.reserve(ConversationId("new"), busy)
+    admission.sample(0.07)
+    assert admission.limit == 17  # between half the target and the target: held
+    off = Admission(limit=100, retry_ms=1000, lag_target=0)
+    off.sample(5.0)
+    assert off.limit == 100  # without a lag target the cap is the limit

@@ -61,6 +61,9 @@ def test_the_overload_limit_is_read_and_bounded() -> None:
         Settings.from_env({"CHATGW_MAX_ACTIVE_ANSWERS": "-1"})
     with pytest.raises(SettingsError, match="CHATGW_OVERLOAD_RETRY_MS must be >= 100"):
         Settings.from_env({"CHATGW_OVERLOAD_RETRY_MS": "10"})
+    assert Settings.from_env({"CHATGW_OVERLOAD_LAG_MS": "0"}).overload_lag_ms == 0
+    with pytest.raises(SettingsError, match="CHATGW_OVERLOAD_LAG_MS must be a number"):
+        Settings.from_env({"CHATGW_OVERLOAD_LAG_MS": "soon"})
 
 
 def test_the_demo_agent_switch_reads_on_and_off_words() -> None:
