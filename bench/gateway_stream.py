@@ -86,6 +86,7 @@ def start_gateway(variant: Variant, tmp: Path, base_url: str, streams: int) -> G
             "CHATGW_LLM_CONCURRENCY": str(max(streams, 1)),
             "CHATGW_LLM_REQUESTS_PER_MINUTE": "1000000",
             "CHATGW_LOG_LEVEL": "WARNING",
+            "CHATGW_MAX_ACTIVE_ANSWERS": "0",  # capacity is measured here: no overload limit
             "PYTHONUNBUFFERED": "1",
         }
     )
