@@ -166,29 +166,89 @@ def summary(values: list[float | None]) -> str:
     if not known:
         return "-"
     digits = 2 if max(known) < 10 else 1 if max(known) < 100 else 0
+    if all(float(v).is_integer() for v in known):
+        digits = 0
     if len(known) == 1:
         return f"{known[0]:.{digits}f}"
     return f"{statistics.median(known):.{digits}f} ({min(known):.{digits}f}-{max(known):.{digits}f})"
 
 
-COLUMNS: list[tuple[str, str]] = [
-    ("messages sent", "messages.sent"),
-    ("messages acked", "messages.acked"),
-    ("messages unacked at the end", "messages.unacked"),
-    ("refusals (error frames naming a message)", "messages.refusals"),
-    ("answers started", "answers.started"),
-    ("answers unfinished", "answers.unfinished"),
-    ("answers failed", "answers.by_status.failed"),
-    ("answers interrupted", "answers.by_status.interrupted"),
-    ("token lag p50 (ms)", "latency_ms.token_lag.p50"),
-    ("token lag p99 (ms)", "latency_ms.token_lag.p99"),
-    ("ack p50 (ms)", "latency_ms.ack.p50"),
-    ("ack p99 (ms)", "latency_ms.ack.p99"),
-    ("TTFT total p50 (ms)", "latency_ms.ttft_total.p50"),
-    ("tokens per delta frame", "bench.tokens_per_frame"),
-    ("gateway CPU (cores)", "bench.gateway_cores"),
-    ("load avg at start (1 min)", "bench.loadavg_start.0"),
-]
+def metric(report: dict[str, Any], name: str) -> float:
+    """A gateway metric summed over the run's gateways (0 when absent)."""
+    return sum(m.get(name, 0.0) for m in report["bench"]["metrics"])
+
+
+def derived(report: dict[str, Any]) -> dict[str, float | None]:
+    r, m = report, report["messages"]
+    errors = r["errors"]
+    pool_waits = metric(r, "chatgw_db_pool_waits")
+    return {
+        "sockets opened": r["connections"]["sockets_opened"],
+        "sockets that failed to open (session or hello timeout)": r["connections"]["sockets_failed"]
+        + r["connections"]["sessions_failed"] * 2,
+        "sockets closed by the server (1011: keepalive)": r["connections"]["closed_by_server"],
+        "messages written": m["sent"] + m.get("held", 0),
+        "messages acked": m["acked"],
+        "messages unacked at the end (sent, no reply)": m["unacked"],
+        "messages still waiting to be sent again at the end": m.get("waiting"),
+        "error frames: unavailable (refusals)": errors.get("unavailable", 0),
+        "error frames: other codes": sum(v for k, v in errors.items() if k != "unavailable"),
+        "answers complete": r["answers"]["by_status"].get("complete", 0),
+        "answers failed": r["answers"]["by_status"].get("failed", 0),
+        "answers interrupted (lease expired)": r["answers"]["by_status"].get("interrupted", 0),
+        "answers left unfinished on a socket": r["answers"]["unfinished"],
+        "leases found lost while streaming": metric(r, 'chatgw_errors_total{code="lease_lost"}'),
+        "model first-token timeouts": metric(r, 'chatgw_errors_total{code="llm_timeout"}'),
+        "DB pool waits": pool_waits
+        if r["bench"]["metrics"] and "chatgw_db_pool_waits" in r["bench"]["metrics"][0]
+        else None,
+        "DB pool mean wait (ms)": metric(r, "chatgw_db_pool_wait_seconds") * 1000 / pool_waits
+        if pool_waits
+        else None,
+        "Redis pipelines in flight, most (pool 16)": metric(r, 'chatgw_redis_broker{what="most_in_flight"}')
+        or None,
+        "Redis commands per round trip": metric(r, 'chatgw_redis_broker{what="commands"}')
+        / metric(r, 'chatgw_redis_broker{what="round_trips"}')
+        if metric(r, 'chatgw_redis_broker{what="round_trips"}')
+        else None,
+        "limit in force at the end": metric(r, "chatgw_answers_active_limit") or None,
+        "token lag p50 (ms)": r["latency_ms"]["token_lag"]["p50"],
+        "token lag p99 (ms)": r["latency_ms"]["token_lag"]["p99"],
+        "ack p50 (ms)": r["latency_ms"]["ack"]["p50"],
+        "ack p99 (ms)": r["latency_ms"]["ack"]["p99"],
+        "time to first token p50 (ms)": r["latency_ms"]["ttft_total"]["p50"],
+        "tokens per delta frame": r["deltas"]["tokens"] / r["deltas"]["frames"]
+        if r["deltas"]["frames"]
+        else None,
+        "tokens delivered per second": r["deltas"]["tokens_per_s"],
+        "gateway CPU (cores)": r["bench"]["gateway_cores"],
+        "load average (1 min) at start": r["bench"]["loadavg_start"][0],
+        "load average (1 min) at end": r["bench"]["loadavg_end"][0],
+    }
+
+
+def tables(results: dict[tuple[str, int], list[dict[str, Any]]], names: list[str], levels: list[int]) -> None:
+    for n in levels:
+        print(f"\n{n} conversations")
+        print("| metric | " + " | ".join(names) + " |")
+        print("| --- |" + " --- |" * len(names))
+        rows = list(derived(next(iter(results.values()))[0]))
+        for label in rows:
+            cells = [summary([derived(r)[label] for r in results.get((name, n), [])]) for name in names]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def from_json(directory: Path) -> None:
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    names: list[str] = []
+    for path in sorted(directory.glob("*.json")):
+        match = re.match(r".*-(?P<name>[^-]+)-c(?P<n>\d+)-run\d+\.json$", path.name)
+        if not match:
+            continue
+        if match["name"] not in names:
+            names.append(match["name"])
+        results.setdefault((match["name"], int(match["n"])), []).append(json.loads(path.read_text()))
+    tables(results, names, sorted({n for _, n in results}))
 
 
 def main() -> None:
@@ -208,7 +268,11 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--out", type=Path, help="directory for the raw JSON reports")
     parser.add_argument("--logs", type=Path, help="directory to keep the gateways' logs in")
+    parser.add_argument("--from-json", type=Path, help="print the tables from the reports in a directory")
     args = parser.parse_args()
+    if args.from_json:
+        from_json(args.from_json)
+        return
     variants = [parse_variant(v) for v in args.variant or ["after"]]
     levels = [int(n) for n in args.levels.split(",")]
     prefix = f"chatgw-overload-{uuid.uuid4().hex[:8]}:"
@@ -245,20 +309,7 @@ def main() -> None:
         from tests.databases import delete_redis_keys
 
         delete_redis_keys(prefix)
-    names = [name for name, _, _ in variants]
-    for n in levels:
-        print(f"\n{n} conversations")
-        print("| metric | " + " | ".join(names) + " |")
-        print("| --- |" + " --- |" * len(names))
-        for label, path in COLUMNS:
-            cells = []
-            for name in names:
-                reports = results.get((name, n), [])
-                if path == "bench.loadavg_start.0":
-                    cells.append(summary([r["bench"]["loadavg_start"][0] for r in reports]))
-                else:
-                    cells.append(summary([pick(r, path) for r in reports]))
-            print(f"| {label} | " + " | ".join(cells) + " |")
+    tables(results, [name for name, _, _ in variants], levels)
 
 
 if __name__ == "__main__":
