@@ -138,7 +138,7 @@ def one_run(
         raise RuntimeError(f"the load tool failed ({run.status}):\n{run.stderr[-4000:]}")
     report = run.report
     report["bench"] = {
-        "tree": str(tree),
+        "tree": "this checkout" if tree == ROOT else tree.name,
         "env": env,
         "instances": args.instances,
         "loadavg_start": load_start,
@@ -187,7 +187,8 @@ def derived(report: dict[str, Any]) -> dict[str, float | None]:
         "sockets that failed to open (session or hello timeout)": r["connections"]["sockets_failed"]
         + r["connections"]["sessions_failed"] * 2,
         "sockets closed by the server (1011: keepalive)": r["connections"]["closed_by_server"],
-        "messages written": m["sent"] + m.get("held", 0),
+        "messages sent (on the wire at least once)": m["sent"],
+        "of them held first, while told to wait": m.get("held", 0),
         "messages acked": m["acked"],
         "messages unacked at the end (sent, no reply)": m["unacked"],
         "messages still waiting to be sent again at the end": m.get("waiting"),
@@ -248,6 +249,7 @@ def from_json(directory: Path) -> None:
         if match["name"] not in names:
             names.append(match["name"])
         results.setdefault((match["name"], int(match["n"])), []).append(json.loads(path.read_text()))
+    names.sort(key=lambda name: name != "before")  # "before" first, as it ran
     tables(results, names, sorted({n for _, n in results}))
 
 
