@@ -1,7 +1,10 @@
 """AnswerRunner: the AI answers this instance generates, from `ai_start` to a stored `ai_end`.
 
 One answer at a time per conversation; a message that arrives while an answer streams is answered
-after it, together with any other message that arrived meanwhile.
+after it, together with any other message that arrived meanwhile. Across instances the broker
+enforces it: an `ai_start` while another answer is active (streaming elsewhere, or left open by an
+instance that died) is refused, and the new answer waits until that one has ended (the lease
+sweep ends a dead owner's answer). The lease is taken before the `ai_start` goes out.
 
 An answer ends in one of two ways, both normal:
 
@@ -13,8 +16,14 @@ An answer ends in one of two ways, both normal:
   control message or from its next delta being refused, closes the model stream at once (no tokens
   billed after it) and stores nothing: the winner stores what its `ai_end` said.
 
+When the broker fails, the owner still ends its answer: while the broker is unavailable it tries
+again (renewing the lease meanwhile), and when the conversation's log was lost (Redis restarted
+empty) it ends the answer `interrupted` in the new log with the text it had sent
+(`end_lost_answer`).
+
 Either way the stored answer is an `EndedAnswer`, written as one shielded step (the row, the seq
-that makes it visible in history, and the conversation's active answer cleared).
+that makes it visible in history, and the conversation's active answer cleared), and kept to be
+written again while the store is unavailable (core.ended_answers).
 """
 
 from __future__ import annotations
@@ -27,9 +36,10 @@ import time
 from dataclasses import dataclass, field
 
 from core.admission import Admission
-from core.broker import AnswerEnded, AnswerLease, HumanMode, StreamMissing
+from core.broker import AnswerBusy, AnswerEnded, AnswerLease, HumanMode, StreamMissing
 from core.delta_pump import DeltaPump
-from core.errors import CoreError
+from core.ended_answers import AnswerWriter, EndedAnswer
+from core.errors import CoreError, Unavailable
 from core.event_log import EventLog
 from core.extraction import plain_values
 from core.flow_cache import FlowCache
@@ -62,6 +72,8 @@ class CoreSettings:
     lease_seconds: float = 5.0
     """An answer whose owner stops renewing its lease for this long is ended as interrupted."""
     sweep_seconds: float = 1.0
+    busy_retry_seconds: float = 0.2
+    """How often an answer waiting for the conversation's previous answer to end tries again."""
     max_active_answers: int = 0
     """Conversations this instance answers at once (0: no limit). A user message that would start
     one more is refused with `Overloaded`, before it is stored."""
@@ -70,33 +82,6 @@ class CoreSettings:
     overload_lag_seconds: float = 0.0
     """Below `max_active_answers`, the limit shrinks while the event loop lags more than this
     (0: the limit is `max_active_answers` alone)."""
-
-
-@dataclass(frozen=True, slots=True)
-class EndedAnswer:
-    """An answer as its `ai_end` ended it: what is stored."""
-
-    business_id: BusinessId
-    conversation_id: ConversationId
-    response_id: ResponseId
-    text: str
-    status: AnswerStatus
-    seq: int | None
-    """The seq of its `ai_end` (None when the event log was lost before it could be published)."""
-    usage: Usage | None = None
-
-    @classmethod
-    def from_event(cls, business_id: BusinessId, event: Event, usage: Usage | None = None) -> EndedAnswer:
-        payload = event.payload
-        return cls(
-            business_id,
-            event.conversation_id,
-            ResponseId(payload["response_id"]),
-            payload["text"],
-            AnswerStatus(payload["status"]),
-            event.seq,
-            usage,
-        )
 
 
 class AnswerState(enum.Enum):
@@ -113,6 +98,8 @@ class _Answer:
     end_status: AnswerStatus | None = None  # set when this instance ends it early
     producer: asyncio.Task[None] | None = None
     usage: Usage | None = None  # what the model reported, once its stream ended
+    epoch: str | None = None  # of the log its ai_start went to
+    queued: bool = False  # whether messages waited behind it when its deltas were refused
 
     def end(self, status: AnswerStatus) -> None:
         """End it here with `status` (the first reason wins): cancel the model stream."""
@@ -174,9 +161,12 @@ class AnswerRunner:
             lag_target=settings.overload_lag_seconds,
         )
         self._lag_watch: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._leases: set[AnswerLease] = set()  # the leases of the answers streaming here
+        self._leases: dict[ResponseId, AnswerLease] = {}
+        """The leases of the answers running here, all renewed together (`_renew_forever`): the
+        sweep never ends these (see `_sweep_forever`)."""
         self._renewer: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.writer = AnswerWriter(events.store, observer)
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -232,6 +222,12 @@ class AnswerRunner:
     def answering(self, conversation_id: ConversationId) -> bool:
         return conversation_id in self._turns
 
+    def started_here(self, conversation_id: ConversationId) -> bool:
+        """Whether an answer of this conversation published its `ai_start` from here and has not
+        finished (one still waiting for the previous answer to end has not)."""
+        turns = self._turns.get(conversation_id)
+        return turns is not None and turns.answer is not None and turns.answer.epoch is not None
+
     def start(self) -> None:
         """Start the background sweep that ends the answers of instances that died."""
         if self._sweeper is None:
@@ -270,6 +266,7 @@ class AnswerRunner:
             _done, still = await asyncio.wait(tasks, timeout=grace)
             for task in still:
                 task.cancel()
+        await self.writer.aclose(grace=grace)
 
     # -- one answer -----------------------------------------------------------------------------
 
@@ -295,42 +292,81 @@ class AnswerRunner:
         if turns.stop_requested:
             turns.stop_requested = False
             answer.end(AnswerStatus.STOPPED)
-        leased = False
+        settled = False  # never started, or ended (here or elsewhere): its lease may go
         started_at: float | None = None
         try:
-            try:
-                await self.events.publish(bid, cid, EventType.AI_START, {"response_id": answer.response_id})
-            except HumanMode:  # an agent holds the conversation: the AI does not answer
-                turns.pending = False
-                return
-            started_at = time.monotonic()
-            await self.store.set_active_response(bid, cid, answer.response_id)
-            if answer.state is AnswerState.PREPARING:
-                answer.state = AnswerState.STREAMING
+            # The lease comes before the ai_start: an instance that dies right after publishing
+            # it leaves an answer that the lease sweep of another instance ends. From here on it
+            # is renewed with all the others (`_renew_forever`).
+            self._leases[answer.response_id] = lease
             await self.broker.hold_lease(lease, self.settings.lease_seconds)
-            leased = True
-            self._leases.add(lease)  # renewed from now on with all the others (`_renew_forever`)
             self._start_renewer()
-            pump = DeltaPump(
-                lambda chunk: self._publish_delta(bid, cid, turns, answer, chunk),
-                flush_after=self.settings.delta_flush_seconds,
-                max_chars=self.settings.delta_max_chars,
-            )
-            status = await self._generate(turns, conversation, answer, pump)
-            if answer.lost or status is None:
-                # Messages queued behind it were dropped when the end was learned (not now: one
-                # that came since, after a handback say, must still be answered).
-                log.info("answer %s was ended elsewhere", answer.response_id, extra={"conversation_id": cid})
+            started = await self._start(turns, answer, bid, cid)
+            if started is None:
+                settled = True
                 return
-            await self._finish(bid, cid, answer, status, pump.text)
+            answer.epoch = started.epoch
+            started_at = time.monotonic()
+            settled = await self._run(turns, conversation, answer)
         finally:
             turns.answer = None
             if started_at is not None:
                 self.admission.answer_ended(time.monotonic() - started_at)
-            self._leases.discard(lease)
-            if leased:
+            self._leases.pop(answer.response_id, None)
+            # An answer not settled here (this task was cancelled while its end could not be
+            # published) keeps its lease: when it expires, another instance ends the answer.
+            if settled:
                 with contextlib.suppress(CoreError):
                     await self.broker.drop_lease(lease)
+
+    async def _start(
+        self, turns: _Turns, answer: _Answer, bid: BusinessId, cid: ConversationId
+    ) -> Event | None:
+        """Publish the answer's `ai_start` and return it. While another answer of the conversation
+        is active (streaming on another instance, or left by an instance that died, which the
+        lease sweep ends), wait for it to end. None when the answer does not start: an agent
+        holds the conversation, or it was stopped before it could start."""
+        waiting = False
+        while answer.state is AnswerState.PREPARING:
+            try:
+                event = await self.events.publish(
+                    bid, cid, EventType.AI_START, {"response_id": answer.response_id}
+                )
+            except HumanMode:  # an agent holds the conversation: the AI does not answer
+                turns.pending = False
+                return None
+            except AnswerBusy:
+                if not waiting:
+                    log.info("waiting for the previous answer to end", extra={"conversation_id": cid})
+                    waiting = True
+                await asyncio.sleep(self.settings.busy_retry_seconds)
+                continue
+            if answer.state is AnswerState.PREPARING:
+                answer.state = AnswerState.STREAMING
+            return event
+        return None
+
+    async def _run(self, turns: _Turns, conversation: Conversation, answer: _Answer) -> bool:
+        """Generate a started answer and end it; True once it is ended (here or elsewhere)."""
+        bid, cid = conversation.business_id, conversation.conversation_id
+        try:
+            await self.store.set_active_response(bid, cid, answer.response_id)
+        except CoreError as exc:  # only what agents' consoles show: the answer goes on
+            log.warning("recording the active answer failed: %s", exc.message, extra={"conversation_id": cid})
+        pump = DeltaPump(
+            lambda chunk: self._publish_delta(bid, cid, turns, answer, chunk),
+            flush_after=self.settings.delta_flush_seconds,
+            max_chars=self.settings.delta_max_chars,
+        )
+        try:
+            status = await self._generate(turns, conversation, answer, pump)
+        except Exception:  # whatever failed, the answer that started must end
+            log.exception("generating an answer failed", extra={"conversation_id": cid})
+            self.observer.error("internal")
+            answer.end(AnswerStatus.FAILED)
+            await pump.close(flush=False)
+            status = AnswerStatus.FAILED
+        return await self._finish(turns, bid, cid, answer, status, pump.text)
 
     async def _publish_delta(
         self, bid: BusinessId, cid: ConversationId, turns: _Turns, answer: _Answer, chunk: str
@@ -340,7 +376,7 @@ class AnswerRunner:
                 bid, cid, EventType.DELTA, {"response_id": answer.response_id, "text": chunk}
             )
         except AnswerEnded:  # stopped or taken over elsewhere: nothing queued behind it is answered
-            turns.pending = False
+            answer.queued, turns.pending = turns.pending, False  # (unless its log was lost)
             answer.ended_elsewhere()
             raise
 
@@ -355,6 +391,10 @@ class AnswerRunner:
                 "prompt failed: %s", exc.message, extra={"conversation_id": conversation.conversation_id}
             )
             self.observer.error(type(exc).__name__)
+            return AnswerStatus.FAILED
+        except Exception:  # a bug or an unforeseen failure: the answer ends failed, never hangs
+            log.exception("prompt failed", extra={"conversation_id": conversation.conversation_id})
+            self.observer.error("internal")
             return AnswerStatus.FAILED
         if answer.state is not AnswerState.STREAMING:  # ended before the model was even asked
             return answer.end_status
@@ -379,7 +419,9 @@ class AnswerRunner:
         await pump.close(flush=status in (AnswerStatus.COMPLETE, AnswerStatus.FAILED))
         if isinstance(pump.error, AnswerEnded):
             return None
-        if pump.error is not None and status is AnswerStatus.COMPLETE:
+        if isinstance(pump.error, CoreError):  # the broker failed, not the model: cut short
+            status = AnswerStatus.INTERRUPTED
+        elif pump.error is not None and status is AnswerStatus.COMPLETE:
             status = AnswerStatus.FAILED
         return status
 
@@ -393,6 +435,8 @@ class AnswerRunner:
                 if not pieces:
                     self.observer.first_token(time.monotonic() - started_at)
                 pieces += 1
+                if "\x00" in piece:  # PostgreSQL cannot store NUL: no client sees what is not kept
+                    piece = piece.replace("\x00", "")
                 pump.push(piece)
         finally:
             self.observer.pieces(pieces)
@@ -400,25 +444,85 @@ class AnswerRunner:
             answer.usage = stream.usage
 
     async def _finish(
-        self, bid: BusinessId, cid: ConversationId, answer: _Answer, status: AnswerStatus, text: str
-    ) -> None:
-        """End the answer through the broker, then store it. Ending it is the one atomic claim
-        (see `Broker`): if a stop, a takeover or a lease sweep ended it first, this instance stores
-        nothing and the winner's end stands."""
-        try:
-            event = await self.broker.end_answer(cid, status, response_id=answer.response_id, feed=bid)
-        except StreamMissing:  # the log was lost mid-answer: clients reset; the store keeps it
-            await self.store_ended(
-                EndedAnswer(bid, cid, answer.response_id, text, status, None, answer.usage)
-            )
-            return
+        self,
+        turns: _Turns,
+        bid: BusinessId,
+        cid: ConversationId,
+        answer: _Answer,
+        status: AnswerStatus | None,
+        text: str,
+    ) -> bool:
+        """End the answer through the broker, then store it; True once it is ended (here or
+        elsewhere). `status` None: its end was claimed elsewhere, or its deltas were refused.
+
+        Ending it is the one atomic claim (see `Broker`): if a stop, a takeover or a lease sweep
+        ended it first, this instance stores nothing and the winner's end stands. While the
+        broker is unavailable, the end is tried again (the lease is renewed meanwhile, so no sweep
+        ends it underneath); if its log was lost (Redis restarted empty), it is ended in the new
+        log with the text it had streamed."""
+        delay = 0.1
+        while True:
+            try:
+                event = await self._end(bid, cid, answer, status, text)
+                break
+            except Unavailable as exc:
+                log.warning(
+                    "ending answer %s failed, trying again: %s",
+                    answer.response_id,
+                    exc.message,
+                    extra={"conversation_id": cid},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         if event is None:
             log.info("answer %s was ended elsewhere", answer.response_id, extra={"conversation_id": cid})
-            return
-        self.observer.answer_ended(status)
+            return True
+        if status is None:  # its log was lost, not its end: what was queued is still answered
+            turns.pending = turns.pending or answer.queued
+        final = AnswerStatus(event.payload["status"])
+        self.observer.answer_ended(final)
         await self.store_ended(EndedAnswer.from_event(bid, event, answer.usage))
-        if status is AnswerStatus.FAILED:
+        if final is AnswerStatus.FAILED:
             await self._tell_failure(bid, cid, answer.response_id)
+        return True
+
+    async def _end(
+        self,
+        bid: BusinessId,
+        cid: ConversationId,
+        answer: _Answer,
+        status: AnswerStatus | None,
+        text: str,
+    ) -> Event | None:
+        """Publish the answer's `ai_end`; None when it was ended elsewhere."""
+        rid = answer.response_id
+        if status is not None:
+            ended = status
+            event = await self.events.opened(
+                bid, cid, lambda: self.broker.end_answer(cid, ended, response_id=rid, feed=bid)
+            )
+            if event is not None:
+                return event
+        # Not the active answer of the conversation's log: either it was ended elsewhere (the
+        # winner stores it), or the log it started in was lost and opened anew (then it is
+        # ended here, in the new log, with what it streamed: clients that reset see it).
+        assert answer.epoch is not None
+        started_epoch, lost = answer.epoch, status or AnswerStatus.INTERRUPTED
+        event = await self.events.opened(
+            bid,
+            cid,
+            lambda: self.broker.end_lost_answer(
+                cid, started_epoch=started_epoch, response_id=rid, status=lost, text=text, feed=bid
+            ),
+        )
+        if event is not None:
+            log.warning(
+                "answer %s lost its event log: ended as %s",
+                rid,
+                lost.value,
+                extra={"conversation_id": cid},
+            )
+        return event
 
     async def _tell_failure(
         self, business_id: BusinessId, cid: ConversationId, response_id: ResponseId
@@ -434,39 +538,20 @@ class AnswerRunner:
             log.warning("telling the user about a failed answer failed: %s", exc.message)
 
     async def store_ended(self, ended: EndedAnswer) -> None:
-        """Store an ended answer: its row, the seq of its ai_end, the active answer cleared (one
-        atomic step of the store).
-        Failures are logged and counted: the ai_end is out already, and the store retried."""
-        # Shielded as a whole: a cancelled caller (a shutdown, a closing socket) must not leave
-        # the row stored but invisible in history (no seq), or the active answer set.
-        try:
-            await asyncio.shield(self._write_ended(ended))
-        except CoreError as exc:
-            log.error(
-                "storing an answer failed: %s", exc.message, extra={"conversation_id": ended.conversation_id}
-            )
-            self.observer.error(exc.code)
-
-    async def _write_ended(self, ended: EndedAnswer) -> None:
-        await self.store.finish_answer(
-            ended.business_id,
-            ended.conversation_id,
-            ended.response_id,
-            ended.text,
-            ended.status,
-            seq=ended.seq,
-            usage=ended.usage,
-        )
+        """Store an ended answer (see `AnswerWriter.store`)."""
+        await self.writer.store(ended)
 
     # -- leases ---------------------------------------------------------------------------------
 
     async def _renew_forever(self) -> None:
-        """Renew the leases of every answer streaming here three times per lease period, all in
-        one broker call (one round trip, however many answers). Never dies of a failure: a missed
+        """Renew the leases of every answer running here three times per lease period, all in one
+        broker call (one round trip, however many answers). Never dies of a failure: a missed
         renewal is retried at the next tick (a lease outlives two misses)."""
+        reported: set[ResponseId] = set()  # leases found lost (each warned about once)
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
-            leases = list(self._leases)
+            leases = list(self._leases.values())
+            reported &= self._leases.keys()
             if not leases:
                 continue
             try:
@@ -480,26 +565,52 @@ class AnswerRunner:
                 self.observer.error("lease_renewal_failed")
                 continue
             for lease in lost:
-                if lease in self._leases:  # not just ended here: another instance's sweep took it
+                # Still running here (not just ended): another instance's sweep took it, and its
+                # next delta learns whether the answer was ended. It is not taken again.
+                if self._leases.get(lease.response_id) == lease and lease.response_id not in reported:
+                    reported.add(lease.response_id)
                     log.warning(
-                        "the lease of answer %s expired while it streamed here",
+                        "the lease of answer %s expired while it ran here",
                         lease.response_id,
                         extra={"conversation_id": lease.conversation_id},
                     )
                     self.observer.error("lease_lost")
-                    self._leases.discard(lease)  # not taken again: its next delta learns the rest
 
     async def _sweep_forever(self) -> None:
-        """End, as interrupted, the answers whose owner stopped renewing their lease (it died)."""
+        """End, as interrupted, the answers whose owner stopped renewing their lease (it died).
+
+        An answer running here is alive whatever its lease says: when this instance's loop was
+        held up longer than a lease (a slow step somewhere), its heartbeats are late, and the
+        sweep, woken late as well, must not end this instance's own answers. So after a late
+        wake-up it renews the local leases before it claims any, and a claimed lease that turns
+        out to be a local answer's is renewed, never interrupted. (Another instance's sweep still
+        takes it: an instance held up longer than a lease cannot be told from a dead one.)"""
+        period = self.settings.sweep_seconds
         while True:
-            await asyncio.sleep(self.settings.sweep_seconds)
+            slept_from = time.monotonic()
+            await asyncio.sleep(period)
             try:
+                if time.monotonic() - slept_from > period + self.settings.lease_seconds / 3:
+                    await self._renew_local_leases()
                 for lease in await self.broker.claim_expired_leases(50):
-                    await self._interrupt(lease)
+                    if lease.response_id in self._leases:
+                        log.warning("answer %s outlived its lease here: renewed", lease.response_id)
+                        await self.broker.hold_lease(lease, self.settings.lease_seconds)
+                        continue
+                    try:
+                        await self._interrupt(lease)
+                    except CoreError:  # put it back (expired): the next sweep tries again
+                        with contextlib.suppress(CoreError):
+                            await self.broker.hold_lease(lease, 0)
+                        raise
             except CoreError as exc:
                 log.warning("sweeping answer leases failed: %s", exc.message)
             except Exception:
                 log.exception("sweeping answer leases failed")
+
+    async def _renew_local_leases(self) -> None:
+        if self._leases:
+            await self.broker.renew_leases(list(self._leases.values()), self.settings.lease_seconds)
 
     async def _interrupt(self, lease: AnswerLease) -> None:
         try:

@@ -21,6 +21,13 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
   is refused with `AnswerEnded`, in the same atomic step that would assign its seq; `ai_end` clears
   it. Whoever ends an answer first (its owner, a stop, a takeover, a lease sweep) wins; every later
   delta or ai_end of it is refused, on every instance.
+- One answer at a time: an `ai_start` while another answer is active is refused with `AnswerBusy`
+  (no seq taken), so that no answer is left open by a second one. The caller waits until the
+  active answer ends (its owner ends it, or the lease sweep does when its owner died) and tries
+  again.
+- An answer whose log was lost (Redis restarted empty) is still ended by its owner:
+  `end_lost_answer` publishes its `ai_end` in the conversation's new log, atomically with the
+  check that the log is not the one the answer started in.
 - The broker keeps the text of the active answer (its deltas joined), so that anyone can end it:
   `end_answer` publishes the answer's `ai_end` with that text, atomically with the claim. The
   owner ends its answers this way too, so `ai_end.text` is always exactly the deltas joined.
@@ -86,6 +93,12 @@ class AnswerLease:
 
 class AnswerEnded(CoreError):
     """The answer this event belongs to is not (any more) the conversation's active answer."""
+
+    code = "conflict"
+
+
+class AnswerBusy(CoreError):
+    """An `ai_start` was refused: another answer of the conversation has not ended yet."""
 
     code = "conflict"
 
@@ -233,6 +246,23 @@ class Broker(Protocol):
         """End the active answer (`response_id`, or whichever is active): publish its `ai_end`
         (`response_id`, `message_id` = the response id, `status`, `text` = its deltas joined) as
         one atomic step with the claim. None when there is no such active answer any more."""
+
+    async def end_lost_answer(
+        self,
+        conversation_id: ConversationId,
+        *,
+        started_epoch: str,
+        response_id: ResponseId,
+        status: AnswerStatus,
+        text: str,
+        feed: BusinessId | None = None,
+    ) -> Event | None:
+        """End an answer that started in the log of epoch `started_epoch` and was not ended there.
+        If the conversation's log is now another one (the old one was lost), publish the answer's
+        `ai_end` (`response_id`, `message_id` = the response id, `status`, `text`) in it and return
+        it; the new log's active answer, if any, is left as it is. None when the log is still the
+        one the answer started in (there it is ended through `end_answer`, or was ended already).
+        `StreamMissing` when the conversation has no log."""
 
     async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
         """Take or renew the lease on an answer for `ttl` seconds from now."""

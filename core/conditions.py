@@ -40,12 +40,37 @@ import lark
 from celpy import celtypes
 from celpy.adapter import json_to_cel
 from celpy.celparser import CELParseError
-from celpy.evaluation import CELEvalError, CELFunction, CELUnsupportedError, base_functions
+from celpy.evaluation import (
+    CELEvalError,
+    CELFunction,
+    CELUnsupportedError,
+    Context,
+    Evaluator,
+    base_functions,
+)
 
+from core.budget import Budget, BudgetExceeded, current, running, tick
 from core.errors import InvalidInput, StageTransitionError
 from core.flow_models import FlowContext
 
-MAX_CONDITION_CHARS = 2000
+MAX_CONDITION_CHARS = 1000
+MAX_CONDITION_NODES = 1000
+"""Nodes of the parsed expression (a name, a literal, an operator, a call: each one or a few)."""
+MAX_CONDITION_DEPTH = 200
+"""Levels of the parsed expression inside one another (a plain condition has 30 to 60; each pair of
+brackets adds about 10): evaluating is recursive, and a deeper one would exhaust Python's stack."""
+MAX_MACRO_NESTING = 2
+"""Comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) inside one another: each level
+multiplies the work, so a few nested ones over short literal lists run for seconds."""
+MAX_CONDITION_STEPS = 5000
+"""Interpreter steps one evaluation may take (a step is one node visited; a plain condition takes
+tens). Beyond it the evaluation fails, and a failed condition is false."""
+MAX_CONDITION_SECONDS = 0.25
+"""The backstop: an evaluation that runs longer than this fails the same way."""
+MAX_SELECTION_STEPS = 20_000
+MAX_SELECTION_SECONDS = 0.5
+"""All the conditions one stage selection evaluates (a stage may have many transitions), together:
+once spent, the conditions left fail at once, so they are false."""
 VARIABLES = frozenset({"message", "stage", "data", "turns", "turns_in_stage"})
 _MACROS = frozenset({"has", "all", "exists", "exists_one", "map", "filter"})
 _BINDING_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
@@ -91,11 +116,32 @@ _EXTRA_FUNCTIONS: dict[str, CELFunction] = {
 _FUNCTIONS = frozenset(name for name in base_functions if name[0].isalpha()) | {"lowerAscii"} | _MACROS
 
 
+class _BudgetedEvaluator(Evaluator):
+    """cel-python's interpreter, ticking the current budget at every node it visits (the nested
+    evaluators of comprehensions too), so that no evaluation outruns `MAX_CONDITION_STEPS`."""
+
+    def visit(self, tree: lark.Tree[lark.Token]) -> Any:
+        tick()
+        return super().visit(tree)
+
+    def visit_children(self, tree: lark.Tree[lark.Token]) -> list[Any]:
+        tick(sum(isinstance(child, lark.Tree) for child in tree.children))
+        return super().visit_children(tree)
+
+    def sub_evaluator(self, ast: lark.Tree[lark.Token]) -> Evaluator:
+        return _BudgetedEvaluator(ast, activation=self.activation)
+
+
+class _BudgetedRunner(celpy.InterpretedRunner):
+    def evaluate(self, context: Context) -> celtypes.Value:
+        return _BudgetedEvaluator(ast=self.ast, activation=self.new_activation()).evaluate(context)
+
+
 @lru_cache(maxsize=1)
 def _environment() -> celpy.Environment:
     # Built on first use: it loads the CEL grammar (and raises the recursion limit to 2500,
     # which CEL's nesting minimums need).
-    return celpy.Environment()
+    return celpy.Environment(runner_class=_BudgetedRunner)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -106,9 +152,21 @@ class Condition:
     _program: celpy.Runner
 
     def evaluate(self, context: FlowContext) -> bool:
-        """The condition's value for `context`; raise `ConditionEvalError` naming the failure."""
+        """The condition's value for `context`; raise `ConditionEvalError` naming the failure.
+
+        The evaluation runs on a budget (`MAX_CONDITION_STEPS`, `MAX_CONDITION_SECONDS`): one
+        that would take longer fails here, whatever the condition says."""
+        budget = Budget(
+            "the condition",
+            max_steps=MAX_CONDITION_STEPS,
+            max_seconds=MAX_CONDITION_SECONDS,
+            within=current(),  # the stage selection's, when one runs
+        )
         try:
-            result = self._program.evaluate(_activation(context))
+            with running(budget):
+                result = self._program.evaluate(_activation(context))
+        except BudgetExceeded as exc:
+            raise ConditionEvalError(f"condition {self.source!r} failed: {exc}") from exc
         except (CELEvalError, CELUnsupportedError) as exc:
             raise ConditionEvalError(f"condition {self.source!r} failed: {_describe(exc)}") from exc
         except (RecursionError, ValueError, TypeError, KeyError) as exc:
@@ -119,6 +177,11 @@ class Condition:
             kind = _cel_type_name(result)
             raise ConditionEvalError(f"condition {self.source!r} gave a value of type {kind}, not a bool")
         return bool(result)
+
+
+def selection_budget() -> Budget:
+    """The budget of one stage selection's conditions together (see `MAX_SELECTION_STEPS`)."""
+    return Budget("the stage selection", max_steps=MAX_SELECTION_STEPS, max_seconds=MAX_SELECTION_SECONDS)
 
 
 def evaluate_or_false(condition: Condition, context: FlowContext) -> tuple[bool, str | None]:
@@ -144,6 +207,7 @@ def compile_condition(source: str) -> Condition:
     except CELParseError as exc:
         raise ConditionError(f"condition syntax error {_where(exc)}: {source!r}") from exc
     _check_names(tree, source)
+    _check_size(tree, source)
     return Condition(source, env.program(tree, functions=_EXTRA_FUNCTIONS))
 
 
@@ -207,6 +271,54 @@ def _check_names(tree: lark.Tree[lark.Token], source: str) -> None:
             raise ConditionError(f"condition calls unknown function {name!r}: {source!r}")
         if kind == "object":
             raise ConditionError(f"condition builds a message object, which conditions cannot: {source!r}")
+
+
+def _check_size(tree: lark.Tree[lark.Token], source: str) -> None:
+    nodes = sum(1 for _ in tree.iter_subtrees())
+    if nodes > MAX_CONDITION_NODES:
+        raise ConditionError(
+            f"condition has {nodes} expression nodes; the maximum is {MAX_CONDITION_NODES}: {source!r}"
+        )
+    levels = _depth(tree)
+    if levels > MAX_CONDITION_DEPTH:
+        raise ConditionError(
+            f"condition nests {levels} levels deep (brackets, calls and operators inside one another); "
+            f"the maximum is {MAX_CONDITION_DEPTH}: {source!r}"
+        )
+    depth = _macro_depth(tree)
+    if depth > MAX_MACRO_NESTING:
+        raise ConditionError(
+            f"condition nests comprehensions (all, exists, exists_one, map, filter) {depth} deep; "
+            f"the maximum is {MAX_MACRO_NESTING}: {source!r}"
+        )
+
+
+def _depth(tree: lark.Tree[lark.Token]) -> int:
+    deepest = 0
+    stack: list[tuple[lark.Tree[lark.Token], int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
+    return deepest
+
+
+def _macro_depth(node: Any) -> int:
+    """How many comprehensions are nested in one another at most, in the range or the body."""
+    if not isinstance(node, lark.Tree):
+        return 0
+    # Iteratively, deepest first: a nested expression may be deeper than the recursion limit.
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(node, 0)]
+    while stack:
+        current, depth = stack.pop()
+        if not isinstance(current, lark.Tree):
+            continue
+        if current.data == "member_dot_arg" and _token(current) in _BINDING_MACROS:
+            depth += 1
+            deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in current.children)
+    return deepest
 
 
 def _references(tree: lark.Tree[lark.Token]) -> Iterator[tuple[str, str]]:

@@ -13,14 +13,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings, EndedAnswer
+from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings
 from core.broker import Broker, NotHuman, StreamMissing
+from core.ended_answers import EndedAnswer
 from core.errors import Conflict, CoreError, Overloaded
 from core.event_log import EventLog, message_payload
 from core.flow_cache import FlowCache
 from core.keyed_lock import KeyedLock
 from core.llm import LLMProvider
-from core.models import AuditEntry, Business, Conversation
+from core.models import Agent, AuditEntry, Business, Conversation
 from core.observer import NullObserver, Observer
 from core.pipeline import Pipeline
 from core.rules import check_client_msg_id, check_message_text, should_answer
@@ -149,15 +150,18 @@ class ConversationService:
         Here, the model is cancelled at once and the answer ends itself. Elsewhere, the answer is
         ended through the broker and its owner told to close its model stream (see `Broker`: an
         answer ends once)."""
-        if self.answers.stop_local(conversation_id, AnswerStatus.STOPPED):
+        stopped_here = self.answers.stop_local(conversation_id, AnswerStatus.STOPPED)
+        if stopped_here and self.answers.started_here(conversation_id):
             return True
+        # Not started here (or still waiting for the answer streaming now to end: that one is
+        # what the user sees and stops).
         bid = business.business_id
         try:
             event = await self.broker.end_answer(conversation_id, AnswerStatus.STOPPED, feed=bid)
         except StreamMissing:
-            return False
+            return stopped_here
         if event is None:
-            return False
+            return stopped_here
         ended = EndedAnswer.from_event(bid, event)
         await self._ended_elsewhere(ended)
         return True
@@ -236,7 +240,8 @@ class ConversationService:
             raise NotHuman("the AI answers in this conversation: take it over before writing")
         if conversation.agent_id != agent_id:
             raise Conflict(f"agent {conversation.agent_id} holds this conversation")
-        _, ack = await self._post(business, conversation_id, client_msg_id, text, Role.AGENT)
+        author = await self.store.get_agent(bid, agent_id)
+        _, ack = await self._post(business, conversation_id, client_msg_id, text, Role.AGENT, author)
         if not ack.duplicate:
             data = {"message_id": ack.message_id, "chars": len(text)}
             await self._audit(bid, agent_id, "agent.message", conversation_id, data)
@@ -269,6 +274,7 @@ class ConversationService:
         client_msg_id: str,
         text: str,
         role: Role,
+        author: Agent | None = None,
         *,
         admit: Callable[[Conversation], None] | None = None,
     ) -> tuple[Conversation, Ack]:
@@ -282,7 +288,7 @@ class ConversationService:
             if admit is not None:
                 admit(conversation)
             message, created = await self.store.add_user_message(
-                bid, conversation_id, client_msg_id, text, role=role
+                bid, conversation_id, client_msg_id, text, role=role, author=author
             )
             seq = message.seq
             if seq is None:  # new, or stored by an earlier attempt whose publish failed

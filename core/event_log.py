@@ -86,11 +86,15 @@ class EventLog:
 
 
 def message_payload(message: Message) -> dict[str, Any]:
-    """The fields of a `message` event (and of a message in history) for a stored message."""
-    return {
+    """The fields of a `message` event (and of a message in history) for a stored message; an
+    agent's message also names its author."""
+    payload = {
         "message_id": message.message_id,
         "role": message.role.value,
         "text": message.text,
         "client_msg_id": message.client_msg_id,
         "created_at": message.created_at.isoformat(),
     }
+    if message.author_id is not None:
+        payload |= {"agent_id": message.author_id, "agent_name": message.author_name}
+    return payload

@@ -15,28 +15,24 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
 from typing import Any
 
 import jsonschema
 
 from core.errors import DataExtractionError
 from core.flow_models import ExtractedField, ExtractionRule, ExtractorKind, FieldType
+from core.patterns import (
+    EMAIL_DOMAIN,
+    EMAIL_LOCAL,
+    MAX_MATCH_CHARS,
+    PatternError,
+    built_in,
+    compile_pattern,
+    fullmatch,
+    search_built_in,
+)
 
-# Local part and domain of a common address (no quoted local parts, no IP-literal domains).
-_EMAIL_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-_EMAIL_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
-_EMAIL_FULL = re.compile(rf"{_EMAIL_LOCAL}@{_EMAIL_DOMAIN}")
-
-_DEFAULT_PATTERNS: dict[FieldType, str] = {
-    FieldType.EMAIL: rf"(?<![\w.+-]){_EMAIL_LOCAL}@{_EMAIL_DOMAIN}(?![\w-])",
-    # 7 to 15 digits, optionally after a +, with spaces, dots, dashes or brackets between them;
-    # not when the digits are shaped like a date (2026-11-25, 25.11.2026).
-    FieldType.PHONE: (
-        r"(?<![\w+])(?!\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b)(?!\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}\b)"
-        r"\+?\(?\d(?:[\s().-]{0,2}\d){6,14}(?![\w])"
-    ),
-}
+_EMAIL_FULL = re.compile(rf"{EMAIL_LOCAL}@{EMAIL_DOMAIN}")
 
 _PHONE_CHARS = re.compile(r"\+?[\d\s().-]+")
 _NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
@@ -61,7 +57,7 @@ _DESCRIPTIONS = {
 
 def default_pattern(field_type: FieldType) -> str | None:
     """The built-in regex for a field type (EMAIL and PHONE only): a PATTERN rule may omit its own."""
-    return _DEFAULT_PATTERNS.get(field_type)
+    return built_in(field_type)
 
 
 def normalise(field_type: FieldType, raw: Any) -> Any:
@@ -131,30 +127,25 @@ def _date(text: str) -> str:
     raise DataExtractionError("not a date (use YYYY-MM-DD, '25 Nov 2026' or 'November 25, 2026')")
 
 
-@lru_cache(maxsize=512)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
 def _validated(rule: ExtractionRule, raw: Any) -> Any:
     """`raw` normalised and checked against the rule's validator; raise naming the problem."""
     value = normalise(rule.field_type, raw)
     if rule.validator is not None:
         try:
-            validator = _regex(rule.validator)
-        except re.error as exc:
-            raise DataExtractionError(f"validator does not compile: {exc}") from exc
-        if not validator.fullmatch(str(value)):
+            matches = fullmatch(rule.validator, str(value))
+        except PatternError as exc:
+            raise DataExtractionError(f"validator {exc}") from exc
+        if not matches:
             raise DataExtractionError("value does not match the rule's validator")
     return value
 
 
-def _matched_text(match: re.Match[str], field: str) -> str | None:
+def _matched_text(match: Any, field: str) -> str | None:
     groups = match.groupdict()
     for name in ("value", field):
         if groups.get(name) is not None:
-            return groups[name]
-    return match.group(0)
+            return str(groups[name])
+    return str(match.group(0))
 
 
 def extract_with_patterns(
@@ -163,33 +154,42 @@ def extract_with_patterns(
     """Apply the PATTERN rules, in order, to `message`: (fields extracted, error texts).
 
     The first rule that yields a valid value for a field wins; a rule whose match is invalid
-    (by type or validator) is reported and the next rule for that field is tried.
+    (by type or validator) is reported and the next rule for that field is tried. Patterns run
+    on RE2 (`core.patterns`), in time linear in the message.
     """
     found: dict[str, ExtractedField] = {}
     errors: list[str] = []
     for rule in rules:
         if rule.kind is not ExtractorKind.PATTERN or rule.field in found:
             continue
-        pattern = rule.pattern or default_pattern(rule.field_type)
-        if pattern is None:
-            errors.append(
-                f"rule {rule.rule_id!r} ({rule.field}): no pattern, and none built in for {rule.field_type}"
-            )
+        try:
+            raw = _search(rule, message)
+        except PatternError as exc:
+            errors.append(f"rule {rule.rule_id!r} ({rule.field}): pattern {exc}")
+            continue
+        except DataExtractionError as exc:
+            errors.append(f"rule {rule.rule_id!r} ({rule.field}): {exc.message}")
+            continue
+        if raw is None:
             continue
         try:
-            match = _regex(pattern).search(message)
-        except re.error as exc:
-            errors.append(f"rule {rule.rule_id!r} ({rule.field}): pattern does not compile: {exc}")
-            continue
-        if match is None:
-            continue
-        try:
-            value = _validated(rule, _matched_text(match, rule.field))
+            value = _validated(rule, raw)
         except DataExtractionError as exc:
             errors.append(f"rule {rule.rule_id!r} ({rule.field}): {exc.message}")
             continue
         found[rule.field] = ExtractedField(value, f"pattern:{rule.rule_id}", message_id)
     return found, errors
+
+
+def _search(rule: ExtractionRule, message: str) -> str | None:
+    """What the rule's pattern (or the built-in one) finds in the message; None: nothing."""
+    if rule.pattern is None:
+        if built_in(rule.field_type) is None:
+            raise DataExtractionError(f"no pattern, and none built in for {rule.field_type}")
+        return search_built_in(rule.field_type, message)
+    program = compile_pattern(rule.pattern)
+    match = program.search(message[:MAX_MATCH_CHARS])
+    return None if match is None else _matched_text(match, rule.field)
 
 
 def _llm_rules(rules: Sequence[ExtractionRule]) -> dict[str, ExtractionRule]:

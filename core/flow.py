@@ -9,11 +9,11 @@ the model's pick with `parse_stage_choice`.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from core.conditions import ConditionError, compile_condition, evaluate_or_false
+from core.budget import running
+from core.conditions import ConditionError, compile_condition, evaluate_or_false, selection_budget
 from core.errors import InvalidInput, StageTransitionError
 from core.extraction import default_pattern
 from core.flow_models import (
@@ -26,6 +26,7 @@ from core.flow_models import (
     TemplateType,
     Transition,
 )
+from core.patterns import pattern_problem
 
 
 class FlowInvalid(InvalidInput):
@@ -91,8 +92,13 @@ def select_next_stage(flow: Flow, current: str, ctx: FlowContext) -> StageDecisi
     condition holds is taken; none: stay. A condition that fails to evaluate counts as false
     and is reported in `errors`. A current stage that is no longer in the flow restarts from
     the entry stage (reported too); with no usable entry stage that raises
-    `StageTransitionError`.
+    `StageTransitionError`. All the conditions evaluated share one budget (`selection_budget`).
     """
+    with running(selection_budget()):
+        return _select(flow, current, ctx)
+
+
+def _select(flow: Flow, current: str, ctx: FlowContext) -> StageDecision:
     errors: list[str] = []
     stage = stage_by_name(flow, current)
     if stage is None:
@@ -287,11 +293,8 @@ def _pattern_problems(rule: ExtractionRule) -> list[str]:
 
 
 def _regex_problems(rule: ExtractionRule, what: str, regex: str) -> list[str]:
-    try:
-        re.compile(regex)
-    except re.error as exc:
-        return [f"extraction rule {rule.rule_id!r}: {what} does not compile: {exc}"]
-    return []
+    problem = pattern_problem(regex)
+    return [] if problem is None else [f"extraction rule {rule.rule_id!r}: {what} {problem}"]
 
 
 def _reachability_problems(flow: Flow) -> list[str]:

@@ -31,7 +31,15 @@ class Business:
     name: str
     info: str = ""
     allowed_origins: tuple[str, ...] = ()
-    """Origins allowed to open sockets for this business; empty means any origin."""
+    """Origins whose pages may use the business's chat (canonical `scheme://host[:port]`, or
+    `self`: the gateway's own); empty means any origin (see gateway/origins.py)."""
+    require_origin: bool = False
+    """Refuse widget sessions and sockets that send no `Origin` (clients outside a browser)."""
+    identity_secret: str | None = field(default=None, repr=False)
+    """The key the business's server signs its users' ids with (HMAC-SHA256), for verified
+    identity; None: verified identity is off. Kept as it is: verifying needs the key itself."""
+    previous_key_until: datetime | None = None
+    """When the admin key replaced by the latest rotation stops working (None: no such key)."""
     response_template: str = "{{ message }}"
     system_prompt: str = "You are a helpful assistant."
     entry_stage: str = "default"
@@ -112,6 +120,9 @@ class Message:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     """Token usage of an answer, when the model reported it."""
+    author_id: AgentId | None = None
+    author_name: str | None = None
+    """For an agent's message (role `agent`): the agent and its name when it wrote."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,14 +17,21 @@ For one user message in a conversation of a business with a flow:
 
 Steps that are not configured cost nothing. Each step's time goes to the observer.
 A business without a flow skips 1-3: its default prompts answer, in its entry stage.
+
+What a business configured (patterns, conditions, templates) runs on a budget (see
+core/patterns.py, core/conditions.py, core/templates.py), and off the event loop, on a small pool
+of worker threads (`CONFIG_WORKERS`): a costly configuration delays its own conversation's answer
+by at most its budget, and never stalls the loop the other conversations are served on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -47,6 +54,16 @@ from core.types import Role
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+CONFIG_WORKERS = 2
+"""Threads that run businesses' patterns, conditions and templates, for every conversation."""
+_WORKERS = ThreadPoolExecutor(max_workers=CONFIG_WORKERS, thread_name_prefix="flow-config")
+
+
+async def off_loop(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` on a config worker thread: bounded CPU work that must not stall the loop."""
+    return await asyncio.get_running_loop().run_in_executor(_WORKERS, functools.partial(function, *args))
+
 
 _PROMPT_ROLES = {
     Role.USER: "user",
@@ -117,7 +134,7 @@ class Pipeline:
         earlier = [m for m in history if message is None or m.message_id != message.message_id]
         if not flow.stages:
             variables = standard_variables(business, conversation, conversation.stage, text, earlier)
-            prompt = self._default_prompt(business, variables, earlier)
+            prompt = await self._default_prompt(business, variables, earlier)
             return Prepared(
                 conversation.stage, False, dict(conversation.data), False, prompt, (), {"response": prompt}
             )
@@ -130,8 +147,10 @@ class Pipeline:
         started = time.perf_counter()
         found: dict[str, ExtractedField] = {}
         if current is not None:
-            found, pattern_errors = extract_with_patterns(
-                rules_for_stage(flow, current.stage_id), text, message_id=message_id
+            found, pattern_errors = await off_loop(
+                functools.partial(extract_with_patterns, message_id=message_id),
+                rules_for_stage(flow, current.stage_id),
+                text,
             )
             self._extraction_errors(pattern_errors, errors)
         data = merge_extracted(conversation.data, found)
@@ -161,8 +180,10 @@ class Pipeline:
         stage = stage_by_name(flow, stage_name)
         if stage is not None and (current is None or stage.stage_id != current.stage_id):
             # Pattern rules of the stage entered cost nothing either: apply them too.
-            more, pattern_errors = extract_with_patterns(
-                rules_for_stage(flow, stage.stage_id), text, message_id=message_id
+            more, pattern_errors = await off_loop(
+                functools.partial(extract_with_patterns, message_id=message_id),
+                rules_for_stage(flow, stage.stage_id),
+                text,
             )
             self._extraction_errors(pattern_errors, errors)
             found = {**more, **found}
@@ -175,9 +196,9 @@ class Pipeline:
             template_by_id(flow, stage.response_template_id) if stage and stage.response_template_id else None
         )
         if response is None:
-            prompt = self._default_prompt(business, variables, earlier)
+            prompt = await self._default_prompt(business, variables, earlier)
         else:
-            system, content = render_template(response, variables)
+            system, content = await off_loop(render_template, response, variables)
             prompt = _prompt(system, earlier, content)
         prompts["response"] = prompt
         self.observer.step_seconds("response_prompt", time.perf_counter() - started)
@@ -201,7 +222,7 @@ class Pipeline:
         errors: list[str],
         prompts: dict[str, list[ChatMessage]],
     ) -> str:
-        decision = select_next_stage(flow, conversation.stage, ctx)
+        decision = await off_loop(select_next_stage, flow, conversation.stage, ctx)
         for error in decision.errors:
             self._count(StageTransitionError, error, errors)
         if decision.via != "llm":
@@ -216,7 +237,7 @@ class Pipeline:
             return decision.stage
         variables = standard_variables(business, conversation, decision.stage, ctx.message, history)
         variables["allowed_stages"] = list(decision.allowed)
-        system, content = render_template(template, variables)
+        system, content = await off_loop(render_template, template, variables)
         prompt = _prompt(
             system,
             history,
@@ -266,7 +287,7 @@ class Pipeline:
         variables = standard_variables(business, conversation, stage.name, text, history)
         variables["fields"] = [r.field for r in rules]
         try:
-            system, content = render_template(template, variables)
+            system, content = await off_loop(render_template, template, variables)
         except TemplateError as exc:
             self._count(DataExtractionError, exc.message, errors)
             return {}
@@ -285,12 +306,15 @@ class Pipeline:
         self._extraction_errors(problems, errors)
         return found
 
-    def _default_prompt(
+    async def _default_prompt(
         self, business: Business, variables: Mapping[str, Any], history: Sequence[Message]
     ) -> list[ChatMessage]:
-        return _prompt(
-            render(business.system_prompt, variables), history, render(business.response_template, variables)
-        )
+        sources = (business.system_prompt, business.response_template)
+        if any("{%" in source for source in sources):  # loops or macros: may take its whole budget
+            system, content = await off_loop(_render_both, sources, variables)
+        else:  # expressions only: a few bounded operations, cheaper than a thread hop
+            system, content = _render_both(sources, variables)
+        return _prompt(system, history, content)
 
     def _extraction_errors(self, problems: Sequence[str], errors: list[str]) -> None:
         for problem in problems:
@@ -300,6 +324,10 @@ class Pipeline:
         log.warning("%s: %s", kind.__name__, problem)
         self.observer.error(kind.__name__)
         errors.append(f"{kind.__name__}: {problem}")
+
+
+def _render_both(sources: tuple[str, str], variables: Mapping[str, Any]) -> tuple[str, str]:
+    return render(sources[0], variables), render(sources[1], variables)
 
 
 def _prompt(system: str, history: Sequence[Message], content: str) -> list[ChatMessage]:

@@ -88,10 +88,11 @@ class Store(Protocol):
         text: str,
         *,
         role: Role = Role.USER,
+        author: Agent | None = None,
     ) -> tuple[Message, bool]:
         """Store a message idempotently on `client_msg_id`; return the row and whether this call
         created it. `role` is `user` for what a user sent; the gateway's own notes (`system`)
-        use keys of their own."""
+        use keys of their own; an agent's message (`agent`) records its `author` (id and name)."""
 
     async def add_assistant_message(
         self,
@@ -155,11 +156,45 @@ class Store(Protocol):
         """Count one handled user message: `turns` + 1; `turns_in_stage` + 1, or 1 when `stage`
         differs from the current one; then set the stage and the extracted data."""
 
+    async def ensure_end_user(self, business_id: BusinessId, external_id: str) -> EndUserId:
+        """The end user the business knows as `external_id` (a verified identity), created on
+        first use; the same id for every later call, also under concurrency."""
+
+    async def update_business(
+        self,
+        business_id: BusinessId,
+        *,
+        allowed_origins: tuple[str, ...] | None = None,
+        require_origin: bool | None = None,
+        audit: AuditEntry,
+    ) -> Business:
+        """Change the business's settings given (None: unchanged) and record `audit`, in one
+        step; return the business as stored (`NotFound` for an unknown business)."""
+
+    async def set_identity_secret(
+        self, business_id: BusinessId, secret: str | None, *, audit: AuditEntry
+    ) -> Business:
+        """Set (or with None remove) the key of the business's verified identity, and record
+        `audit`, in one step; return the business as stored."""
+
     async def set_api_key(self, business_id: BusinessId, key_hash: str) -> None:
-        """Set the business's admin API key (its SHA-256, hex; the key itself is never stored)."""
+        """Set the business's admin API key (its SHA-256, hex; the key itself is never stored).
+        Any previous key still in its overlap stops working."""
+
+    async def rotate_api_key(
+        self, business_id: BusinessId, key_hash: str, *, previous_until: datetime, audit: AuditEntry
+    ) -> Business:
+        """Make `key_hash` the business's admin key; the key it replaces keeps working until
+        `previous_until` (a still older one stops at once). Records `audit` in the same step.
+        Calling it again with the same `key_hash` changes nothing (a retry)."""
+
+    async def revoke_previous_api_key(self, business_id: BusinessId, *, audit: AuditEntry) -> bool:
+        """End the overlap of the replaced admin key now; whether one was still valid (the audit
+        record is written only then)."""
 
     async def get_business_by_api_key(self, key_hash: str) -> Business:
-        """The business whose admin API key hashes to `key_hash`, or `NotFound`."""
+        """The business whose admin API key hashes to `key_hash` (the current key, or the
+        replaced one until the end of its overlap), or `NotFound`."""
 
     async def get_flow(self, business_id: BusinessId) -> Flow:
         """The business's whole flow configuration, with its version."""

@@ -47,6 +47,7 @@ saves it if its version did not move meanwhile (else 409 `conflict`), with an au
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -82,7 +83,7 @@ from gateway.admin_codec import (
 )
 from gateway.auth import bearer_token, business_for_api_key
 from gateway.context import Gateway
-from gateway.http_api import _int_param, api
+from gateway.http_api import _int_param, api, storable_json
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +128,16 @@ async def read_body(request: Request) -> Body:
     if len(raw) > MAX_ADMIN_BODY_BYTES:
         raise TooLarge(f"request body is over {MAX_ADMIN_BODY_BYTES} bytes")
     try:
-        return Body(orjson.loads(raw or b"{}"))
+        data = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:
         raise InvalidInput("request body is not valid JSON") from None
+    return Body(storable_json(data))
 
 
 async def commit(gw: Gateway, loaded: Flow, flow: Flow, action: str, data: dict[str, Any]) -> Flow:
     """Check the changed flow, save it over `loaded` (409 if that moved meanwhile) with an audit
     record, and have every instance drop its cached copy."""
-    problems = problems_of(flow)
+    problems = await checked(flow)
     if problems:
         raise FlowInvalid(problems)
     bid = loaded.business_id
@@ -148,6 +150,13 @@ async def commit(gw: Gateway, loaded: Flow, flow: Flow, action: str, data: dict[
     except CoreError as exc:  # saved all the same: other instances' caches expire by their TTL
         log.warning("flow of %s changed, but the change could not be announced: %s", bid, exc.message)
     return saved
+
+
+async def checked(flow: Flow) -> list[str]:
+    """`problems_of(flow)` on a worker thread: compiling a flow's templates and conditions takes
+    time that grows with them (up to about a second for the longest template), and the event loop
+    serves every other business meanwhile."""
+    return await asyncio.to_thread(problems_of, flow)
 
 
 def _find(records: tuple[R, ...], match: Callable[[R], bool], what: str) -> R:
@@ -222,7 +231,7 @@ async def put_flow(request: Request, gw: Gateway, business: Business) -> Respons
 async def check_flow(request: Request, gw: Gateway, business: Business) -> Response:
     body = await read_body(request)
     flow = flow_record(body, await _flow(gw, business), version_required=False)
-    problems = problems_of(flow)
+    problems = await checked(flow)
     return JSONResponse({"valid": not problems, "problems": problems})
 
 

@@ -16,8 +16,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
-import jinja2
-
 from core.errors import InvalidInput
 from core.flow import FlowInvalid, stage_by_id, template_by_id, validate_flow
 from core.flow_models import (
@@ -30,6 +28,7 @@ from core.flow_models import (
     TemplateType,
     Transition,
 )
+from core.templates import template_problems
 from core.types import BusinessId, new_id
 
 E = TypeVar("E", bound=enum.Enum)
@@ -41,8 +40,6 @@ FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _NAME_RULE = "1 to 100 letters, digits, spaces, '_', '.' or '-', starting with a letter or digit"
 _FIELD_RULE = "an identifier of at most 64 characters (letters, digits, '_')"
 _INT32 = 2**31 - 1
-_JINJA = jinja2.Environment(autoescape=False)
-"""Parses templates only, to report syntax errors; rendering is core.templates' sandbox."""
 
 
 class Body:
@@ -137,6 +134,13 @@ class Body:
         value = self._data.get(field, {})
         if not isinstance(value, dict):
             raise self.bad(field, "must be a JSON object")
+        return value
+
+    def items(self, field: str) -> list[Any]:
+        """A JSON list (required)."""
+        value = self._get(field, None)
+        if not isinstance(value, list):
+            raise self.bad(field, "must be a list")
         return value
 
     def obj(self, field: str) -> Body:
@@ -423,15 +427,13 @@ def problems_of(flow: Flow) -> list[str]:
 
 
 def _syntax_problems(template: Template) -> list[str]:
-    problems = []
-    for part, source in (("content", template.content), ("system_prompt", template.system_prompt)):
-        try:
-            _JINJA.parse(source)
-        except jinja2.TemplateSyntaxError as exc:
-            problems.append(
-                f"template {template.name!r}: {part} syntax error on line {exc.lineno}: {exc.message}"
-            )
-    return problems
+    """Syntax errors, and limits a template is known to break before it renders (a literal
+    `range()` over core.templates' maximum)."""
+    return [
+        f"template {template.name!r}: {part} {problem}"
+        for part, source in (("content", template.content), ("system_prompt", template.system_prompt))
+        for problem in template_problems(source)
+    ]
 
 
 def _readable(problem: str, flow: Flow) -> str:

@@ -66,7 +66,7 @@ class AgentRole:
             )
         agent = await _enabled_agent(connection, principal)
         business = await gw.store.get_business(principal.business_id)
-        connection.check_origin(business.allowed_origins)
+        connection.check_origin(business, agent=True)
         role = cls(connection, business, agent)
         connection.role = role
         connection.state = State.OPEN

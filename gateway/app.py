@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 
 from core.broker import Broker
@@ -18,7 +17,7 @@ from core.errors import Conflict
 from core.llm import LLMProvider
 from core.models import AuditEntry
 from core.scripted_llm import ScriptedLLM
-from gateway import admin_api, agents_api, console_api, http_api, static
+from gateway import access_api, admin_api, agents_api, console_api, http_api, static
 from gateway.auth import TokenIssuer, hash_api_key
 from gateway.backends import make_backends
 from gateway.connection import serve_socket
@@ -155,26 +154,23 @@ def create_app(
 
     routes = [
         WebSocketRoute("/ws", serve_socket),
-        Route("/v1/widget/sessions", http_api.create_widget_session, methods=["POST"]),
-        Route("/v1/conversations/{conversation_id}/messages", http_api.list_messages, methods=["GET"]),
+        Route("/v1/widget/sessions", http_api.create_widget_session, methods=["POST", "OPTIONS"]),
+        Route(
+            "/v1/conversations/{conversation_id}/messages", http_api.list_messages, methods=["GET", "OPTIONS"]
+        ),
         Route("/healthz", http_api.healthz, methods=["GET"]),
         Route("/readyz", http_api.readyz, methods=["GET"]),
         Route("/metrics", http_api.metrics, methods=["GET"]),
         *admin_api.routes(),
+        *access_api.routes(),
         *agents_api.routes(),
         *console_api.routes(),
         *static.routes(),
     ]
-    middleware = [
-        # The widget runs on businesses' own sites: its HTTP calls are cross-origin. They carry a
-        # bearer token, never cookies, so no credentials are allowed.
-        Middleware(
-            CORSMiddleware,
-            allow_origins=["*"],
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
-        )
-    ]
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    # No CORS middleware: only the two endpoints the widget calls from businesses' pages answer
+    # cross-origin requests (http_api.browser_facing); the admin and agent APIs are same-origin.
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_api.http_exception}
+    )
     app.state.gateway = gw
     return app

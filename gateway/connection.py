@@ -24,10 +24,12 @@ from typing import Any, Protocol
 from starlette.websockets import WebSocket
 
 from core.errors import CoreError, InvalidInput, TooLarge, Unavailable
+from core.models import Business
 from core.types import ConversationId, new_id
 from gateway.auth import Principal
 from gateway.context import Gateway
 from gateway.errors import Unauthorized
+from gateway.origins import origin_problem
 from gateway.protocol import (
     AgentAction,
     ClientFrame,
@@ -278,11 +280,15 @@ class Connection:
             ) from None
         log.info("socket opened", extra=self.log_extra())
 
-    def check_origin(self, allowed: tuple[str, ...]) -> None:
-        """Refuse the connection unless its `Origin` is allowed (an empty list allows any)."""
-        origin = self.ws.headers.get("origin")
-        if allowed and origin not in allowed:
-            raise Refused(CloseCode.FORBIDDEN, ErrorCode.FORBIDDEN, f"origin {origin!r} is not allowed")
+    def check_origin(self, business: Business, *, agent: bool = False) -> None:
+        """Refuse the connection (`forbidden`, close 4403) unless the page that opened it may use
+        the business's chat: its `Origin` header checked at hello, when the token names the
+        business (the rules are gateway.origins')."""
+        problem = origin_problem(
+            business, self.ws.headers.get("origin"), self.ws.headers.get("host"), agent=agent
+        )
+        if problem is not None:
+            raise Refused(CloseCode.FORBIDDEN, ErrorCode.FORBIDDEN, problem)
 
     async def _handle(self, frame: ClientFrame) -> None:
         assert self.role is not None

@@ -41,6 +41,7 @@ DEMO_BUSINESS = Business(
     ),
     response_template="{{ message }}",
     entry_stage="greeting",
+    allowed_origins=("self",),  # its own pages: the gateway's demo page and console, on any host
 )
 
 

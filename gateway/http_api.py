@@ -7,22 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Match, Route
 
 from core.conversation import message_payload
-from core.errors import CoreError, Forbidden, InvalidInput, TooLarge, Unavailable
-from core.models import Conversation, Message
-from core.types import BusinessId, ConversationId, EventType, StageName
+from core.errors import CoreError, Forbidden, InvalidInput, NotFound, TooLarge, Unavailable
+from core.models import Business, Conversation, Message
+from core.types import BusinessId, ConversationId, EndUserId, EventType, StageName
 from gateway.auth import active_agent, bearer_token, business_for_api_key, looks_like_token
 from gateway.context import Gateway
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Unauthorized
+from gateway.origins import origin_problem
+from gateway.protocol import unstorable, unstorable_in
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,7 @@ def api(handler: Handler) -> Handler:
     async def wrapper(request: Request) -> Response:
         gw: Gateway = request.app.state.gateway
         try:
+            _check_params(request)
             return await handler(request)
         except (CoreError, GatewayError) as exc:
             gw.metrics.error(exc.code)
@@ -71,6 +78,23 @@ def api(handler: Handler) -> Handler:
     return wrapper
 
 
+def _check_params(request: Request) -> None:
+    """Refuse path and query parameters holding text that cannot be stored (a NUL character)."""
+    params = [*request.path_params.items(), *request.query_params.multi_items()]
+    for name, value in params:
+        problem = unstorable(str(name)) or unstorable(str(value))
+        if problem is not None:
+            raise InvalidInput(f"parameter {str(name)[:40]!r} holds {problem}")
+
+
+def storable_json(data: Any) -> Any:
+    """`data` (decoded JSON), if every string in it can be stored; else `InvalidInput` naming it."""
+    problem = unstorable_in(data)
+    if problem is not None:
+        raise InvalidInput(problem)
+    return data
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
@@ -81,7 +105,80 @@ async def _json_object(request: Request) -> dict[str, Any]:
         raise InvalidInput("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
+    storable_json(data)
     return data
+
+
+def browser_facing(handler: Handler) -> Handler:
+    """CORS for an endpoint the widget calls from the business's pages (cross-origin, with a
+    bearer token and never cookies). A preflight is answered for any origin: it carries no
+    credentials and reveals nothing. The answer itself names the page's origin only once the
+    endpoint let it through: the endpoint refuses a disallowed origin with 403 (whose JSON body the
+    page may read, to say why)."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request) -> Response:
+        origin = request.headers.get("origin")
+        if request.method == "OPTIONS":
+            response: Response = Response(status_code=204)
+            if origin is not None and request.headers.get("access-control-request-method"):
+                response.headers.update(
+                    {
+                        "Access-Control-Allow-Origin": origin,
+                        "Access-Control-Allow-Methods": "GET, POST",
+                        "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                        "Access-Control-Max-Age": "600",
+                    }
+                )
+        else:
+            response = await handler(request)
+            if origin is not None:
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+        response.headers["Vary"] = "Origin"
+        return response
+
+    return wrapper
+
+
+def check_origin(request: Request, business: Business, *, agent: bool = False) -> None:
+    """`Forbidden` unless the request's `Origin` may use the business's chat (gateway.origins)."""
+    problem = origin_problem(
+        business, request.headers.get("origin"), request.headers.get("host"), agent=agent
+    )
+    if problem is not None:
+        raise Forbidden(problem)
+
+
+MAX_USER_ID_CHARS = 255
+
+
+def verified_user(business: Business, user: Any) -> str:
+    """The business's own id of the user a widget session is for, once `user` = `{id, hash}` proves
+    it: `hash` is the HMAC-SHA256 of `id` under the business's identity secret, in hex, made by the
+    business's server. An unverifiable claim is refused, never trusted."""
+    if (
+        not isinstance(user, dict)
+        or not isinstance(user.get("id"), str)
+        or not isinstance(user.get("hash"), str)
+    ):
+        raise InvalidInput('field \'user\' must be an object {"id": string, "hash": string}')
+    user_id: str = user["id"]
+    claimed: str = user["hash"]
+    if not 1 <= len(user_id) <= MAX_USER_ID_CHARS:
+        raise InvalidInput(f"field 'user.id' must hold 1 to {MAX_USER_ID_CHARS} characters")
+    secret = business.identity_secret
+    if secret is None:
+        raise InvalidInput(
+            f"business {business.public_id!r} has no identity secret, so 'user' cannot be verified: "
+            "its admin creates one (POST /v1/admin/identity-secret), or the page leaves 'user' out"
+        )
+    expected = hmac.new(secret.encode(), user_id.encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, claimed.strip().lower()):
+        raise Forbidden(
+            "field 'user.hash' is not the HMAC-SHA256 of 'user.id' under the business's identity secret"
+        )
+    return user_id
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -97,21 +194,24 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     return value
 
 
+@browser_facing
 @api
 async def create_widget_session(request: Request) -> Response:
-    """POST /v1/widget/sessions: a token and a conversation for an anonymous visitor."""
+    """POST /v1/widget/sessions: a token and a conversation for a visitor, anonymous or (with
+    `user`) verified."""
     gw: Gateway = request.app.state.gateway
     body = await _json_object(request)
     public_id = body.get("business")
     if not isinstance(public_id, str) or not public_id:
         raise InvalidInput("field 'business' (the business's public id) is required")
-    if body.get("user") is not None:
-        raise InvalidInput("field 'user' (verified identity) is not available yet; omit it")
     business = await gw.store.get_business_by_public_id(public_id)
+    check_origin(request, business)
     bid = business.business_id
+    external_id = verified_user(business, body["user"]) if body.get("user") is not None else None
+    end_user = await gw.store.ensure_end_user(bid, external_id) if external_id is not None else None
     cid = body.get("conversation_id")
     if cid is None:
-        end_user = await gw.store.create_end_user(bid, None)
+        end_user = end_user or await gw.store.create_end_user(bid, None)
         flow = await gw.conversations.flows.get(bid)
         start = next((s.name for s in flow.stages if s.is_entry), business.entry_stage)
         conversation = await gw.store.create_conversation(bid, end_user, StageName(start))
@@ -120,12 +220,7 @@ async def create_widget_session(request: Request) -> Response:
     else:
         if not isinstance(cid, str) or not cid:
             raise InvalidInput("field 'conversation_id' must be a string")
-        previous = gw.tokens.verify(
-            bearer_token(request.headers.get("authorization")), expired_grace=CONTINUE_GRACE_SECONDS
-        )
-        if previous.business_id != bid or previous.conversation_id != cid:
-            raise Forbidden("the Authorization token is not for that conversation")
-        conversation = await gw.store.get_conversation(bid, ConversationId(cid))
+        conversation = await _continued(gw, request, bid, ConversationId(cid), end_user)
         end_user = conversation.end_user_id
         status = 200
     token = gw.tokens.issue_widget(bid, end_user, conversation.conversation_id)
@@ -135,9 +230,34 @@ async def create_widget_session(request: Request) -> Response:
             "conversation_id": conversation.conversation_id,
             "business": business.public_id,
             "expires_in": gw.tokens.ttl,
+            "verified": external_id is not None,
         },
         status,
     )
+
+
+async def _continued(
+    gw: Gateway, request: Request, bid: BusinessId, cid: ConversationId, verified: EndUserId | None
+) -> Conversation:
+    """The conversation a session continues: proved by an earlier token of it (expired up to
+    `CONTINUE_GRACE_SECONDS` ago), or by the verified identity of the user it belongs to."""
+    if verified is not None:
+        try:
+            conversation = await gw.store.get_conversation(bid, cid)
+        except NotFound:
+            conversation = None
+        if conversation is not None and conversation.end_user_id == verified:
+            return conversation
+    try:
+        credential = bearer_token(request.headers.get("authorization"))
+    except Unauthorized:
+        if verified is not None:
+            raise Forbidden("that conversation is not the verified user's") from None
+        raise
+    previous = gw.tokens.verify(credential, expired_grace=CONTINUE_GRACE_SECONDS)
+    if previous.business_id != bid or previous.conversation_id != cid:
+        raise Forbidden("the Authorization token is not for that conversation")
+    return await gw.store.get_conversation(bid, cid)
 
 
 async def _announce(gw: Gateway, conversation: Conversation) -> None:
@@ -155,6 +275,7 @@ async def _announce(gw: Gateway, conversation: Conversation) -> None:
         log.warning("announcing a new conversation failed: %s", exc.message)
 
 
+@browser_facing
 @api
 async def list_messages(request: Request) -> Response:
     """GET /v1/conversations/{id}/messages?after_seq=&limit=: history, in seq order (a widget
@@ -194,13 +315,32 @@ async def _history_reader(gw: Gateway, request: Request, cid: ConversationId) ->
     is `not_found` exactly like one that does not exist."""
     credential = bearer_token(request.headers.get("authorization"))
     if not looks_like_token(credential):
-        return (await business_for_api_key(gw.store, credential)).business_id
+        business = await business_for_api_key(gw.store, credential)
+        check_origin(request, business, agent=True)
+        return business.business_id
     principal = gw.tokens.verify(credential)
     if principal.role == "agent":
         await active_agent(gw.store, principal)
     elif principal.conversation_id != cid:
         raise Forbidden("this token is not for that conversation")
+    business = await gw.store.get_business(principal.business_id)
+    check_origin(request, business, agent=principal.role == "agent")
     return principal.business_id
+
+
+def _operator(request: Request) -> Response | None:
+    """A 401 unless the request carries `CHATGW_METRICS_TOKEN` (when it is set) as its bearer."""
+    gw: Gateway = request.app.state.gateway
+    expected = gw.settings.metrics_token
+    if expected is None:
+        return None
+    try:
+        given = bearer_token(request.headers.get("authorization"))
+    except Unauthorized as exc:
+        return error_response(exc.code, f"{exc.message}: this endpoint needs CHATGW_METRICS_TOKEN")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        return error_response("unauthorized", "wrong token: this endpoint needs CHATGW_METRICS_TOKEN")
+    return None
 
 
 async def healthz(request: Request) -> Response:
@@ -209,6 +349,9 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """200 when every dependency answers, 503 otherwise; each dependency reported by name."""
+    refused = _operator(request)
+    if refused is not None:
+        return refused
     gw: Gateway = request.app.state.gateway
     checks: dict[str, dict[str, Any]] = {}
     for name, (backend, ping) in gw.checks.items():
@@ -227,6 +370,9 @@ CONVERSATION_COUNT_S = 5.0
 
 
 async def metrics(request: Request) -> Response:
+    refused = _operator(request)
+    if refused is not None:
+        return refused
     gw: Gateway = request.app.state.gateway
     now = time.monotonic()
     if now - gw.metrics.conversations_counted_at >= CONVERSATION_COUNT_S:
@@ -239,3 +385,34 @@ async def metrics(request: Request) -> Response:
             for mode, count in counts.items():
                 gw.metrics.conversations.labels(mode.value).set(count)
     return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 (no route, a method a route does not take) as JSON on the API
+    (`/v1/...`), with `Allow` naming the methods the path does take; plain text elsewhere."""
+    assert isinstance(exc, HTTPException)
+    if not request.url.path.startswith("/v1/"):
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return PlainTextResponse(exc.detail, exc.status_code, headers=exc.headers)
+    allowed: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            allowed |= route.methods
+    if allowed and request.method not in allowed:
+        methods = ", ".join(sorted(allowed))
+        return JSONResponse(
+            {
+                "error": {
+                    "code": "method_not_allowed",
+                    "message": f"{request.method} is not allowed here: use {methods}",
+                }
+            },
+            405,
+            headers={"Allow": methods},
+        )
+    if exc.status_code in (404, 405):
+        return error_response("not_found", f"no such endpoint: {request.method} {request.url.path}")
+    return JSONResponse(
+        {"error": {"code": f"http_{exc.status_code}", "message": exc.detail}}, exc.status_code
+    )

@@ -7,6 +7,7 @@ are ignored (so that newer clients can talk to older servers); unknown types are
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,40 @@ import orjson
 from core.models import Event
 
 PROTOCOL_VERSION = 1
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable(text: str) -> str | None:
+    """What in `text` cannot be stored (PostgreSQL text holds no NUL character, and UTF-8 no lone
+    surrogate), or None. The edge refuses such text in every input, frames and HTTP alike."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    return "a NUL character" if found.group() == "\x00" else "a lone surrogate (not valid Unicode)"
+
+
+def unstorable_in(data: Any, where: str = "") -> str | None:
+    """The first string (object keys included) in decoded JSON `data` that cannot be stored, as
+    "field 'a.b[2]' holds a NUL character", or None."""
+    if isinstance(data, str):
+        problem = unstorable(data)
+        return None if problem is None else f"field {where or 'value'!r} holds {problem}"
+    if isinstance(data, dict):
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            problem = unstorable(str(key))
+            if problem is not None:
+                return f"a field name in {where or 'the body'!r} holds {problem}"
+            found = unstorable_in(value, path)
+            if found is not None:
+                return found
+    elif isinstance(data, list):
+        for n, value in enumerate(data):
+            found = unstorable_in(value, f"{where}[{n}]")
+            if found is not None:
+                return found
+    return None
 
 
 class CloseCode(enum.IntEnum):
@@ -118,6 +153,16 @@ def parse_frame(text: str) -> ClientFrame:
     kind = data.get("type")
     if not isinstance(kind, str):
         raise FrameError(ErrorCode.BAD_FRAME, "frame needs a string field 'type'")
+    problem = unstorable_in(data)
+    if problem is not None:
+        client_msg_id = data.get("client_msg_id") if kind == "message" else None
+        raise FrameError(
+            ErrorCode.BAD_FRAME,
+            f"{kind if kind in CLIENT_TYPES else 'frame'}: {problem}",
+            client_msg_id=client_msg_id
+            if isinstance(client_msg_id, str) and not unstorable(client_msg_id)
+            else None,
+        )
     f = _Fields(kind, data)
     if kind == "hello":
         return Hello(f.text("token"), f.opt_text("conversation_id"), f.resume())

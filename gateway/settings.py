@@ -66,6 +66,7 @@ class Settings:
     redis_prefix: str = "chatgw:"
     log_level: str = "INFO"
     log_format: str = "json"
+    metrics_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -128,6 +129,7 @@ class Settings:
             redis_prefix=e.get("CHATGW_REDIS_PREFIX") or "chatgw:",
             log_level=(e.get("CHATGW_LOG_LEVEL") or "INFO").upper(),
             log_format=log_format,
+            metrics_token=_metrics_token(e.get("CHATGW_METRICS_TOKEN")),
         )
         # A resume replays up to a whole window at once into the session's outbox.
         if settings.outbox_frames < settings.replay_window + 64:
@@ -136,6 +138,13 @@ class Settings:
                 f"({settings.replay_window + 64}), so that a full replay fits"
             )
         return settings
+
+
+def _metrics_token(token: str | None) -> str | None:
+    """CHATGW_METRICS_TOKEN: when set, /metrics and /readyz need it as a bearer token."""
+    if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
+        raise SettingsError("CHATGW_METRICS_TOKEN must be at least 16 characters, without spaces")
+    return token
 
 
 class _Env:

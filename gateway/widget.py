@@ -53,7 +53,7 @@ class WidgetRole:
             raise Refused(
                 CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, f"{exc.message}: request a new session"
             ) from None
-        connection.check_origin(business.allowed_origins)
+        connection.check_origin(business)
         role = cls(connection, business, cid)
         connection.role = role
         subscription = Subscription(

@@ -1,5 +1,6 @@
 """`python -m tests.tenant_gateway serve --host H --port P`: the gateway exactly as `chatgw serve`
-runs it, with a second business beside the demo one, for tests of isolation between businesses.
+runs it, with two more businesses beside the demo one, for tests of isolation between businesses
+and of a business's access settings.
 
 The gateway only ever seeds the demo business; on the embedded default a test has no other way
 into the process's memory, so this process seeds the second business itself, once the gateway's
@@ -31,11 +32,32 @@ OTHER_BUSINESS = Business(
     name="Another Shop",
 )
 OTHER_API_KEY = "other-shop-admin-key-for-the-e2e-suite"
+THIRD_BUSINESS = Business(
+    business_id=BusinessId("00000000-0000-4000-8000-0000000000b3"),
+    public_id="third-shop",
+    name="A Third Shop",
+)
+THIRD_API_KEY = "third-shop-admin-key-for-the-e2e-suite"
+"""A business for tests that change its access settings (the others stay as seeded)."""
+ROTATING_BUSINESS = Business(
+    business_id=BusinessId("00000000-0000-4000-8000-0000000000b4"),
+    public_id="rotating-shop",
+    name="A Shop Rotating Its Key",
+)
+ROTATING_API_KEY = "rotating-shop-admin-key-for-the-e2e-suite"
+"""A business whose admin key a test rotates away: its key is set again at each start, so the
+test runs on a gateway process of its own."""
+SEEDED = (
+    (OTHER_BUSINESS, OTHER_API_KEY),
+    (THIRD_BUSINESS, THIRD_API_KEY),
+    (ROTATING_BUSINESS, ROTATING_API_KEY),
+)
 
 
 async def seed_other_business(gw: Gateway) -> None:
-    business = await gw.store.ensure_business(OTHER_BUSINESS)
-    await gw.store.set_api_key(business.business_id, hash_api_key(OTHER_API_KEY))
+    for business, key in SEEDED:
+        stored = await gw.store.ensure_business(business)
+        await gw.store.set_api_key(stored.business_id, hash_api_key(key))
 
 
 def with_other_business(app: Starlette) -> Starlette:

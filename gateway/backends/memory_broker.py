@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.broker import (
+    AnswerBusy,
     AnswerEnded,
     AnswerLease,
     HeldByAgent,
@@ -127,6 +128,27 @@ class MemoryBroker:
         if active is None or (response_id is not None and response_id != active):
             return None
         return self._end(stream, conversation_id, status, feed)
+
+    async def end_lost_answer(
+        self,
+        conversation_id: ConversationId,
+        *,
+        started_epoch: str,
+        response_id: ResponseId,
+        status: AnswerStatus,
+        text: str,
+        feed: BusinessId | None = None,
+    ) -> Event | None:
+        stream = self._existing(conversation_id)
+        if stream.epoch == started_epoch:
+            return None
+        payload = {
+            "response_id": response_id,
+            "message_id": response_id,
+            "status": status.value,
+            "text": text,
+        }
+        return self._append(stream, conversation_id, EventType.AI_END, payload, feed)
 
     def _end(
         self, stream: _Log, conversation_id: ConversationId, status: AnswerStatus, feed: BusinessId | None
@@ -297,6 +319,8 @@ class MemoryBroker:
 def answer_guard(type: EventType, payload: Mapping[str, Any], active: str | None) -> str | None:
     """The active answer after this event, or `AnswerEnded` if the event must be refused."""
     if type is EventType.AI_START:
+        if active is not None:
+            raise AnswerBusy(f"answer {active} has not ended yet")
         return str(payload["response_id"])
     if type in (EventType.DELTA, EventType.AI_END):
         if active is None or payload.get("response_id") != active:

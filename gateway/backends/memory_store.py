@@ -59,6 +59,8 @@ class MemoryStore:
         self._conversations: dict[ConversationId, _ConversationRows] = {}
         self._message_index: dict[MessageId, tuple[ConversationId, int]] = {}
         self._api_keys: dict[str, BusinessId] = {}
+        self._previous_keys: dict[BusinessId, tuple[str, datetime]] = {}
+        self._external_users: dict[tuple[BusinessId, str], EndUserId] = {}
         self._flows: dict[BusinessId, Flow] = {}
         self._audit: dict[BusinessId, list[AuditRecord]] = {}
         self._agents: dict[AgentId, Agent] = {}
@@ -101,6 +103,40 @@ class MemoryStore:
         self._end_users[end_user_id] = (business_id, external_id)
         return end_user_id
 
+    async def ensure_end_user(self, business_id: BusinessId, external_id: str) -> EndUserId:
+        await self.get_business(business_id)
+        key = (business_id, external_id)
+        end_user_id = self._external_users.get(key)
+        if end_user_id is None:
+            end_user_id = self._external_users[key] = EndUserId(new_id())
+            self._end_users[end_user_id] = key
+        return end_user_id
+
+    async def update_business(
+        self,
+        business_id: BusinessId,
+        *,
+        allowed_origins: tuple[str, ...] | None = None,
+        require_origin: bool | None = None,
+        audit: AuditEntry,
+    ) -> Business:
+        business = await self.get_business(business_id)
+        if allowed_origins is not None:
+            business = dataclasses.replace(business, allowed_origins=allowed_origins)
+        if require_origin is not None:
+            business = dataclasses.replace(business, require_origin=require_origin)
+        self._businesses[business_id] = business
+        await self.add_audit(business_id, audit)
+        return business
+
+    async def set_identity_secret(
+        self, business_id: BusinessId, secret: str | None, *, audit: AuditEntry
+    ) -> Business:
+        business = dataclasses.replace(await self.get_business(business_id), identity_secret=secret)
+        self._businesses[business_id] = business
+        await self.add_audit(business_id, audit)
+        return business
+
     async def create_conversation(
         self, business_id: BusinessId, end_user_id: EndUserId, stage: StageName
     ) -> Conversation:
@@ -133,6 +169,7 @@ class MemoryStore:
         text: str,
         *,
         role: Role = Role.USER,
+        author: Agent | None = None,
     ) -> tuple[Message, bool]:
         rows = self._rows(business_id, conversation_id)
         index = rows.by_client_msg_id.get(client_msg_id)
@@ -145,6 +182,8 @@ class MemoryStore:
             text=text,
             created_at=_now(),
             client_msg_id=client_msg_id,
+            author_id=author.agent_id if author else None,
+            author_name=author.name if author else None,
         )
         rows.by_client_msg_id[client_msg_id] = self._append(rows, message)
         return message, True
@@ -273,15 +312,57 @@ class MemoryStore:
         return rows.conversation
 
     async def set_api_key(self, business_id: BusinessId, key_hash: str) -> None:
-        await self.get_business(business_id)
+        business = await self.get_business(business_id)
+        if self._api_keys.get(key_hash, business_id) != business_id or self._key_taken(key_hash, business_id):
+            raise Conflict("that API key belongs to another business")
         for old in [h for h, b in self._api_keys.items() if b == business_id]:
             del self._api_keys[old]
-        if self._api_keys.get(key_hash, business_id) != business_id:
-            raise Conflict("that API key belongs to another business")
         self._api_keys[key_hash] = business_id
+        self._previous_keys.pop(business_id, None)
+        self._businesses[business_id] = dataclasses.replace(business, previous_key_until=None)
+
+    async def rotate_api_key(
+        self, business_id: BusinessId, key_hash: str, *, previous_until: datetime, audit: AuditEntry
+    ) -> Business:
+        business = await self.get_business(business_id)
+        current = next((h for h, b in self._api_keys.items() if b == business_id), None)
+        if current == key_hash:  # a retry: already done
+            return business
+        if key_hash in self._api_keys or self._key_taken(key_hash, None):
+            raise Conflict("that API key is already in use")
+        if current is not None:
+            del self._api_keys[current]
+            self._previous_keys[business_id] = (current, previous_until)
+            business = dataclasses.replace(business, previous_key_until=previous_until)
+        self._api_keys[key_hash] = business_id
+        self._businesses[business_id] = business
+        await self.add_audit(business_id, audit)
+        return business
+
+    async def revoke_previous_api_key(self, business_id: BusinessId, *, audit: AuditEntry) -> bool:
+        business = await self.get_business(business_id)
+        previous = self._previous_keys.pop(business_id, None)
+        self._businesses[business_id] = dataclasses.replace(business, previous_key_until=None)
+        if previous is None or previous[1] <= _now():
+            return False
+        await self.add_audit(business_id, audit)
+        return True
+
+    def _key_taken(self, key_hash: str, business_id: BusinessId | None) -> bool:
+        """Whether another business's replaced key, still in its overlap, hashes to `key_hash`."""
+        now = _now()
+        return any(
+            h == key_hash and until > now and b != business_id
+            for b, (h, until) in self._previous_keys.items()
+        )
 
     async def get_business_by_api_key(self, key_hash: str) -> Business:
         business_id = self._api_keys.get(key_hash)
+        if business_id is None:
+            now = _now()
+            business_id = next(
+                (b for b, (h, until) in self._previous_keys.items() if h == key_hash and until > now), None
+            )
         if business_id is None:
             raise NotFound("no business has that API key")
         return self._businesses[business_id]

@@ -94,6 +94,8 @@ _MESSAGE_FIELDS = (
     "response_id",
     "prompt_tokens",
     "completion_tokens",
+    "author_id",
+    "author_name",
 )
 _CONVERSATION_FIELDS = (
     "conversation_id",
@@ -219,10 +221,12 @@ class PostgresStore:
     # -- businesses and people ----------------------------------------------------------------
 
     async def ensure_business(self, business: Business) -> Business:
-        settings = {
+        settings: dict[str, Any] = {
             "response_template": business.response_template,
             "system_prompt": business.system_prompt,
             "entry_stage": business.entry_stage,
+            "require_origin": business.require_origin,
+            "identity_secret": business.identity_secret,
         }
 
         async def run(c: asyncpg.Connection) -> asyncpg.Record:
@@ -270,6 +274,74 @@ class PostgresStore:
         return EndUserId(end_user_id)
 
     # -- conversations ------------------------------------------------------------------------
+
+    async def ensure_end_user(self, business_id: BusinessId, external_id: str) -> EndUserId:
+        bid = _uuid(business_id)
+
+        async def run(c: asyncpg.Connection) -> Any:
+            # Insert-or-read in one statement: the unique (business_id, external_id) settles races.
+            return await c.fetchval(
+                "WITH new AS (INSERT INTO end_users (end_user_id, business_id, external_id)"
+                " VALUES ($1, $2, $3) ON CONFLICT (business_id, external_id) DO NOTHING RETURNING end_user_id)"
+                " SELECT end_user_id FROM new UNION ALL"
+                " SELECT end_user_id FROM end_users WHERE business_id = $2 AND external_id = $3 LIMIT 1",
+                uuid.UUID(new_id()),
+                bid,
+                external_id,
+            )
+
+        try:
+            found = await self._run(run)
+        except NotFound:
+            raise NotFound("business not found") from None
+        if found is None:
+            raise NotFound("business not found")
+        return EndUserId(str(found))
+
+    async def update_business(
+        self,
+        business_id: BusinessId,
+        *,
+        allowed_origins: tuple[str, ...] | None = None,
+        require_origin: bool | None = None,
+        audit: AuditEntry,
+    ) -> Business:
+        changes: dict[str, Any] = {} if require_origin is None else {"require_origin": require_origin}
+        origins = None if allowed_origins is None else list(allowed_origins)
+        return await self._update_business(
+            business_id,
+            "allowed_origins = coalesce($2::text[], allowed_origins), settings = settings || $3::jsonb",
+            [origins, changes],
+            audit,
+        )
+
+    async def set_identity_secret(
+        self, business_id: BusinessId, secret: str | None, *, audit: AuditEntry
+    ) -> Business:
+        return await self._update_business(
+            business_id, "settings = settings || $2::jsonb", [{"identity_secret": secret}], audit
+        )
+
+    async def _update_business(
+        self, business_id: BusinessId, assignments: str, args: list[Any], audit: AuditEntry
+    ) -> Business:
+        bid = _uuid(business_id)
+
+        async def run(c: asyncpg.Connection) -> asyncpg.Record | None:
+            async with c.transaction():
+                row = await c.fetchrow(
+                    f"UPDATE businesses SET {assignments} WHERE business_id = $1 RETURNING {_BUSINESS_COLUMNS}",
+                    bid,
+                    *args,
+                )
+                if row is not None:
+                    await insert_audit(c, bid, audit)
+                return row
+
+        row = await self._run(run)
+        if row is None:
+            raise NotFound("business not found")
+        return _business(row)
 
     async def create_conversation(
         self, business_id: BusinessId, end_user_id: EndUserId, stage: StageName
@@ -364,14 +436,70 @@ class PostgresStore:
     async def set_api_key(self, business_id: BusinessId, key_hash: str) -> None:
         status = await self._run(
             lambda c: c.execute(
-                "UPDATE businesses SET api_key_hash = $2 WHERE business_id = $1", _uuid(business_id), key_hash
+                "UPDATE businesses SET api_key_hash = $2, api_key_previous_hash = NULL,"
+                " api_key_previous_until = NULL WHERE business_id = $1",
+                _uuid(business_id),
+                key_hash,
             )
         )
         if status == "UPDATE 0":
             raise NotFound("business not found")
 
+    async def rotate_api_key(
+        self, business_id: BusinessId, key_hash: str, *, previous_until: datetime, audit: AuditEntry
+    ) -> Business:
+        bid = _uuid(business_id)
+
+        async def run(c: asyncpg.Connection) -> asyncpg.Record | None:
+            async with c.transaction():
+                row = await c.fetchrow(
+                    "UPDATE businesses SET api_key_previous_hash = api_key_hash,"
+                    " api_key_previous_until = CASE WHEN api_key_hash IS NULL THEN NULL ELSE $3::timestamptz END,"
+                    " api_key_hash = $2 WHERE business_id = $1 AND api_key_hash IS DISTINCT FROM $2"
+                    f" RETURNING {_BUSINESS_COLUMNS}",
+                    bid,
+                    key_hash,
+                    previous_until,
+                )
+                if row is None:  # a retry of a rotation that is done, or no such business
+                    return await c.fetchrow(_BUSINESS_SELECT + " WHERE business_id = $1", bid)
+                await insert_audit(c, bid, audit)
+                return row
+
+        row = await self._run(run)
+        if row is None:
+            raise NotFound("business not found")
+        return _business(row)
+
+    async def revoke_previous_api_key(self, business_id: BusinessId, *, audit: AuditEntry) -> bool:
+        bid = _uuid(business_id)
+
+        async def run(c: asyncpg.Connection) -> bool:
+            async with c.transaction():
+                was_valid = await c.fetchval(
+                    "UPDATE businesses b SET api_key_previous_hash = NULL, api_key_previous_until = NULL"
+                    " FROM businesses old WHERE b.business_id = $1 AND old.business_id = b.business_id"
+                    " RETURNING coalesce(old.api_key_previous_until > now(), false)",
+                    bid,
+                )
+                if was_valid is None:
+                    raise NotFound("business not found")
+                if was_valid:
+                    await insert_audit(c, bid, audit)
+                return bool(was_valid)
+
+        return await self._run(run)
+
     async def get_business_by_api_key(self, key_hash: str) -> Business:
-        row = await self._run(lambda c: c.fetchrow(_BUSINESS_SELECT + " WHERE api_key_hash = $1", key_hash))
+        row = await self._run(
+            lambda c: c.fetchrow(
+                _BUSINESS_SELECT
+                + " WHERE api_key_hash = $1 UNION ALL "
+                + _BUSINESS_SELECT
+                + " WHERE api_key_previous_hash = $1 AND api_key_previous_until > now() LIMIT 1",
+                key_hash,
+            )
+        )
         if row is None:
             raise NotFound("no business has that API key")
         return _business(row)
@@ -554,13 +682,13 @@ class PostgresStore:
         text: str,
         *,
         role: Role = Role.USER,
+        author: Agent | None = None,
     ) -> tuple[Message, bool]:
+        values: dict[str, Any] = {"role": role.value, "text": text, "client_msg_id": client_msg_id}
+        if author is not None:
+            values |= {"author_id": _uuid(author.agent_id), "author_name": author.name}
         return await self._insert_once(
-            business_id,
-            conversation_id,
-            key_column="client_msg_id",
-            key=client_msg_id,
-            values={"role": role.value, "text": text, "client_msg_id": client_msg_id},
+            business_id, conversation_id, key_column="client_msg_id", key=client_msg_id, values=values
         )
 
     async def add_assistant_message(
@@ -851,7 +979,8 @@ def audit_query(
     return sql, args
 
 
-_BUSINESS_SELECT = "SELECT business_id, public_id, name, info, allowed_origins, settings FROM businesses"
+_BUSINESS_COLUMNS = "business_id, public_id, name, info, allowed_origins, settings, api_key_previous_until"
+_BUSINESS_SELECT = f"SELECT {_BUSINESS_COLUMNS} FROM businesses"
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -880,6 +1009,9 @@ def _business(row: asyncpg.Record) -> Business:
         response_template=settings.get("response_template", defaults.response_template),
         system_prompt=settings.get("system_prompt", defaults.system_prompt),
         entry_stage=settings.get("entry_stage", defaults.entry_stage),
+        require_origin=bool(settings.get("require_origin", False)),
+        identity_secret=settings.get("identity_secret"),
+        previous_key_until=row["api_key_previous_until"],
     )
 
 
@@ -998,4 +1130,6 @@ def _message(row: asyncpg.Record) -> Message:
         response_id=ResponseId(str(row["response_id"])) if row["response_id"] else None,
         prompt_tokens=row["prompt_tokens"],
         completion_tokens=row["completion_tokens"],
+        author_id=AgentId(str(row["author_id"])) if row["author_id"] else None,
+        author_name=row["author_name"],
     )

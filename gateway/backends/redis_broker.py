@@ -30,6 +30,7 @@ import redis.asyncio
 from redis.exceptions import RedisError, ResponseError
 
 from core.broker import (
+    AnswerBusy,
     AnswerEnded,
     AnswerLease,
     HeldByAgent,
@@ -89,6 +90,7 @@ if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then return redis.error_reply('MIS
 local guard = ARGV[6]
 if guard == 'start' then
   if redis.call('HGET', KEYS[1], 'mode') == 'human' then return redis.error_reply('HUMAN') end
+  if redis.call('HEXISTS', KEYS[1], 'active') == 1 then return redis.error_reply('BUSY') end
   redis.call('HSET', KEYS[1], 'active', ARGV[7])
   redis.call('DEL', KEYS[3])
 elseif guard == 'delta' or guard == 'end' then
@@ -118,6 +120,17 @@ redis.call('DEL', KEYS[3])
 local payload = cjson.encode({response_id = active, message_id = active, status = ARGV[6], text = text})
 local appended = append('ai_end', payload)
 return {appended[1], appended[2], payload}
+"""
+)
+
+# ARGV (after the first five; ARGV[2] and ARGV[3] unused): the epoch the answer started in, its
+# ai_end payload. Returns {seq, epoch}, or nil when the log is still that epoch.
+_END_LOST_ANSWER = (
+    _APPEND
+    + """
+if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then return redis.error_reply('MISSING') end
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[6] then return nil end
+return append('ai_end', ARGV[7])
 """
 )
 
@@ -316,6 +329,7 @@ class RedisBroker:
         for name, source in (
             ("publish", _PUBLISH),
             ("end_answer", _END_ANSWER),
+            ("end_lost_answer", _END_LOST_ANSWER),
             ("take_over", _TAKE_OVER),
             ("hand_back", _HAND_BACK),
             ("open", _OPEN),
@@ -444,6 +458,28 @@ class RedisBroker:
         return Event(
             conversation_id, EventType.AI_END, int(result[0]), orjson.loads(result[2]), epoch=_text(result[1])
         )
+
+    async def end_lost_answer(
+        self,
+        conversation_id: ConversationId,
+        *,
+        started_epoch: str,
+        response_id: ResponseId,
+        status: AnswerStatus,
+        text: str,
+        feed: BusinessId | None = None,
+    ) -> Event | None:
+        payload = {
+            "response_id": response_id,
+            "message_id": response_id,
+            "status": status.value,
+            "text": text,
+        }
+        encoded = orjson.dumps(payload).decode()
+        result = await self._control_script("end_lost_answer", conversation_id, feed, started_epoch, encoded)
+        if result is None:
+            return None
+        return Event(conversation_id, EventType.AI_END, int(result[0]), payload, epoch=_text(result[1]))
 
     async def take_over(
         self, conversation_id: ConversationId, agent_id: AgentId, *, feed: BusinessId | None = None
@@ -753,6 +789,8 @@ def _script_error(exc: ResponseError, conversation_id: ConversationId) -> Except
         return StreamMissing(f"no event log for conversation {conversation_id}")
     if "ENDED" in text:
         return AnswerEnded(f"the answer in conversation {conversation_id} has ended")
+    if "BUSY" in text:
+        return AnswerBusy(f"another answer in conversation {conversation_id} has not ended yet")
     if "HUMAN" in text:
         return HumanMode(f"an agent holds conversation {conversation_id}: no AI answer")
     return Unavailable(f"redis refused the script: {text}")

@@ -281,9 +281,10 @@ class CachedStore:
         text: str,
         *,
         role: Role = Role.USER,
+        author: Agent | None = None,
     ) -> tuple[Message, bool]:
         return await self._inner.add_user_message(
-            business_id, conversation_id, client_msg_id, text, role=role
+            business_id, conversation_id, client_msg_id, text, role=role, author=author
         )
 
     async def add_assistant_message(
@@ -310,8 +311,38 @@ class CachedStore:
     ) -> list[Message]:
         return await self._inner.recent_messages(business_id, conversation_id, limit=limit)
 
+    async def ensure_end_user(self, business_id: BusinessId, external_id: str) -> EndUserId:
+        return await self._inner.ensure_end_user(business_id, external_id)
+
+    async def update_business(
+        self,
+        business_id: BusinessId,
+        *,
+        allowed_origins: tuple[str, ...] | None = None,
+        require_origin: bool | None = None,
+        audit: AuditEntry,
+    ) -> Business:
+        return await self._inner.update_business(
+            business_id, allowed_origins=allowed_origins, require_origin=require_origin, audit=audit
+        )
+
+    async def set_identity_secret(
+        self, business_id: BusinessId, secret: str | None, *, audit: AuditEntry
+    ) -> Business:
+        return await self._inner.set_identity_secret(business_id, secret, audit=audit)
+
     async def set_api_key(self, business_id: BusinessId, key_hash: str) -> None:
         await self._inner.set_api_key(business_id, key_hash)
+
+    async def rotate_api_key(
+        self, business_id: BusinessId, key_hash: str, *, previous_until: datetime, audit: AuditEntry
+    ) -> Business:
+        return await self._inner.rotate_api_key(
+            business_id, key_hash, previous_until=previous_until, audit=audit
+        )
+
+    async def revoke_previous_api_key(self, business_id: BusinessId, *, audit: AuditEntry) -> bool:
+        return await self._inner.revoke_previous_api_key(business_id, audit=audit)
 
     async def get_business_by_api_key(self, key_hash: str) -> Business:
         return await self._inner.get_business_by_api_key(key_hash)

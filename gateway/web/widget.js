@@ -6,7 +6,9 @@
  * Attributes of the tag (all but data-business optional):
  *   data-business   the business's public id
  *   data-title      the panel's heading (default "Chat with us")
- *   data-user-id, data-user-hash   a verified user identity (the HMAC of the id, made by the business's server)
+ *   data-user-id, data-user-hash   a verified user identity: the business's own id of the signed-in user,
+ *                   and the hex HMAC-SHA256 of that id under the business's identity secret, made by the
+ *                   business's server (never in the page); sent as `user: {id, hash}` when a session is made
  *   data-open="true"   open the panel at once
  *   data-accent     a CSS colour for the launcher, the header and the user's bubbles
  *   data-gateway    the gateway's base URL (default: where this script was loaded from)
@@ -239,7 +241,7 @@
     if (existing) return; // seen already in history, or through its ack
     addItem({
       key: f.message_id, kind: "message", role: f.role, text: f.text, seq: f.seq,
-      clientMsgId: f.client_msg_id || null, status: null,
+      clientMsgId: f.client_msg_id || null, status: null, author: f.agent_name || null,
     });
     if (f.role === "agent") view.typing({ role: "agent", state: false });
     if (f.role !== "user" && !p) noteUnread();
@@ -320,7 +322,7 @@
 
   function historyItem(m) {
     var key = m.role === "assistant" && m.response_id ? m.response_id : m.message_id;
-    return { key: key, kind: "message", role: m.role, text: m.text, seq: m.seq, clientMsgId: m.client_msg_id || null, status: m.status || null };
+    return { key: key, kind: "message", role: m.role, text: m.text, seq: m.seq, clientMsgId: m.client_msg_id || null, status: m.status || null, author: m.agent_name || null };
   }
 
   // After a reset: the stored messages, the notices still meaningful, and what is still pending.
@@ -924,7 +926,9 @@
       li.dataset.state = it.status || "sent";
       li.dataset.seq = String(it.seq);
       var who = li.children[0];
-      who.textContent = it.kind === "notice" ? "" : WHO[it.role] || "";
+      // An agent's message says who wrote it: "Sam (agent)"; the look (colour) says it too.
+      var name = it.role === "agent" && it.author ? it.author + " (agent)" : WHO[it.role];
+      who.textContent = it.kind === "notice" ? "" : name || "";
       who.className = it.role === "user" ? "who sr" : "who"; // the look says it; screen readers hear it
       who.hidden = !who.textContent;
       var textEl = li.children[1].firstChild;

@@ -50,10 +50,11 @@ def full_answer(question: str) -> str:
 # -- taking over mid-answer -----------------------------------------------------------------------
 
 
-def take_over_mid_answer(user: WidgetPage, agent: ConsolePage, shots: Screenshots) -> None:
+def take_over_mid_answer(user: WidgetPage, agent: ConsolePage, shots: Screenshots, agent_name: str) -> None:
     """(`user` records its frames, and is open.) The agent watches the user's answer grow in the console, takes over in one click: the
     answer stops mid-sentence in the widget, which says an agent joined; the agent's message
-    arrives; after the handback the AI answers the user's next message, live in both."""
+    arrives, named by the agent's name; after the handback the AI answers the user's next
+    message, live in both."""
     cid = user.saved()["conversationId"]
     agent.open_conversation(cid)
     question = "Do you have a decaf this week?"
@@ -88,7 +89,9 @@ def take_over_mid_answer(user: WidgetPage, agent: ConsolePage, shots: Screenshot
     assert agent.last_answer(cid) == type(first)(first.key, end["text"], "taken_over")
 
     agent.write(cid, REPLY)
-    user.page.locator("li.agent .text").filter(has_text=REPLY).wait_for()
+    said = user.page.locator("li.agent").filter(has_text=REPLY)
+    said.wait_for()
+    assert said.locator(".who").text_content() == f"{agent_name} (agent)"
     shots.take(user.page, "widget-agent-message")
     assert cut.text_content() == end["text"], "the cut answer must not grow again"
     ends = [i for i, f in enumerate(user.received) if f["type"] == "ai_end" and f["response_id"] == first.key]
@@ -123,7 +126,7 @@ def test_an_agent_takes_over_mid_answer_and_hands_back(
     agent.open()
     agent.sign_in_as_demo_agent()
     shots.take(agent.page, "console-signed-in")
-    take_over_mid_answer(user, agent, shots)
+    take_over_mid_answer(user, agent, shots, "Demo agent")
 
 
 def test_the_same_with_the_user_and_the_agent_on_two_instances(
@@ -142,7 +145,7 @@ def test_the_same_with_the_user_and_the_agent_on_two_instances(
     agent.sign_in(new_agent(b, name="Sam").token)
     agent.wait_live()
     assert agent.page.locator("#me").text_content() == "Sam"
-    take_over_mid_answer(user, agent, shots)
+    take_over_mid_answer(user, agent, shots, "Sam")
 
 
 # -- signing in -----------------------------------------------------------------------------------

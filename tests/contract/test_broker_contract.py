@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from core.broker import AnswerEnded, AnswerLease, Broker, HeldByAgent, HumanMode, NotHuman, StreamMissing
+from core.broker import (
+    AnswerBusy,
+    AnswerEnded,
+    AnswerLease,
+    Broker,
+    HeldByAgent,
+    HumanMode,
+    NotHuman,
+    StreamMissing,
+)
 from core.models import Event
 from core.types import AgentId, AnswerStatus, BusinessId, ConversationId, EventType, Mode, ResponseId, new_id
 from tests.contract.conftest import REPLAY_WINDOW
@@ -216,6 +225,82 @@ async def test_end_answer_publishes_the_text_streamed_so_far_once(broker: Broker
     second = await broker.end_answer(c, AnswerStatus.COMPLETE, response_id=ResponseId("r2"))
     assert second is not None
     assert second.payload["text"] == ""
+
+
+async def test_no_second_answer_starts_while_one_is_active(broker: Broker) -> None:
+    """An ai_start while another answer is active is refused (no seq taken), also when many race;
+    once the active answer ended, by whoever, the next one starts."""
+    c = await opened(broker)
+    await broker.publish(c, EventType.AI_START, {"response_id": "r1"})
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "kept"})
+    with pytest.raises(AnswerBusy):
+        await broker.publish(c, EventType.AI_START, {"response_id": "r2"})
+    assert (await broker.open(c, floor_seq=0)).seq == 2
+    # The refused start did not touch the active answer: it ends with its own text.
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": " all"})
+    ended = await broker.end_answer(c, AnswerStatus.INTERRUPTED, response_id=ResponseId("r1"))
+    assert ended is not None
+    assert (ended.seq, ended.payload["text"]) == (4, "kept all")
+
+    async def start(rid: str) -> str | None:
+        try:
+            await broker.publish(c, EventType.AI_START, {"response_id": rid})
+        except AnswerBusy:
+            return None
+        return rid
+
+    started = [rid for rid in await asyncio.gather(*(start(f"s{n}") for n in range(5))) if rid]
+    assert len(started) == 1
+    replay = await broker.replay(c, 4)
+    assert replay.events is not None
+    assert [(e.type, e.payload["response_id"]) for e in replay.events] == [(EventType.AI_START, started[0])]
+
+
+async def test_an_answer_whose_log_was_lost_is_ended_in_the_new_log(broker: Broker) -> None:
+    """end_lost_answer publishes the ai_end of an answer of another (lost) epoch once, whatever
+    answer is active now; in the answer's own epoch it publishes nothing."""
+    c = await opened(broker)
+    epoch = (await broker.open(c, floor_seq=0)).epoch
+    started = await broker.publish(c, EventType.AI_START, {"response_id": "r1"})
+    assert started.epoch == epoch
+    same = await broker.end_lost_answer(
+        c, started_epoch=epoch, response_id=ResponseId("r1"), status=AnswerStatus.INTERRUPTED, text="x"
+    )
+    assert same is None  # its log is still there: it is ended through end_answer
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "still on"})
+    lost = await broker.end_lost_answer(
+        c,
+        started_epoch="an-epoch-that-is-gone",
+        response_id=ResponseId("r0"),
+        status=AnswerStatus.INTERRUPTED,
+        text="what the owner streamed",
+    )
+    assert lost is not None
+    assert (lost.type, lost.seq, lost.epoch) == (EventType.AI_END, 3, epoch)
+    assert lost.payload == {
+        "response_id": "r0",
+        "message_id": "r0",
+        "status": "interrupted",
+        "text": "what the owner streamed",
+    }
+    # The active answer of this log goes on untouched.
+    await broker.publish(c, EventType.DELTA, {"response_id": "r1", "text": "!"})
+    ended = await broker.end_answer(c, AnswerStatus.COMPLETE, response_id=ResponseId("r1"))
+    assert ended is not None
+    assert ended.payload["text"] == "still on!"
+    replay = await broker.replay(c, 0)
+    assert replay.events is not None
+    assert [(e.seq, e.type, e.payload["response_id"]) for e in replay.events] == [
+        (1, EventType.AI_START, "r1"),
+        (2, EventType.DELTA, "r1"),
+        (3, EventType.AI_END, "r0"),
+        (4, EventType.DELTA, "r1"),
+        (5, EventType.AI_END, "r1"),
+    ]
+    with pytest.raises(StreamMissing):
+        await broker.end_lost_answer(
+            conv(), started_epoch=epoch, response_id=ResponseId("r9"), status=AnswerStatus.FAILED, text=""
+        )
 
 
 async def test_takeover_ends_the_answer_and_switches_the_mode_in_one_step(broker: Broker) -> None:

@@ -332,6 +332,30 @@ async def test_another_business_never_sees_an_agent(store: Store) -> None:
         await store.create_agent(BusinessId(new_id()), "Nobody's")
 
 
+async def test_agent_messages_keep_their_author_as_named_when_written(store: Store) -> None:
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    ana = await store.create_agent(bid, "Ana")
+    written, created = await store.add_user_message(
+        bid, cid, "a-1", "Hello, Ana here", role=Role.AGENT, author=ana
+    )
+    assert created
+    assert (written.author_id, written.author_name) == (ana.agent_id, "Ana")
+    again, created_again = await store.add_user_message(bid, cid, "a-1", "Hello, Ana here", role=Role.AGENT)
+    assert not created_again
+    assert (again.author_id, again.author_name) == (ana.agent_id, "Ana")
+    user, _ = await store.add_user_message(bid, cid, "u-1", "hi")
+    await store.set_message_seq(bid, cid, written.message_id, 1)
+    await store.set_message_seq(bid, cid, user.message_id, 2)
+    listed = await store.list_messages(bid, cid, after_seq=0, limit=10)
+    assert [(m.role, m.author_id, m.author_name) for m in listed] == [
+        (Role.AGENT, ana.agent_id, "Ana"),
+        (Role.USER, None, None),
+    ]
+    recent = await store.recent_messages(bid, cid, limit=10)
+    assert [(m.author_id, m.author_name) for m in recent] == [(ana.agent_id, "Ana"), (None, None)]
+
+
 async def test_set_mode_records_who_answers(store: Store) -> None:
     conv = await a_conversation(store)
     bid, cid = conv.business_id, conv.conversation_id

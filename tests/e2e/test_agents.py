@@ -113,7 +113,7 @@ async def test_takeover_mid_answer_stops_the_ai_for_everyone(slow_gateway: Gatew
     widget = new_widget(gw)
     user = await Client.open(gw)
     await user.hello(widget)
-    agent = new_agent(gw)
+    agent = new_agent(gw, name="Sam Rivera")
     console = await AgentClient.open(gw)
     await console.agent_hello(agent)
     await console.subscribe(widget.conversation_id)
@@ -144,7 +144,8 @@ async def test_takeover_mid_answer_stops_the_ai_for_everyone(slow_gateway: Gatew
     assert (seen["role"], seen["text"]) == ("user", "are you there?")
     await no_frame(user, 0.7, "ai_start")
 
-    # The agent writes; the user gets it with role agent; a resend is acked again, not repeated.
+    # The agent writes; the user gets it with role agent and the agent's name; a resend is acked
+    # again, not repeated.
     reply_id = cmid()
     await console.send(
         {
@@ -158,6 +159,11 @@ async def test_takeover_mid_answer_stops_the_ai_for_everyone(slow_gateway: Gatew
     assert (ack["conversation_id"], ack["client_msg_id"]) == (widget.conversation_id, reply_id)
     said = await user.recv_type("message")
     assert (said["role"], said["text"], said["seq"]) == ("agent", "Hi, Sam here.", ack["seq"])
+    assert (said["agent_id"], said["agent_name"]) == (agent.agent_id, "Sam Rivera")
+    history = await stored_history(gw, widget, 4)
+    stored_reply = next(m for m in history if m["message_id"] == ack["message_id"])
+    assert (stored_reply["role"], stored_reply["agent_name"]) == ("agent", "Sam Rivera")
+    assert all("agent_name" not in m for m in history if m["role"] != "agent")
     await console.send(
         {
             "type": "message",

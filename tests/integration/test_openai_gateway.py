@@ -69,6 +69,31 @@ async def test_an_answer_streams_from_the_provider_and_its_usage_is_stored(
     assert usage["completion_tokens"] > 0
 
 
+async def test_nul_characters_from_the_model_are_dropped_before_anyone_sees_them(
+    openai_gateway: GatewayProcess, llm_server: LLMServer, database_url: str
+) -> None:
+    """PostgreSQL cannot store NUL: the model's NULs are dropped from the pieces, so what streams
+    is what is stored, and the answer completes."""
+    llm_server.script(ok("Nul\x00 here", "\x00", " and\x00 there."))
+    widget = new_widget(openai_gateway)
+    client = await Client.open(openai_gateway)
+    await client.hello(widget)
+    await client.send({"type": "message", "client_msg_id": "n-1", "text": "Say something odd"})
+    frames = await client.until_ai_end()
+    end = frames[-1]
+    assert (end["status"], end["text"]) == ("complete", "Nul here and there.")
+    assert joined_deltas(frames, end["response_id"]) == end["text"]
+    await client.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetchval(
+            "SELECT text FROM messages WHERE response_id = $1 AND status = 'complete'", end["response_id"]
+        )
+    finally:
+        await conn.close()
+    assert stored == "Nul here and there."
+
+
 async def test_a_provider_failing_mid_answer_ends_it_failed_and_tells_the_user(
     openai_gateway: GatewayProcess, llm_server: LLMServer
 ) -> None:

@@ -8,6 +8,11 @@ import pytest
 
 from core.conditions import (
     MAX_CONDITION_CHARS,
+    MAX_CONDITION_DEPTH,
+    MAX_CONDITION_NODES,
+    MAX_CONDITION_SECONDS,
+    MAX_CONDITION_STEPS,
+    MAX_MACRO_NESTING,
     ConditionError,
     ConditionEvalError,
     compile_condition,
@@ -168,3 +173,69 @@ def test_an_evaluation_error_is_a_stage_transition_error() -> None:
 def test_compiled_conditions_are_cached_by_source() -> None:
     assert compile_condition("turns > 1") is compile_condition("turns > 1")
     assert compile_condition("turns > 1").source == "turns > 1"
+
+
+# --- cost limits -------------------------------------------------------------------------------
+
+DIGITS = "[0,1,2,3,4,5,6,7,8,9]"
+THIRTY = "[" + ",".join(str(n) for n in range(30)) + "]"
+
+
+def test_the_nested_comprehensions_that_froze_the_loop_are_refused_when_compiled() -> None:
+    """What made a 203-character condition run for 9 s: comprehensions nested in one another over
+    short literal lists multiply (four levels of ten are 10,000 evaluations of the innermost
+    expression, each a few hundred microseconds in cel-python's interpreter)."""
+    nested = f"{DIGITS}.all(a, {DIGITS}.all(b, {DIGITS}.all(c, {DIGITS}.all(d, a+b+c+d >= 0))))"
+    with pytest.raises(ConditionError, match=f"4 deep; the maximum is {MAX_MACRO_NESTING}"):
+        compile_condition(nested)
+    in_range = f"{DIGITS}.map(a, {DIGITS}.map(b, {DIGITS}.map(c, c))).size() > 0"
+    with pytest.raises(ConditionError, match="3 deep"):
+        compile_condition(in_range)
+
+
+def test_a_condition_nested_too_deep_to_evaluate_is_refused() -> None:
+    """Evaluating is recursive: sixty brackets inside one another exhaust Python's stack."""
+    assert compile_condition("(" * 15 + "true" + ")" * 15).evaluate(ctx()) is True
+    with pytest.raises(ConditionError, match=f"levels deep .*; the maximum is {MAX_CONDITION_DEPTH}"):
+        compile_condition("(" * 60 + "true" + ")" * 60)
+
+
+def test_two_levels_of_comprehension_compile() -> None:
+    condition = compile_condition(f"{DIGITS}.map(x, x * 2).exists(y, y == 18)")
+    assert condition.evaluate(ctx()) is True
+
+
+def test_a_condition_with_too_many_nodes_is_refused() -> None:
+    source = "[" + ",".join("1" for _ in range(MAX_CONDITION_NODES // 5)) + "].size() > 0"
+    assert len(source) <= MAX_CONDITION_CHARS
+    with pytest.raises(ConditionError, match=f"expression nodes; the maximum is {MAX_CONDITION_NODES}"):
+        compile_condition(source)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        f"{THIRTY}.all(a, {THIRTY}.all(b, a + b >= 0))",
+        f"{THIRTY}.exists(a, {THIRTY}.exists(b, a + b < 0))",
+        f"{THIRTY}.all(a, {THIRTY}.all(b, a + b >= 0)) || true",  # no short cut past the budget
+        f"true || {THIRTY}.all(a, {THIRTY}.all(b, a + b >= 0))",
+    ],
+)
+def test_an_evaluation_over_its_step_budget_fails_and_counts_as_false(source: str) -> None:
+    condition = compile_condition(source)
+    # The steps run out first; on a machine loaded enough the time (the backstop) may instead.
+    spent = (
+        rf"took (more than {MAX_CONDITION_STEPS} steps|longer than {MAX_CONDITION_SECONDS:g} s) \(the limit\)"
+    )
+    with pytest.raises(ConditionEvalError, match=spent):
+        condition.evaluate(ctx())
+    value, error = evaluate_or_false(condition, ctx())
+    assert value is False
+    assert error is not None
+    assert "(the limit)" in error
+
+
+def test_the_budget_is_per_evaluation() -> None:
+    """A condition near the budget passes every time: steps do not carry over."""
+    condition = compile_condition(f"{THIRTY}.all(a, a >= 0) && {THIRTY}.exists(b, b == 29)")
+    assert [condition.evaluate(ctx()) for _ in range(3)] == [True, True, True]

@@ -189,7 +189,9 @@ def test_bad_regexes_are_reported_not_raised() -> None:
     found, errors = extract_with_patterns(rules, "hello 5", message_id=None)
     assert found == {"d": ExtractedField(5, "pattern:good", None)}
     assert errors[0].startswith("rule 'bad' (a): pattern does not compile: missing )")
-    assert errors[1].startswith("rule 'bad-validator' (b): validator does not compile: bad character range")
+    assert errors[1].startswith(
+        "rule 'bad-validator' (b): validator does not compile: invalid character class range: z-a"
+    )
     assert errors[2] == "rule 'no-pattern' (c): no pattern, and none built in for number"
     assert len(errors) == 3
 

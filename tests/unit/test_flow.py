@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from core.conditions import MAX_CONDITION_STEPS, MAX_SELECTION_STEPS
 from core.errors import InvalidInput, StageTransitionError
 from core.flow import (
     FlowInvalid,
@@ -194,6 +195,51 @@ def test_a_validator_that_does_not_compile() -> None:
     flow = replace(valid_flow(), rules=(rule("r-x", "zip", pattern=r"\d+", validator="[a-"),))
     [problem] = problems_of(flow)
     assert problem.startswith("extraction rule 'r-x': validator does not compile")
+
+
+def test_patterns_and_validators_re2_cannot_run_are_problems_naming_the_feature() -> None:
+    flow = replace(
+        valid_flow(),
+        rules=(
+            rule("r-back", "a", pattern=r"(\w)\1"),
+            rule("r-look", "b", pattern=r"\d+", validator=r"(?<!0)\d+"),
+        ),
+    )
+    assert problems_of(flow) == [
+        "extraction rule 'r-back': pattern does not compile: backreferences are not supported "
+        "(patterns run on RE2, in linear time): invalid escape sequence: \\1",
+        "extraction rule 'r-look': validator does not compile: lookbehind are not supported "
+        "(patterns run on RE2, in linear time): invalid perl operator: (?<!",
+    ]
+
+
+def test_a_costly_condition_is_a_problem() -> None:
+    digits = "[0,1,2,3,4,5,6,7,8,9]"
+    nested = f"{digits}.all(a, {digits}.all(b, {digits}.all(c, a + b + c > 0)))"
+    base = valid_flow()
+    flow = replace(base, transitions=(*base.transitions, transition("t-x", "greet", "qualify", nested)))
+    [problem] = problems_of(flow)
+    assert problem.startswith("transition 't-x': condition nests comprehensions")
+    assert "3 deep; the maximum is 2" in problem
+
+
+def test_all_conditions_of_one_selection_share_a_budget() -> None:
+    """Many costly transitions out of one stage: each condition has its own budget, and all of
+    them together the selection's; once that is spent, the conditions left are false at once."""
+    thirty = "[" + ",".join(str(n) for n in range(30)) + "]"
+    costly = f"{thirty}.all(a, {thirty}.exists(b, a + b < 0))"
+    base = valid_flow()
+    many = tuple(transition(f"t-{n}", "greet", "qualify", costly, priority=10) for n in range(12))
+    flow = replace(base, transitions=(*many, *base.transitions))
+    assert select_next_stage(base, "greet", ctx(turns=1)).via == "condition:greet-qualify"
+    decision = select_next_stage(flow, "greet", ctx(turns=1))
+    # The cheap `turns >= 1` comes last (lower priority), after the selection's budget is spent.
+    assert (decision.stage, decision.via) == ("greet", "none")
+    assert len(decision.errors) == 13
+    spent = [e for e in decision.errors if "the stage selection took" in e and "(the limit)" in e]
+    assert len(spent) >= 13 - MAX_SELECTION_STEPS // MAX_CONDITION_STEPS, decision.errors
+    assert "turns >= 1" in decision.errors[-1]
+    assert "the stage selection took" in decision.errors[-1]
 
 
 def test_an_llm_rule_in_a_stage_without_an_extraction_template() -> None:

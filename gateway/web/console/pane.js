@@ -224,7 +224,7 @@ export class Pane {
     }
     switch (f.type) {
       case "message":
-        this.add({ key: f.message_id, role: f.role, text: f.text, seq: f.seq });
+        this.add({ key: f.message_id, role: f.role, text: f.text, seq: f.seq, author: f.agent_name || null });
         if (f.role === "user") this.onTyping({ role: "user", state: false });
         break;
       case "ai_start":
@@ -290,7 +290,7 @@ export class Pane {
     this.log.replaceChildren();
     for (const m of messages) {
       const key = m.role === "assistant" && m.response_id ? m.response_id : m.message_id;
-      this.add({ key, role: m.role, text: m.text, seq: m.seq, status: m.status || null });
+      this.add({ key, role: m.role, text: m.text, seq: m.seq, status: m.status || null, author: m.agent_name || null });
     }
     for (const it of notices) this.add(it);
     for (const p of this.pending.values()) this.log.append(this.pendingNode(p));
@@ -338,7 +338,8 @@ export class Pane {
 
   paint(it) {
     const li = it.node;
-    const who = { user: "User", assistant: "AI", agent: this.mine.has(it.key) ? "You" : "Agent", system: "Note", notice: "" }[it.role];
+    const agent = this.mine.has(it.key) ? "You" : it.author || "Agent";
+    const who = { user: "User", assistant: "AI", agent, system: "Note", notice: "" }[it.role];
     li.querySelector(".who").textContent = who || "";
     renderText(li.querySelector(".text"), it.text);
     li.dataset.state = it.status || "";
