@@ -89,6 +89,7 @@ def start_gateway(variant: Variant, tmp: Path, base_url: str, streams: int) -> G
             "CHATGW_LIMIT_EXEMPT_IPS": "127.0.0.1,::1",
             "CHATGW_LIMIT_BUSINESS_ANSWERS": "off",
             "CHATGW_LOG_LEVEL": "WARNING",
+            "CHATGW_MAX_ACTIVE_ANSWERS": "0",  # capacity is measured here: no overload limit
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -349,6 +349,7 @@ async def one(conversations: int, args: argparse.Namespace) -> Counts:
                 "CHATGW_SCRIPTED_TPS": "0",
                 "CHATGW_SCRIPTED_TOKENS": str(args.tokens),
                 "CHATGW_LOG_LEVEL": "WARNING",
+                "CHATGW_MAX_ACTIVE_ANSWERS": "0",  # capacity is measured here: no overload limit
             }
             # In a thread: the forwarders run on this loop, which must keep turning meanwhile.
             gw = await asyncio.to_thread(start_gateway, Path(tmp), env)

@@ -106,6 +106,7 @@ async def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
         "CHATGW_SCRIPTED_TPS": str(args.tps),
         "CHATGW_SCRIPTED_TOKENS": str(args.tps * 3),
         "CHATGW_LOG_LEVEL": "WARNING",
+        "CHATGW_MAX_ACTIVE_ANSWERS": "0",  # capacity is measured here: no overload limit
     }
     with tempfile.TemporaryDirectory() as tmp:
         a = await asyncio.to_thread(start_gateway, Path(tmp), env)

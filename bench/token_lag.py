@@ -76,7 +76,10 @@ def one_run(args: argparse.Namespace, conversations: int, env: dict[str, str], t
     )
     gateway = None
     try:
-        gateway = start_gateway(tmp, {**env, **model_env(model), "CHATGW_LOG_LEVEL": "WARNING"})
+        # Capacity is measured here: no overload limit (CHATGW_MAX_ACTIVE_ANSWERS=0).
+        gateway = start_gateway(
+            tmp, {**env, **model_env(model), "CHATGW_LOG_LEVEL": "WARNING", "CHATGW_MAX_ACTIVE_ANSWERS": "0"}
+        )
         load = os.getloadavg()[0]
         run = run_loadtest(
             tmp,

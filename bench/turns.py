@@ -98,6 +98,7 @@ async def one_run(env: dict[str, str], args: argparse.Namespace) -> dict[str, fl
                 "CHATGW_SCRIPTED_TPS": "0",
                 "CHATGW_SCRIPTED_TOKENS": str(args.tokens),
                 "CHATGW_LOG_LEVEL": "WARNING",
+                "CHATGW_MAX_ACTIVE_ANSWERS": "0",  # capacity is measured here: no overload limit
             },
         )
         try:

@@ -35,6 +35,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from core.admission import Admission
 from core.broker import AnswerBusy, AnswerEnded, AnswerLease, HumanMode, StreamMissing
 from core.delta_pump import DeltaPump
 from core.ended_answers import AnswerWriter, EndedAnswer
@@ -73,6 +74,14 @@ class CoreSettings:
     sweep_seconds: float = 1.0
     busy_retry_seconds: float = 0.2
     """How often an answer waiting for the conversation's previous answer to end tries again."""
+    max_active_answers: int = 0
+    """Conversations this instance answers at once (0: no limit). A user message that would start
+    one more is refused with `Overloaded`, before it is stored."""
+    overload_retry_ms: int = 1000
+    """The least `retry_after_ms` of such a refusal (`core.admission` estimates the wait)."""
+    overload_lag_seconds: float = 0.0
+    """Below `max_active_answers`, the limit shrinks while the event loop lags more than this
+    (0: the limit is `max_active_answers` alone)."""
 
 
 class AnswerState(enum.Enum):
@@ -146,11 +155,34 @@ class AnswerRunner:
         self.flows = flows
         self.pipeline = pipeline
         self._turns: dict[ConversationId, _Turns] = {}
+        self.admission = Admission(
+            limit=settings.max_active_answers,
+            retry_ms=settings.overload_retry_ms,
+            lag_target=settings.overload_lag_seconds,
+        )
+        self._lag_watch: asyncio.Task[None] | None = None
         self._leases: dict[ResponseId, AnswerLease] = {}
-        """The leases of the answers running here: the sweep never ends these (see
-        `_sweep_forever`)."""
+        """The leases of the answers running here, all renewed together (`_renew_forever`): the
+        sweep never ends these (see `_sweep_forever`)."""
+        self._renewer: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.writer = AnswerWriter(events.store, observer)
+
+    # -- admission ------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Conversations with an answer running (or about to) on this instance."""
+        return len(self._turns)
+
+    def reserve(self, conversation_id: ConversationId) -> None:
+        """Admit a user message that may start an answer here, or raise `Overloaded` when this
+        instance answers `max_active_answers` conversations already (see `core.admission`). Call
+        `release` once the answer is scheduled (or the message came to nothing)."""
+        self.admission.reserve(conversation_id, self._turns.keys())
+
+    def release(self, conversation_id: ConversationId) -> None:
+        self.admission.release(conversation_id)
 
     # -- control --------------------------------------------------------------------------------
 
@@ -200,6 +232,13 @@ class AnswerRunner:
         """Start the background sweep that ends the answers of instances that died."""
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="answer-lease-sweeper")
+        if self._lag_watch is None and self.admission.cap and self.admission.lag_target:
+            self._lag_watch = asyncio.create_task(self.admission.watch(), name="admission-lag-watch")
+        self._start_renewer()
+
+    def _start_renewer(self) -> None:
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_forever(), name="answer-lease-renewer")
 
     async def drain(self, *, grace: float) -> None:
         """Let running answers (and the ones queued behind them) finish for up to `grace`
@@ -211,10 +250,11 @@ class AnswerRunner:
 
     async def aclose(self, *, grace: float = 5.0) -> None:
         """End every running answer as `interrupted` and wait for them to be stored."""
-        sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
+        for task in (self._sweeper, self._renewer, self._lag_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._sweeper = self._renewer = self._lag_watch = None
         tasks = []
         for turns in list(self._turns.values()):
             turns.pending = False
@@ -252,25 +292,27 @@ class AnswerRunner:
         if turns.stop_requested:
             turns.stop_requested = False
             answer.end(AnswerStatus.STOPPED)
-        heartbeat: asyncio.Task[None] | None = None
         settled = False  # never started, or ended (here or elsewhere): its lease may go
+        started_at: float | None = None
         try:
             # The lease comes before the ai_start: an instance that dies right after publishing
-            # it leaves an answer that the lease sweep of another instance ends.
+            # it leaves an answer that the lease sweep of another instance ends. From here on it
+            # is renewed with all the others (`_renew_forever`).
             self._leases[answer.response_id] = lease
             await self.broker.hold_lease(lease, self.settings.lease_seconds)
-            heartbeat = asyncio.create_task(self._renew_lease(lease), name=f"lease-{answer.response_id}")
+            self._start_renewer()
             started = await self._start(turns, answer, bid, cid)
             if started is None:
                 settled = True
                 return
             answer.epoch = started.epoch
+            started_at = time.monotonic()
             settled = await self._run(turns, conversation, answer)
         finally:
             turns.answer = None
+            if started_at is not None:
+                self.admission.answer_ended(time.monotonic() - started_at)
             self._leases.pop(answer.response_id, None)
-            if heartbeat is not None:
-                heartbeat.cancel()
             # An answer not settled here (this task was cancelled while its end could not be
             # published) keeps its lease: when it expires, another instance ends the answer.
             if settled:
@@ -501,17 +543,38 @@ class AnswerRunner:
 
     # -- leases ---------------------------------------------------------------------------------
 
-    async def _renew_lease(self, lease: AnswerLease) -> None:
-        """Renew the answer's lease three times per lease period until cancelled. Never dies of a
-        failure: a missed renewal is retried at the next tick (the lease outlives two misses)."""
+    async def _renew_forever(self) -> None:
+        """Renew the leases of every answer running here three times per lease period, all in one
+        broker call (one round trip, however many answers). Never dies of a failure: a missed
+        renewal is retried at the next tick (a lease outlives two misses)."""
+        reported: set[ResponseId] = set()  # leases found lost (each warned about once)
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
+            leases = list(self._leases.values())
+            reported &= self._leases.keys()
+            if not leases:
+                continue
             try:
-                await self.broker.hold_lease(lease, self.settings.lease_seconds)
+                lost = await self.broker.renew_leases(leases, self.settings.lease_seconds)
             except CoreError as exc:
-                log.warning("renewing an answer lease failed: %s", exc.message)
+                log.warning("renewing %d answer leases failed: %s", len(leases), exc.message)
+                self.observer.error("lease_renewal_failed")
+                continue
             except Exception:
-                log.exception("renewing an answer lease failed")
+                log.exception("renewing answer leases failed")
+                self.observer.error("lease_renewal_failed")
+                continue
+            for lease in lost:
+                # Still running here (not just ended): another instance's sweep took it, and its
+                # next delta learns whether the answer was ended. It is not taken again.
+                if self._leases.get(lease.response_id) == lease and lease.response_id not in reported:
+                    reported.add(lease.response_id)
+                    log.warning(
+                        "the lease of answer %s expired while it ran here",
+                        lease.response_id,
+                        extra={"conversation_id": lease.conversation_id},
+                    )
+                    self.observer.error("lease_lost")
 
     async def _sweep_forever(self) -> None:
         """End, as interrupted, the answers whose owner stopped renewing their lease (it died).
@@ -546,8 +609,8 @@ class AnswerRunner:
                 log.exception("sweeping answer leases failed")
 
     async def _renew_local_leases(self) -> None:
-        for lease in list(self._leases.values()):
-            await self.broker.hold_lease(lease, self.settings.lease_seconds)
+        if self._leases:
+            await self.broker.renew_leases(list(self._leases.values()), self.settings.lease_seconds)
 
     async def _interrupt(self, lease: AnswerLease) -> None:
         try:
@@ -561,6 +624,7 @@ class AnswerRunner:
             event = None
         if event is None:
             return
+        self.observer.error("lease_expired")
         log.warning(
             "answer %s lost its owner: ended as interrupted",
             lease.response_id,

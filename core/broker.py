@@ -33,7 +33,9 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
   owner ends its answers this way too, so `ai_end.text` is always exactly the deltas joined.
 - Answer leases: the instance generating an answer holds a lease on it and renews it; a lease not
   renewed in time expires, and `claim_expired_leases` hands each expired lease to exactly one
-  caller (across instances), who ends the answer as `interrupted`.
+  caller (across instances), who ends the answer as `interrupted`. `renew_leases` renews all of
+  an instance's leases in one step (one round trip), and never takes back a lease that was
+  dropped or claimed: it returns those, so the owner knows its answer was ended elsewhere.
 - The broker holds the conversation's mode (`ai`, or `human` with the agent holding it), so that
   a takeover is one atomic step with the answer guard: `take_over` ends the active answer with
   status `taken_over` (its `ai_end`, with the text streamed so far), sets the mode to `human` and
@@ -53,7 +55,7 @@ Guarantees every implementation gives (the contract suite in tests/contract chec
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -264,6 +266,11 @@ class Broker(Protocol):
 
     async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
         """Take or renew the lease on an answer for `ttl` seconds from now."""
+
+    async def renew_leases(self, leases: Sequence[AnswerLease], ttl: float) -> list[AnswerLease]:
+        """Renew every lease in `leases` that is still held for `ttl` seconds from now, as one
+        step (one round trip); return the ones not held any more (dropped, or expired and
+        claimed), which are not taken again."""
 
     async def drop_lease(self, lease: AnswerLease) -> None:
         """Give the lease up (the answer ended)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.answers import FAILED_NOTICE, AnswerRunner, CoreSettings
 from core.broker import Broker, NotHuman, StreamMissing
 from core.ended_answers import EndedAnswer
-from core.errors import Conflict, CoreError
+from core.errors import Conflict, CoreError, Overloaded
 from core.event_log import EventLog, message_payload
 from core.flow_cache import FlowCache
 from core.keyed_lock import KeyedLock
@@ -107,15 +108,38 @@ class ConversationService:
 
         Returns once the message is durable and published: the caller may acknowledge it.
         A resend with the same `client_msg_id` returns the same ack and starts nothing.
+
+        Raises `Overloaded` (nothing stored) when the AI answers the conversation and this
+        instance already answers as many conversations as it may (`max_active_answers`): the
+        client sends it again after the error's `retry_after_ms`.
         """
-        conversation, ack = await self._post(business, conversation_id, client_msg_id, text, Role.USER)
-        if ack.duplicate:
-            self.observer.message_processed("duplicate")
-            return ack
-        # The broker, not the store, decides whether an answer may start (it refuses `ai_start`
-        # while an agent holds the conversation): the store's mode can lag a takeover or handback
-        # made a moment ago on another instance. So an answer is always tried.
-        self.answers.schedule(business, conversation_id)
+        reserved = False
+
+        def admit(conversation: Conversation) -> None:
+            nonlocal reserved
+            if should_answer(conversation.mode):
+                try:
+                    self.answers.reserve(conversation_id)
+                except Overloaded:
+                    self.observer.message_processed("refused_overloaded")
+                    raise
+                reserved = True
+
+        try:
+            conversation, ack = await self._post(
+                business, conversation_id, client_msg_id, text, Role.USER, admit=admit
+            )
+            if ack.duplicate:
+                self.observer.message_processed("duplicate")
+                return ack
+            # The broker, not the store, decides whether an answer may start (it refuses
+            # `ai_start` while an agent holds the conversation): the store's mode can lag a
+            # takeover or handback made a moment ago on another instance. So an answer is always
+            # tried.
+            self.answers.schedule(business, conversation_id)
+        finally:
+            if reserved:
+                self.answers.release(conversation_id)
         self.observer.message_processed("answered" if should_answer(conversation.mode) else "stored")
         return ack
 
@@ -251,12 +275,18 @@ class ConversationService:
         text: str,
         role: Role,
         author: Agent | None = None,
+        *,
+        admit: Callable[[Conversation], None] | None = None,
     ) -> tuple[Conversation, Ack]:
+        """Store and publish the message; `admit` (which may raise) sees the conversation first,
+        before anything is stored."""
         check_client_msg_id(client_msg_id)
         check_message_text(text, max_chars=self.settings.max_message_chars)
         bid = business.business_id
         async with self._locks.hold(conversation_id):
             conversation = await self.store.get_conversation(bid, conversation_id)
+            if admit is not None:
+                admit(conversation)
             message, created = await self.store.add_user_message(
                 bid, conversation_id, client_msg_id, text, role=role, author=author
             )

@@ -59,6 +59,11 @@ class Unavailable(CoreError):
         self.retry_after_ms = retry_after_ms
 
 
+class Overloaded(Unavailable):
+    """This instance runs as many answers as it is allowed to (`max_active_answers`): the message
+    was not taken; send it again after `retry_after_ms`."""
+
+
 class MessageProcessingError(CoreError):
     """A step of the per-message pipeline failed (the message-handling guide's hierarchy)."""
 

@@ -9,7 +9,8 @@ from core.types import AnswerStatus
 
 class Observer(Protocol):
     def message_processed(self, outcome: str) -> None:
-        """A user message was handled: "answered", "stored" (no answer due) or "duplicate"."""
+        """A user message was handled: "answered", "stored" (no answer due), "duplicate", or
+        "refused_overloaded" (not stored: the instance answers as many conversations as it may)."""
 
     def first_token(self, seconds: float) -> None:
         """Time from a user message being stored to the model's first text piece."""

@@ -70,9 +70,22 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             delta_max_chars=settings.delta_max_chars,
             lease_seconds=settings.answer_lease,
             sweep_seconds=min(1.0, settings.answer_lease / 5),
+            max_active_answers=settings.max_active_answers,
+            overload_retry_ms=settings.overload_retry_ms,
+            overload_lag_seconds=settings.overload_lag_ms / 1000,
         ),
     )
-    metrics.watch(pool=backends.pool_stats, reconnects=backends.broker_reconnects)
+    metrics.watch(
+        pool=backends.pool_stats,
+        reconnects=backends.broker_reconnects,
+        pool_waits=backends.pool_waits,
+        redis=backends.redis_stats,
+    )
+    admission = conversations.answers.admission
+    metrics.answers_active.set_function(lambda: conversations.answers.active)
+    metrics.answers_active_limit.set_function(lambda: admission.limit)
+    metrics.answers_active_cap.set(settings.max_active_answers)
+    metrics.event_loop_lag.set_function(lambda: admission.lag)
     hub = Hub(broker)
     hub.on_flow_changed = conversations.flows.invalidate
     hub.on_answer_ended = conversations.on_answer_ended

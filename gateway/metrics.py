@@ -56,6 +56,38 @@ class Metrics:
         self.db_pool = Gauge(
             "chatgw_db_pool_connections", "PostgreSQL pool connections, by state.", ["state"], registry=r
         )
+        self.db_pool_waits = Gauge(
+            "chatgw_db_pool_waits",
+            "Queries that found every pooled PostgreSQL connection busy and queued (since start).",
+            registry=r,
+        )
+        self.db_pool_wait_seconds = Gauge(
+            "chatgw_db_pool_wait_seconds", "Seconds those queries waited, in all (since start).", registry=r
+        )
+        self.redis_transport = Gauge(
+            "chatgw_redis_broker",
+            "The Redis broker client since start: commands, round_trips (pipelines), most_in_flight"
+            " (pipelines at once), pool_waits (calls queued with every connection busy), pool_size.",
+            ["what"],
+            registry=r,
+        )
+        self.answers_active = Gauge(
+            "chatgw_answers_active", "Conversations with an answer running on this instance.", registry=r
+        )
+        self.answers_active_limit = Gauge(
+            "chatgw_answers_active_limit",
+            "The limit in force on answers at once (CHATGW_MAX_ACTIVE_ANSWERS, less while the event"
+            " loop lags); beyond it new answers are refused (0: no limit).",
+            registry=r,
+        )
+        self.answers_active_cap = Gauge(
+            "chatgw_answers_active_cap", "CHATGW_MAX_ACTIVE_ANSWERS (0: no limit).", registry=r
+        )
+        self.event_loop_lag = Gauge(
+            "chatgw_event_loop_lag_seconds",
+            "How late the event loop ran a timer, at the last sample (every 0.25 s).",
+            registry=r,
+        )
         self.redis_reconnects = Gauge(
             "chatgw_redis_reconnects", "Times the Redis pub/sub connection was re-established.", registry=r
         )
@@ -89,12 +121,24 @@ class Metrics:
         self.frames_in.labels(frame_type if frame_type in CLIENT_TYPES else "invalid").inc()
 
     def watch(
-        self, *, pool: Callable[[], tuple[int, int]] | None, reconnects: Callable[[], int] | None
+        self,
+        *,
+        pool: Callable[[], tuple[int, int]] | None,
+        reconnects: Callable[[], int] | None,
+        pool_waits: Callable[[], tuple[int, float]] | None = None,
+        redis: Callable[[], dict[str, int]] | None = None,
     ) -> None:
-        """Read the database pool's size and use, and the broker's reconnects, at each scrape."""
+        """Read the database pool's size, use and waits, the Redis broker client's counters and
+        the broker's reconnects, at each scrape."""
         if pool is not None:
             self.db_pool.labels("open").set_function(lambda: pool()[0])
             self.db_pool.labels("idle").set_function(lambda: pool()[1])
+        if pool_waits is not None:
+            self.db_pool_waits.set_function(lambda: pool_waits()[0])
+            self.db_pool_wait_seconds.set_function(lambda: pool_waits()[1])
+        if redis is not None:
+            for what in ("commands", "round_trips", "most_in_flight", "pool_waits", "pool_size"):
+                self.redis_transport.labels(what).set_function(_reader(redis, what))
         if reconnects is not None:
             self.redis_reconnects.set_function(reconnects)
 
@@ -122,3 +166,7 @@ class Metrics:
 
     def flow_cache(self, hit: bool) -> None:
         self.cache.labels("hit" if hit else "miss").inc()
+
+
+def _reader(stats: Callable[[], dict[str, int]], key: str) -> Callable[[], float]:
+    return lambda: stats().get(key, 0)

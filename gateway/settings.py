@@ -64,6 +64,9 @@ class Settings:
     state_ttl: int = 3600
     stream_ttl: int = 86_400
     answer_lease: float = 5.0
+    max_active_answers: int = 200
+    overload_retry_ms: int = 1000
+    overload_lag_ms: float = 100.0
     reconnect_spread_ms: int = 2000
     redis_prefix: str = "chatgw:"
     log_level: str = "INFO"
@@ -128,6 +131,11 @@ class Settings:
             state_ttl=e.integer("CHATGW_STATE_TTL_S", 3600, low=1),
             stream_ttl=e.integer("CHATGW_STREAM_TTL_S", 86_400, low=60),
             answer_lease=e.number("CHATGW_ANSWER_LEASE_S", 5.0, low=0.5, high=60),
+            max_active_answers=e.integer(
+                "CHATGW_MAX_ACTIVE_ANSWERS", defaults.max_active_answers, low=0, high=1_000_000
+            ),
+            overload_retry_ms=e.integer("CHATGW_OVERLOAD_RETRY_MS", 1000, low=100, high=600_000),
+            overload_lag_ms=e.number("CHATGW_OVERLOAD_LAG_MS", 100.0, low=0, high=60_000),
             reconnect_spread_ms=e.integer("CHATGW_RECONNECT_SPREAD_MS", 2000, low=0, high=600_000),
             redis_prefix=e.get("CHATGW_REDIS_PREFIX") or "chatgw:",
             log_level=log_level,

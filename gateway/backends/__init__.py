@@ -25,6 +25,10 @@ class Backends:
     """The database pool's (open, idle) connections, for /metrics."""
     broker_reconnects: Callable[[], int] | None = None
     """How often the broker's pub/sub connection was re-established, for /metrics."""
+    pool_waits: Callable[[], tuple[int, float]] | None = None
+    """Queries that waited for a pooled database connection, and the seconds waited, for /metrics."""
+    redis_stats: Callable[[], dict[str, int]] | None = None
+    """The Redis broker client's commands, round trips and pool use, for /metrics."""
 
 
 def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backends:
@@ -33,6 +37,7 @@ def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backen
     checks: dict[str, tuple[str, Check]] = {}
     store: Store
     pool_stats: Callable[[], tuple[int, int]] | None = None
+    pool_waits: Callable[[], tuple[int, float]] | None = None
     if settings.database_url:
         scheme = settings.database_url.split(":", 1)[0]
         if scheme not in ("postgres", "postgresql"):
@@ -40,7 +45,7 @@ def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backen
         from gateway.backends.postgres_store import PostgresStore
 
         store = pg = PostgresStore(settings.database_url, pool_size=settings.db_pool_size)
-        pool_stats = pg.pool_stats
+        pool_stats, pool_waits = pg.pool_stats, pg.pool_wait_stats
         checks["store"] = ("postgres", store.ping)
         if settings.redis_url:
             from gateway.backends.redis_state import CachedStore, RedisStateCache
@@ -59,10 +64,14 @@ def make_backends(settings: Settings, *, broker: Broker | None = None) -> Backen
         store = MemoryStore()
         checks["store"] = ("memory", store.ping)
     reconnects: Callable[[], int] | None = None
+    redis_stats: Callable[[], dict[str, int]] | None = None
     if broker is None:
         broker, reconnects = _make_broker(settings)
+    stats = getattr(broker, "transport_stats", None)  # the Redis broker's
+    if callable(stats):
+        redis_stats = stats
     checks["broker"] = ("redis" if settings.redis_url else "memory", broker.ping)
-    return Backends(store, broker, checks, pool_stats, reconnects)
+    return Backends(store, broker, checks, pool_stats, reconnects, pool_waits, redis_stats)
 
 
 def _make_broker(settings: Settings) -> tuple[Broker, Callable[[], int] | None]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,6 +186,16 @@ class MemoryBroker:
 
     async def hold_lease(self, lease: AnswerLease, ttl: float) -> None:
         self._leases[lease] = time.monotonic() + ttl
+
+    async def renew_leases(self, leases: Sequence[AnswerLease], ttl: float) -> list[AnswerLease]:
+        deadline = time.monotonic() + ttl
+        lost = []
+        for lease in leases:
+            if lease in self._leases:
+                self._leases[lease] = deadline
+            else:
+                lost.append(lease)
+        return lost
 
     async def drop_lease(self, lease: AnswerLease) -> None:
         self._leases.pop(lease, None)

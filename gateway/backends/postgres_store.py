@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
@@ -167,6 +168,10 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._statement_timeout = statement_timeout
         self._pool: asyncpg.Pool | None = None
+        self.pool_waits = 0
+        """Queries that found every pooled connection busy and queued for one (for metrics)."""
+        self.pool_wait_seconds = 0.0
+        """The time they waited, in all."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -202,6 +207,10 @@ class PostgresStore:
 
     async def ping(self) -> None:
         await self._run(lambda c: c.fetchval("SELECT 1"))
+
+    def pool_wait_stats(self) -> tuple[int, float]:
+        """(queries that waited for a pooled connection, seconds waited), for metrics."""
+        return (self.pool_waits, self.pool_wait_seconds)
 
     def pool_stats(self) -> tuple[int, int]:
         """(connections open, connections idle), for metrics."""
@@ -889,7 +898,15 @@ class PostgresStore:
             raise Unavailable("the database is not connected")
 
         async def attempt() -> T:
+            # A full pool queues the query (asyncpg's acquire waits, without a timeout) rather
+            # than failing it; the waits are counted so that the pool can be sized (README).
+            if pool.get_idle_size() or pool.get_size() < self._pool_size:
+                async with pool.acquire() as conn:
+                    return await work(conn)
+            started = time.perf_counter()
             async with pool.acquire() as conn:
+                self.pool_waits += 1
+                self.pool_wait_seconds += time.perf_counter() - started
                 return await work(conn)
 
         return await self._retrying(attempt, what="query")

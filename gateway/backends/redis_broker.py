@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -52,7 +52,13 @@ from core.types import (
     ResponseId,
     new_id,
 )
-from gateway.backends.redis_client import DEFAULT_POOL_SIZE, auto_pipelined, close_quietly, translate
+from gateway.backends.redis_client import (
+    DEFAULT_POOL_SIZE,
+    auto_pipelined,
+    close_quietly,
+    translate,
+    transport_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +223,22 @@ redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARG
 return 1
 """
 
+# KEYS: leases. ARGV: ttl in ms, then members. Renews the members still held (a dropped or claimed
+# lease is not taken again); returns the positions (1-based) of the others.
+_RENEW_LEASES = """
+local t = redis.call('TIME')
+local deadline = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+local lost = {}
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], deadline, ARGV[i])
+  else
+    lost[#lost + 1] = i - 1
+  end
+end
+return lost
+"""
+
 # KEYS: leases. ARGV: limit. Removes and returns expired members.
 _CLAIM_LEASES = """
 local t = redis.call('TIME')
@@ -313,6 +335,7 @@ class RedisBroker:
             ("open", _OPEN),
             ("replay", _REPLAY),
             ("hold_lease", _HOLD_LEASE),
+            ("renew_leases", _RENEW_LEASES),
             ("presence", _PRESENCE),
             ("renew_presence", _RENEW_PRESENCE),
             ("present", _PRESENT),
@@ -337,6 +360,10 @@ class RedisBroker:
 
     async def ping(self) -> None:
         await self._call(lambda c: c.ping())
+
+    def transport_stats(self) -> dict[str, int]:
+        """The pipelining client's counters and pool size (`redis_client.transport_stats`)."""
+        return transport_stats(self._client)
 
     def reconnect_count(self) -> int:
         """How often the pub/sub connection was re-established (for metrics)."""
@@ -503,6 +530,15 @@ class RedisBroker:
                 keys=[self._leases_key], args=[_lease_member(lease), int(ttl * 1000)], client=c
             )
         )
+
+    async def renew_leases(self, leases: Sequence[AnswerLease], ttl: float) -> list[AnswerLease]:
+        if not leases:
+            return []
+        args = [int(ttl * 1000), *(_lease_member(lease) for lease in leases)]
+        lost = await self._call(
+            lambda c: self._scripts["renew_leases"](keys=[self._leases_key], args=args, client=c)
+        )
+        return [leases[int(i) - 1] for i in lost]
 
     async def drop_lease(self, lease: AnswerLease) -> None:
         await self._call(lambda c: c.zrem(self._leases_key, _lease_member(lease)))

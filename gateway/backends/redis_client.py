@@ -126,11 +126,15 @@ class AutoPipelineRedis(redis.asyncio.Redis):
         """Pipelines (round trips) they took."""
         self.most_in_flight = 0
         """The most pipelines that were in flight at once (for sizing the pool)."""
+        self.pool_waits = 0
+        """Calls queued while every pooled connection carried a pipeline (they wait, not fail)."""
 
     async def execute_command(self, *args: EncodableT, **options: Any) -> Any:
         if not self._queue and not self._in_flight and not self._direct:
             return await self._send_at_once(args, options)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if len(self._in_flight) + self._direct >= self._max_pipelines:
+            self.pool_waits += 1
         self._queue.append(_Call(args, options, future))
         self._schedule()
         return await future
@@ -238,6 +242,20 @@ def auto_pipelined(
     client = AutoPipelineRedis(connection_pool=pool, max_pipelines=pool_size)
     client.auto_close_connection_pool = True  # the client owns its pool
     return client
+
+
+def transport_stats(client: redis.asyncio.Redis | None) -> dict[str, int]:
+    """A pipelining client's counters (commands, round trips, the most pipelines in flight, calls
+    that waited for a connection) and its pool size, for metrics; empty for any other client."""
+    if not isinstance(client, AutoPipelineRedis):
+        return {}
+    return {
+        "commands": client.commands_sent,
+        "round_trips": client.pipelines_sent,
+        "most_in_flight": client.most_in_flight,
+        "pool_waits": client.pool_waits,
+        "pool_size": client._max_pipelines,
+    }
 
 
 async def close_quietly(client: redis.asyncio.Redis | None) -> None:

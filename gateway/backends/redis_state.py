@@ -9,6 +9,7 @@ flushing it) costs latency, never data. Redis types and exceptions stop in this 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -228,6 +229,7 @@ class CachedStore:
         # Times the cache may have been left stale, and how many of those a flush has covered.
         self._stale_marks = 0
         self._flushed_marks = 0
+        self._flushing: asyncio.Future[None] | None = None  # the flush in progress, shared
         self._locks: KeyedLock[ConversationId] = KeyedLock()
         self._writes: dict[ConversationId, _Writes] = {}
         self._write_numbers = itertools.count(1)
@@ -603,7 +605,24 @@ class CachedStore:
             self._mark_stale()
 
     async def _flush(self) -> None:
-        """Drop every cached state; trust the cache again if nothing went stale meanwhile."""
+        """Drop every cached state; trust the cache again if nothing went stale meanwhile.
+
+        One flush at a time: every read that finds the cache distrusted waits for the flush in
+        progress instead of starting its own (under load, hundreds of reads a second each ran a
+        scan and delete of every key)."""
+        if self._flushing is None:
+            flushing = asyncio.ensure_future(self._flush_once())
+            self._flushing = flushing
+            flushing.add_done_callback(self._flushed)
+        await asyncio.shield(self._flushing)
+
+    def _flushed(self, future: asyncio.Future[None]) -> None:
+        if self._flushing is future:
+            self._flushing = None
+        if not future.cancelled():
+            future.exception()  # retrieved: a failure is the waiting reads' to see
+
+    async def _flush_once(self) -> None:
         marks = self._stale_marks
         try:
             dropped = await self._cache_call(self._cache.drop_all)

@@ -19,6 +19,10 @@ from gateway.loadtest.stats import AskClock, FanoutPairer, StreamCheck
 if TYPE_CHECKING:
     from gateway.loadtest.agents import AgentClient
 
+RETRIED_CODES = frozenset({"unavailable", "rate_limited"})
+"""Error codes naming a message that the gateway did not take, to be sent again after their
+`retry_after_ms`."""
+
 
 class ConversationSocket(SocketClient):
     """A socket with a widget token: one conversation, one stream check."""
@@ -54,7 +58,12 @@ class UserClient(ConversationSocket):
 
     def __init__(self, run: Run, conversation: Conversation, target: Target) -> None:
         super().__init__(run, conversation, target)
-        self.pending: dict[str, int] = {}  # client_msg_id -> sent at
+        self.pending: dict[str, int] = {}  # client_msg_id -> when it was written (first sent or held)
+        self.texts: dict[str, str] = {}  # client_msg_id -> text, while pending (to send it again)
+        self.on_wire: set[str] = set()  # sent at least once
+        self.held: list[str] = []  # to send when the gateway's retry_after_ms is over, in order
+        self.hold_until = 0.0  # loop time until which the gateway asked this user to wait
+        self.flusher: asyncio.Task[None] | None = None
         self.asking = AskClock()
         self.asked_at: dict[str, int | None] = {}  # response id -> when its question was sent
         self.sent = 0
@@ -76,15 +85,32 @@ class UserClient(ConversationSocket):
         text = f"Question {n} of load test conversation {self.conversation.index}; write to lt{self.conversation.index}@example.com"
         sent_at = now_ns()
         self.pending[cmid] = sent_at
+        self.texts[cmid] = text
         self.asking.sent(sent_at)
-        if not await self.send({"type": "message", "client_msg_id": cmid, "text": text}):
-            del self.pending[cmid]
-            return False
-        self.tally.counts["messages_sent"] += 1
-        return True
+        if asyncio.get_running_loop().time() < self.hold_until:
+            # The gateway said to wait (a refusal's retry_after_ms): as the widget does, the new
+            # message goes out with the refused ones when the wait is over.
+            self.held.append(cmid)
+            self.tally.counts["messages_held"] += 1
+            return True
+        return await self._send_message(cmid)
+
+    async def _send_message(self, cmid: str) -> bool:
+        """Send a pending message (again); False when the socket is gone (a message that never went
+        out is then forgotten; one that did stays pending, counted unacked at the end)."""
+        if await self.send({"type": "message", "client_msg_id": cmid, "text": self.texts[cmid]}):
+            if cmid not in self.on_wire:
+                self.on_wire.add(cmid)
+                self.tally.counts["messages_sent"] += 1
+            return True
+        if cmid not in self.on_wire:
+            del self.pending[cmid], self.texts[cmid]
+        return False
 
     def on_ack(self, frame: dict[str, Any], now: int) -> None:
-        sent_at = self.pending.pop(frame.get("client_msg_id", ""), None)
+        cmid = frame.get("client_msg_id", "")
+        sent_at = self.pending.pop(cmid, None)
+        self.texts.pop(cmid, None)
         if sent_at is None:
             self.tally.counts["unexpected_acks"] += 1
             return
@@ -92,8 +118,40 @@ class UserClient(ConversationSocket):
         self.tally.hist["ack"].add((now - sent_at) // 1000)
 
     def on_error(self, frame: dict[str, Any]) -> None:
-        if self.pending.pop(frame.get("client_msg_id") or "", None) is not None:
-            self.tally.counts["messages_refused"] += 1
+        """An error naming a pending message: counted by code (`message_refusals`). One that says
+        when to try again (`unavailable` or `rate_limited` with `retry_after_ms`: the gateway did
+        not take it) stays pending and is sent again then, as the widget does, with the messages
+        written meanwhile; any other ends it as refused."""
+        cmid = frame.get("client_msg_id") or ""
+        if cmid not in self.pending:
+            return
+        code = str(frame.get("code"))
+        self.tally.keyed["message_refusals"][code] += 1
+        retry_ms = frame.get("retry_after_ms")
+        if code in RETRIED_CODES and isinstance(retry_ms, int | float) and retry_ms >= 0:
+            self.tally.counts["messages_retried"] += 1
+            if cmid not in self.held:
+                self.held.append(cmid)
+            self.hold_until = max(self.hold_until, asyncio.get_running_loop().time() + retry_ms / 1000)
+            if self.flusher is None:
+                self.flusher = asyncio.ensure_future(self._flush_held())
+                self.conversation.keep(self.flusher)
+            return
+        del self.pending[cmid]
+        self.texts.pop(cmid, None)
+        self.tally.counts["messages_refused"] += 1
+
+    async def _flush_held(self) -> None:
+        """When the wait is over, send the held messages in the order they were written."""
+        loop = asyncio.get_running_loop()
+        delay = self.hold_until - loop.time()
+        while delay > 0:  # a later refusal may have extended the wait
+            await asyncio.sleep(delay)
+            delay = self.hold_until - loop.time()
+        held, self.held, self.flusher = self.held, [], None
+        for cmid in sorted(held, key=lambda c: self.pending.get(c, 0)):
+            if cmid in self.pending and not await self._send_message(cmid):
+                return
 
     def on_ai_start(self, frame: dict[str, Any], now: int) -> None:
         self.tally.counts["answers_started"] += 1
@@ -147,8 +205,12 @@ class UserClient(ConversationSocket):
         return super().idle() and not self.pending and not self.asking.waiting
 
     def account_end(self) -> None:
-        """Count what is still outstanding when the run ends."""
-        self.tally.counts["unacked_messages"] += len(self.pending)
+        """Count what is still outstanding when the run ends: messages the gateway said to send
+        again later (refused, or written during the wait), which it never took, apart from
+        messages that got no answer at all."""
+        waiting = len(self.held) if self.flusher is not None else 0
+        self.tally.counts["messages_waiting"] += waiting
+        self.tally.counts["unacked_messages"] += len(self.pending) - waiting
         if self.asking.waiting:
             self.tally.counts["unanswered_users"] += 1
 
@@ -186,7 +248,7 @@ class Conversation:
         self.sockets: list[SocketClient] = [self.user]
         for n in range(run.config.watchers_per_conversation):
             self.sockets.append(WatcherClient(run, self, targets[(index + 1 + n) % len(targets)]))
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     async def setup(self, http: httpx.AsyncClient) -> None:
         """Create the widget session, open every socket, then have the agent follow it (failures are
@@ -242,7 +304,9 @@ class Conversation:
 
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run a send from a frame handler (which must not await), keeping a reference to it."""
-        task = asyncio.ensure_future(work)
+        self.keep(asyncio.ensure_future(work))
+
+    def keep(self, task: asyncio.Future[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -345,6 +345,12 @@ percentiles (ack, time to first token total and added by the gateway, per-token 
 to watchers and agents, takeover to ai_end), takeovers and handbacks, late deltas, seq gaps and
 duplicates, errors by code, the gateways' CPU per delivered delta.
 
+A message refused with `unavailable` or `rate_limited` and a `retry_after_ms` (the gateway did not
+take it, for example because it answers as many conversations as it may) is sent again after that
+time, as the widget does, together with the messages the user wrote meanwhile (held until then);
+the report counts the refusals by code, the messages sent again and held, and times the ack from
+when the message was written.
+
 Exit status: 0 the run completed with no integrity problem; 1 it completed but saw seq gaps,
 duplicates, late deltas, unacknowledged messages, unfinished answers or unanswered takeovers, or a
 client process failed (its counts are missing); 2 bad options; 3 it could not run (no socket

@@ -77,6 +77,10 @@ def build(
             "sent": c["messages_sent"],
             "acked": c["acks"],
             "refused": c["messages_refused"],
+            "retried": c["messages_retried"],
+            "held": c["messages_held"],
+            "waiting": c["messages_waiting"],
+            "refusals_by_code": dict(tally.keyed["message_refusals"]),
             "unacked": c["unacked_messages"],
             "unexpected_acks": c["unexpected_acks"],
             "stops_sent": c["stops_sent"],
@@ -222,7 +226,10 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"  close codes  {_pairs(conn['close_codes'])}")
     lines += [
         f"messages       {msgs['sent']} sent, {msgs['acked']} acked ({msgs['acks_per_s']}/s), "
-        f"{msgs['unacked']} unacked, {msgs['refused']} refused, {msgs['stops_sent']} stops sent",
+        f"{msgs['unacked']} unacked, {msgs['waiting']} still waiting to be sent again, "
+        f"{msgs['refused']} refused, {msgs['retried']} sent again after a refusal"
+        f"{' (' + _pairs(msgs['refusals_by_code']) + ')' if msgs['refusals_by_code'] else ''}, "
+        f"{msgs['stops_sent']} stops sent",
         f"answers        {ans['started']} started, {ans['ended']} ended"
         f"{' (' + _pairs(ans['by_status']) + ')' if ans['by_status'] else ''}, {ans['unfinished']} unfinished, "
         f"tokens per complete answer {_span(ans['tokens_per_complete_answer'])}",

@@ -29,6 +29,7 @@ KEYED = (
     "follow_failures",
     "takeover_errors",
     "agent_max_subscriptions",
+    "message_refusals",
 )
 
 

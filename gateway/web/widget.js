@@ -351,6 +351,8 @@
     var held = null; // events held back while history is refetched after a reset
     var nextDelay = null; // set by a `reconnect` frame or an error's retry_after_ms
     var lastError = null;
+    var holdUntil = 0; // a refusal's retry_after_ms: no message is sent before this (Date.now())
+    var holdTimer = 0;
     var stopped = false;
     var resetGen = 0;
     var welcomeMode = "ai";
@@ -461,10 +463,12 @@
     }
 
     function error(f) {
-      lastError = f;
+      // An error about one message says nothing about the connection: it must not decide how a
+      // later close is handled.
       if (f.client_msg_id) return messageError(f);
       // Typing is throttled here already; a refused typing frame is nothing the user must know.
       if (f.code === "rate_limited" && f.limit === "socket_typing") return;
+      lastError = f;
       if (f.code === "rate_limited") view.banner("You're sending messages too fast. Please wait a moment.", true);
       else if (f.code === "unavailable") view.banner("The chat service is having trouble right now. We'll keep trying.");
       else if (f.code === "too_large") view.banner("That was too long to send.", true);
@@ -474,23 +478,22 @@
       var p = pendingById(f.client_msg_id);
       if (!p) return;
       if (f.code === "rate_limited" || f.code === "unavailable" || f.code === "internal") {
+        // Not stored: it stays pending and is sent again (same id) after retry_after_ms.
         var wait = Math.max(1000, f.retry_after_ms || 3000);
+        var secs = Math.ceil(wait / 1000);
         view.banner(
           f.code === "rate_limited"
-            ? "You're sending messages too fast. Your message will be sent in " + Math.ceil(wait / 1000) + " s."
-            : "The chat service is having trouble. Your message will be sent as soon as it can.",
-          f.code === "rate_limited"
+            ? "You're sending messages too fast. Your message will be sent in " + secs + " s."
+            : f.code === "unavailable"
+              ? "The chat service is busy right now. Your message will be sent in " + secs + " s."
+              : "The chat service is having trouble. Your message will be sent as soon as it can.",
+          f.code !== "internal"
         );
         if (f.code === "rate_limited") {
           p.note = "Waiting to send: too many messages in a short time.";
           view.updatePending(p);
         }
-        setTimeout(function () {
-          if (!pendingById(p.id)) return;
-          p.note = null;
-          send(p);
-          view.updatePending(p);
-        }, wait);
+        holdSends(wait);
         return;
       }
       p.failed = f.code === "too_large" ? "Too long to send (at most " + MAX_CHARS + " characters)." : "Not sent: " + f.message;
@@ -549,8 +552,19 @@
       );
     }
 
+    // The gateway said to wait: this message and any written meanwhile stay pending and go out,
+    // in order, when the wait is over (the gateway would refuse them before then anyway).
+    function holdSends(wait) {
+      holdUntil = Math.max(holdUntil, Date.now() + wait);
+      clearTimeout(holdTimer);
+      holdTimer = setTimeout(function () {
+        holdTimer = 0;
+        if (live) flush();
+      }, holdUntil - Date.now());
+    }
+
     function send(p) {
-      if (!live) return false;
+      if (!live || Date.now() < holdUntil) return false;
       ws.send(JSON.stringify({ type: "message", client_msg_id: p.id, text: p.text }));
       return true;
     }
@@ -571,7 +585,8 @@
     function stop() {
       stopped = true;
       clearTimeout(timer);
-      timer = 0;
+      clearTimeout(holdTimer);
+      timer = holdTimer = 0;
       var sock = ws;
       ws = null;
       live = false;

@@ -9,8 +9,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
+import httpx
+import orjson
 import pytest
 from playwright.sync_api import BrowserContext
+from websockets.sync.client import connect
 
 from core.conversation import FAILED_NOTICE
 from tests.browser.conftest import Screenshots
@@ -337,6 +340,21 @@ def limited_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
     gw.stop()
 
 
+_PENDING_GONE = (
+    "document.querySelector('[data-chatgw]').shadowRoot.querySelectorAll('li.pending').length === 0"
+)
+
+
+@pytest.fixture(scope="module")
+def one_answer_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The embedded default answering one conversation at a time (CHATGW_MAX_ACTIVE_ANSWERS=1),
+    with answers of about 2 s."""
+    env = {"CHATGW_MAX_ACTIVE_ANSWERS": "1", "CHATGW_SCRIPTED_TPS": "20", "CHATGW_SCRIPTED_TOKENS": "40"}
+    gw = start_gateway(tmp_path_factory.mktemp("one-answer-gateway"), env)
+    yield gw
+    gw.stop()
+
+
 QUICK_ANSWERS = {"CHATGW_SCRIPTED_TPS": "200", "CHATGW_SCRIPTED_TOKENS": "10"}
 
 
@@ -381,3 +399,45 @@ _LIMITED_OR_SENT = """([n]) => {
   if (banner && !banner.hidden) return 'limited';
   return root.querySelectorAll('li.user:not(.pending)').length >= n ? 'sent' : false;
 }"""
+
+
+def test_a_message_refused_while_the_service_is_full_is_sent_again_and_answered(
+    new_context: NewContext, one_answer_gateway: GatewayProcess, shots: Screenshots
+) -> None:
+    """Another conversation holds the one answer allowed: the widget's message is refused with
+    `unavailable` and `retry_after_ms`, stays pending with a notice, and is sent again (same id)
+    after that time, then stored once and answered."""
+    gw = one_answer_gateway
+    session = httpx.post(f"{gw.http}/v1/widget/sessions", json={"business": "demo"}, timeout=10).json()
+    w = widget(new_context, gw)
+    w.watch_frames()
+    w.open()
+    with connect(gw.ws, open_timeout=10) as busy:
+        busy.send(orjson.dumps({"type": "hello", "token": session["token"]}).decode())
+        busy.send(orjson.dumps({"type": "message", "client_msg_id": "busy-1", "text": "Hold on"}).decode())
+        while orjson.loads(busy.recv(timeout=10))["type"] != "ai_start":
+            pass
+        w.send("Are you there?")
+        w.page.wait_for_selector(".banner:not([hidden])")
+        assert "busy right now" in (w.page.locator(".banner").text_content() or "")
+        w.send("Hello?")  # written during the wait: held, and sent after the first
+        assert w.page.locator("li.pending").count() == 2
+        shots.take(w.page, "refused-pending")
+    refused = [f for f in w.received if f["type"] == "error"]
+    assert refused[0]["code"] == "unavailable"
+    assert refused[0]["retry_after_ms"] > 0
+    w.page.wait_for_function(f"() => {_PENDING_GONE}", polling=50, timeout=30_000)
+    answer = w.wait_answer(chars=1)
+    final = w.follow(answer.key, answer.text).final
+    shots.take(w.page, "answered")
+    assert final.state == "complete"
+    sends = [f["client_msg_id"] for f in w.sent if f["type"] == "message"]
+    first, _second = dict.fromkeys(sends)  # two messages, in the order written
+    assert sends.count(first) >= 2  # refused, then sent again
+    assert sends[:2] == [first, first]  # the second was held during the wait, then sent after it
+    stored = w.history()
+    assert [(m["role"], m["text"]) for m in stored if m["role"] == "user"] == [
+        ("user", "Are you there?"),
+        ("user", "Hello?"),
+    ]
+    assert stored[-1]["role"] == "assistant"

@@ -443,6 +443,30 @@ async def test_leases_expire_and_go_to_one_claimer(broker: Broker) -> None:
     assert await broker.claim_expired_leases(10) == [held]
 
 
+async def test_renew_leases_renews_all_held_leases_in_one_call(broker: Broker) -> None:
+    """One call renews every lease still held; a dropped or claimed lease is not taken again and
+    comes back as lost, in the order given."""
+    c = await opened(broker)
+    leases = [AnswerLease(BusinessId("b"), c, ResponseId(f"r-{n}")) for n in range(300)]
+    for lease in leases:
+        await broker.hold_lease(lease, 0.05)
+    dropped = leases[7]
+    await broker.drop_lease(dropped)
+    await asyncio.sleep(0.15)  # every lease expired: one claimer takes one of them
+    claims = await broker.claim_expired_leases(1)
+    assert len(claims) == 1
+    claimed = claims[0]
+    lost = await broker.renew_leases(leases, 30)
+    assert lost == sorted([dropped, claimed], key=leases.index)
+    assert await broker.claim_expired_leases(1000) == []  # the rest are held again, for 30 s
+    assert await broker.renew_leases([], 30) == []
+    # Renewed for a short time, they expire again; the lost ones stay gone.
+    assert await broker.renew_leases(leases, 0.01) == sorted([dropped, claimed], key=leases.index)
+    await asyncio.sleep(0.1)
+    expired = await broker.claim_expired_leases(1000)
+    assert sorted(expired, key=leases.index) == [x for x in leases if x not in (dropped, claimed)]
+
+
 async def test_control_messages_reach_the_listener(broker: Broker) -> None:
     inbox = Inbox()
     broker.set_listener(inbox)

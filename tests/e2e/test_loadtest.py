@@ -121,6 +121,47 @@ def test_stopped_answers_end_stopped_and_close_the_model_stream(
         slow.stop()
 
 
+def test_refusals_are_reported_by_code_and_sent_again(
+    gateway_on: Callable[..., GatewayProcess], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """A gateway answering one conversation at a time refuses the others' messages with
+    `unavailable` and `retry_after_ms`: the load tool counts each refusal by code, sends the
+    message again after it, and in the end every message is acked and answered."""
+    slow = start_model_server(
+        tmp_path_factory.mktemp("one-second-answers"),
+        *("--ttft-ms", "10", "--tokens", "40", "--tokens-per-second", "40"),
+    )
+    try:
+        gw = gateway_on(
+            {**model_env(slow), "CHATGW_MAX_ACTIVE_ANSWERS": "1", "CHATGW_OVERLOAD_RETRY_MS": "200"}
+        )
+        # Four users send within the same half second; each answer lasts a second.
+        run = run_loadtest(
+            tmp_path,
+            *args(gw, slow, "--conversations", "4", "--watchers-per-conversation", "0"),
+            *("--message-interval", "0.5", "--duration", "1", "--drain-timeout", "60"),
+            timeout=120,
+        )
+        assert run.status == 0, run.stderr
+        messages, answers = run.report["messages"], run.report["answers"]
+        assert messages["retried"] >= 3
+        assert messages["refusals_by_code"] == {"unavailable": messages["retried"]}
+        assert run.report["errors"] == {"unavailable": messages["retried"]}
+        assert (
+            messages["refused"]
+            == messages["unacked"]
+            == messages["waiting"]
+            == messages["unexpected_acks"]
+            == 0
+        )
+        assert messages["acked"] == messages["sent"] >= 4
+        assert answers["by_status"] == {"complete": answers["started"]}
+        assert answers["unfinished"] == answers["users_left_waiting"] == 0
+        assert "sent again after a refusal (unavailable=" in run.stdout
+    finally:
+        slow.stop()
+
+
 def test_agents_take_over_mid_answer_and_hand_back(
     gateway_on: Callable[..., GatewayProcess], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:

@@ -84,6 +84,21 @@ def test_the_redis_pool_size_is_read_and_bounded() -> None:
         Settings.from_env({"CHATGW_REDIS_POOL_SIZE": "many"})
 
 
+def test_the_overload_limit_is_read_and_bounded() -> None:
+    defaults = Settings.from_env({})
+    assert defaults.max_active_answers > 0  # on by default
+    assert defaults.overload_retry_ms > 0
+    settings = Settings.from_env({"CHATGW_MAX_ACTIVE_ANSWERS": "0", "CHATGW_OVERLOAD_RETRY_MS": "250"})
+    assert (settings.max_active_answers, settings.overload_retry_ms) == (0, 250)
+    with pytest.raises(SettingsError, match="CHATGW_MAX_ACTIVE_ANSWERS must be >= 0"):
+        Settings.from_env({"CHATGW_MAX_ACTIVE_ANSWERS": "-1"})
+    with pytest.raises(SettingsError, match="CHATGW_OVERLOAD_RETRY_MS must be >= 100"):
+        Settings.from_env({"CHATGW_OVERLOAD_RETRY_MS": "10"})
+    assert Settings.from_env({"CHATGW_OVERLOAD_LAG_MS": "0"}).overload_lag_ms == 0
+    with pytest.raises(SettingsError, match="CHATGW_OVERLOAD_LAG_MS must be a number"):
+        Settings.from_env({"CHATGW_OVERLOAD_LAG_MS": "soon"})
+
+
 def test_the_demo_agent_switch_reads_on_and_off_words() -> None:
     assert Settings.from_env({}).demo_agent is True
     assert Settings.from_env({"CHATGW_DEMO_AGENT": "off"}).demo_agent is False
