@@ -313,7 +313,9 @@ class Connection:
             # of their own, higher than a widget's.
             agent = self.role is not None and self.role.kind == "agent"
             try:
-                await self.gw.limits.hit(Limit.AGENT_FRAMES if agent else Limit.SOCKET_FRAMES, self.session_id)
+                await self.gw.limits.hit(
+                    Limit.AGENT_FRAMES if agent else Limit.SOCKET_FRAMES, self.session_id
+                )
             except RateLimited as exc:
                 await self.rate_limited(exc, None, None)
                 continue

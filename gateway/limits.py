@@ -75,7 +75,9 @@ _WHAT = {
     Limit.KEY_HTTP: "requests with this key",
     Limit.VIOLATIONS: "rate limit violations",
 }
-_LOCAL = frozenset({Limit.SOCKET_FRAMES, Limit.AGENT_FRAMES, Limit.SOCKET_MESSAGES, Limit.SOCKET_TYPING, Limit.VIOLATIONS})
+_LOCAL = frozenset(
+    {Limit.SOCKET_FRAMES, Limit.AGENT_FRAMES, Limit.SOCKET_MESSAGES, Limit.SOCKET_TYPING, Limit.VIOLATIONS}
+)
 # How long a concurrency breach asks the client to wait before trying again.
 HELD_RETRY_MS = 5000
 
