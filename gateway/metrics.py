@@ -30,6 +30,8 @@ class Metrics:
             "chatgw_ws_frames_in", "Client frames received, by type.", ["type"], registry=r
         )
         self.frames_out = Counter("chatgw_ws_frames_out", "Frames sent, by type.", ["type"], registry=r)
+        # Bound children by frame type: a frame sent costs one dict lookup, not a `labels()` call.
+        self._frames_out: dict[str, Counter] = {}
         self.messages = Counter(
             "chatgw_messages_processed", "User messages handled, by outcome.", ["outcome"], registry=r
         )
@@ -113,6 +115,13 @@ class Metrics:
 
     def answer_ended(self, status: AnswerStatus) -> None:
         self.answers.labels(status.value).inc()
+
+    def frame_out(self, frame_type: str) -> None:
+        """Count a frame sent (the server's own types: a bounded set)."""
+        child = self._frames_out.get(frame_type)
+        if child is None:
+            child = self._frames_out[frame_type] = self.frames_out.labels(frame_type)
+        child.inc()
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()

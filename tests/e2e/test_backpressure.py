@@ -75,3 +75,45 @@ async def test_a_slow_consumer_is_closed_while_a_fast_one_keeps_going(
     assert reset["reason"] == "window"
     await again.close()
     await fast.close()
+
+
+async def test_a_reader_that_pauses_gets_every_frame_in_order_once_it_reads_again(
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    """The same stalled socket with room in its outbox: while its socket takes nothing, what is sent
+    to it waits (the send in progress, then the outbox behind it); once it reads again it gets
+    every event of the conversation exactly once and in order, and stays open."""
+    gw = gateway_factory(
+        {"CHATGW_SCRIPTED_TOKENS": "3", "CHATGW_REPLAY_WINDOW": "16", "CHATGW_OUTBOX_FRAMES": "20000"}
+    )
+    widget = new_widget(gw)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(raw, ("127.0.0.1", gw.port))
+    stalled = Client(await connect(gw.ws, sock=raw, max_size=2**22, max_queue=1))
+    welcome = await stalled.hello(widget)
+
+    fast = Client(await connect(gw.ws, max_size=2**22))
+    await fast.hello(widget)
+    for n in range(MESSAGES):
+        await fast.send({"type": "message", "client_msg_id": f"m-{n}", "text": TEXT})
+        await fast.recv_type("ack")
+    last_seq = 0
+    while True:  # the fast socket sees the last answer end: every event has been sent
+        frame = await fast.recv()
+        last_seq = frame.get("seq", last_seq)
+        if frame["type"] == "ai_end" and sum(f["type"] == "ai_end" for f in fast.frames) == MESSAGES:
+            break
+
+    seqs: list[int] = []
+    while not seqs or seqs[-1] < last_seq:
+        frame = await stalled.recv(timeout=30)
+        if "seq" in frame:  # typing frames carry none
+            seqs.append(frame["seq"])
+    assert seqs == list(range(welcome["seq"] + 1, last_seq + 1))
+    messages = [f["client_msg_id"] for f in stalled.frames if f["type"] == "message"]
+    assert messages == [f"m-{n}" for n in range(MESSAGES)]
+    await stalled.send({"type": "typing", "state": True})  # still open
+    await stalled.close()
+    await fast.close()
