@@ -8,8 +8,10 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import generate_latest
 
 from gateway.connection import close_message, finish, send_message
+from gateway.metrics import Metrics
 from gateway.protocol import CloseCode, encode
 
 
@@ -89,3 +91,19 @@ async def test_cancelling_the_task_that_finishes_a_send_cancels_the_send() -> No
     with pytest.raises(asyncio.CancelledError):
         await task
     assert seen == ["cancelled"]
+
+
+def test_frames_sent_are_counted_by_type_on_the_metrics_page() -> None:
+    metrics = Metrics()
+    for frame_type in ("welcome", "delta", "delta", "delta", "ai_end"):
+        metrics.frame_out(frame_type)
+    lines = generate_latest(metrics.registry).decode().splitlines()
+    counted = {
+        ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in lines if ln.startswith("chatgw_ws_frames_out")
+    }
+    assert counted == {
+        'chatgw_ws_frames_out_total{type="ai_end"}': 1.0,
+        'chatgw_ws_frames_out_total{type="delta"}': 3.0,
+        'chatgw_ws_frames_out_total{type="welcome"}': 1.0,
+    }
+    assert "# TYPE chatgw_ws_frames_out_total counter" in lines
