@@ -91,6 +91,11 @@ async def test_a_reader_that_pauses_gets_every_frame_in_order_once_it_reads_agai
             "CHATGW_REPLAY_WINDOW": "16",
             "CHATGW_OUTBOX_FRAMES": "4000",
             "CHATGW_MAX_MESSAGE_CHARS": str(len(BIG)),
+            # The fast client floods on purpose (as above).
+            "CHATGW_LIMIT_SOCKET_FRAMES": "off",
+            "CHATGW_LIMIT_SOCKET_MESSAGES": "off",
+            "CHATGW_LIMIT_CONVERSATION_MESSAGES": "off",
+            "CHATGW_LIMIT_USER_ANSWERS": "off",
         }
     )
     widget = new_widget(gw)
