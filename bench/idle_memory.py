@@ -44,7 +44,7 @@ from clients import Proto, SocketSpec, from_driver, keep_open, open_joined, retr
 from websockets.asyncio.client import ClientConnection, connect
 from workload import raise_file_limit, rss_bytes
 
-from tests.servers import GatewayProcess, start_gateway
+from tests.servers import ROOT, GatewayProcess, start_gateway
 
 KINDS = ["websockets", "starlette", "socketio", "gateway"]
 WARMUP = 20
@@ -86,14 +86,14 @@ async def _client(pipe: Connection, target: Target, count: int, first: int) -> N
     holders: list[asyncio.Task[None]] = []
     sockets: list[ClientConnection] = []
     try:
-        tokens = await _sessions(target, count) if target.kind == "gateway" else []
+        tokens = await _sessions(target, count) if target.kind.startswith("gateway") else []
         pipe.send(("sessions", len(tokens)))
         await from_driver(pipe)
         gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
 
         async def one(i: int) -> None:
             async with gate:
-                if target.kind == "gateway":
+                if target.kind.startswith("gateway"):
                     ws = await retried(lambda: _gateway_socket(target.port, tokens[i]))
                 else:
                     spec = SocketSpec(target.port, proto, f"idle{first + i}", "watcher")
@@ -195,12 +195,17 @@ def close_sockets(pipes: list[Connection], procs: list[multiprocessing.process.B
     return still_open
 
 
+# Gateways run from other checkouts (`--variant NAME=DIR`): kind "gateway-NAME" -> DIR.
+VARIANTS: dict[str, Path] = {}
+
+
 def measure(kind: str, n: int, settle: float, tmp: Path) -> Sample:
     gateway: GatewayProcess | None = None
     reference: refservers.Running | None = None
     try:
-        if kind == "gateway":
-            gateway = start_gateway(tmp, {"CHATGW_LOG_LEVEL": "WARNING"})
+        if kind.startswith("gateway"):
+            cwd = VARIANTS.get(kind, ROOT)
+            gateway = start_gateway(tmp, {"CHATGW_LOG_LEVEL": "WARNING"}, cwd=cwd)
             target = Target(kind, gateway.port, gateway.process.pid)
         else:
             reference = refservers.start(kind)
@@ -243,10 +248,14 @@ def summarise(kinds: list[str], sizes: list[int], samples: list[Sample]) -> None
             spread([s.per_socket / 1024 for s in samples if s.kind == kind and s.sockets == n]) for n in sizes
         ]
         print(f"| {kind} | " + " | ".join(cells) + " |")
-    gateway = [s for s in samples if s.kind == "gateway"]
+    for name in [k for k in kinds if k.startswith("gateway")]:
+        _sessions_share(name, sizes, [s for s in samples if s.kind == name])
+
+
+def _sessions_share(name: str, sizes: list[int], gateway: list[Sample]) -> None:
     if gateway:
         print(
-            "\ngateway, of which its widget session and conversation (before any socket opened), KiB per socket:\n"
+            f"\n{name}, of which its widget session and conversation (before any socket opened), KiB per socket:\n"
         )
         print("| " + " | ".join(f"{n:,}" for n in sizes) + " |")
         print("|" + " --- |" * len(sizes))
@@ -267,11 +276,21 @@ def main() -> None:
     parser.add_argument(
         "--settle", type=float, default=3.0, help="seconds between the last socket and the reading"
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also measure the gateway run from the checkout in DIR, as server gateway-NAME (repeatable)",
+    )
     args = parser.parse_args()
+    for name, _, path in (v.partition("=") for v in args.variant):
+        VARIANTS[f"gateway-{name}"] = Path(path).resolve()
     # A terminated run still stops the servers and client processes it started (finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kinds = [k for k in args.servers.split(",") if k]
-    if unknown := [k for k in kinds if k not in KINDS]:
+    kinds += [k for k in VARIANTS if k not in kinds]
+    if unknown := [k for k in kinds if k not in KINDS and k not in VARIANTS]:
         parser.error(f"unknown server(s): {', '.join(unknown)}; known: {', '.join(KINDS)}")
     try:
         sizes = [int(n) for n in args.sockets.split(",")]

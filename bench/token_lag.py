@@ -9,6 +9,13 @@ with the lowest and highest in brackets.
 
     .venv/bin/python bench/token_lag.py --levels 10,20,40,80 --runs 3
     .venv/bin/python bench/token_lag.py --levels 40 --runs 3 --backend postgres+redis
+    .venv/bin/python bench/token_lag.py --levels 10,100 --variant before=/path/to/old/checkout --variant after=.
+
+With `--variant NAME=DIR` (repeatable) the gateway runs from the checkout in DIR (the model server
+and the load tool always from this one), and the variants alternate within each level of each
+run, so that old and new see the same state of the machine. `--flow plain` replaces the demo
+business's flow (before the load starts, over the admin API) with its greeting stage alone: no
+transition, no extraction, so no model call and no condition before the streamed answer.
 
 The default workload: a model at 200 ms to the first token, then 20 tokens/s, 40-token answers; a
 message every 3 s per conversation; one user and one watcher socket per conversation; 30 s.
@@ -26,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -38,15 +47,20 @@ COLUMNS: list[tuple[str, str]] = [
     ("token lag p50 ms", "latency_ms.token_lag.p50"),
     ("token lag p99 ms", "latency_ms.token_lag.p99"),
     ("token lag max ms", "latency_ms.token_lag.max"),
+    ("TTFT added p50 ms", "latency_ms.ttft_added.p50"),
     ("TTFT added p99 ms", "latency_ms.ttft_added.p99"),
     ("TTFT total p50 ms", "latency_ms.ttft_total.p50"),
+    ("TTFT total - model TTFT, p50 ms", "bench.ttft_beyond_model_p50"),
+    ("TTFT total - model TTFT, p99 ms", "bench.ttft_beyond_model_p99"),
     ("ack p99 ms", "latency_ms.ack.p99"),
     ("gateway CPU s", "gateway_cpu.cpu_seconds"),
     ("gateway CPU, cores", "bench.gateway_cores"),
     ("gateway CPU µs/delta frame", "gateway_cpu.us_per_delta_frame"),
     ("gateway CPU µs/model token", "bench.us_per_model_token"),
     ("client CPU, % of a core", "bench.client_percent"),
-    ("load avg (1 min)", "bench.loadavg"),
+    ("load avg (1 min) at start", "bench.loadavg"),
+    ("load avg (1 min) at end", "bench.loadavg_end"),
+    ("unfinished answers", "answers.unfinished"),
 ]
 
 
@@ -69,7 +83,27 @@ def backend_env(name: str) -> dict[str, str]:
     }
 
 
-def one_run(args: argparse.Namespace, conversations: int, env: dict[str, str], tmp: Path) -> dict[str, Any]:
+ADMIN_KEY = "bench-admin-key-0123456789abcdef"
+
+
+def plain_flow(url: str) -> None:
+    """Make the demo business's flow its entry stage alone (see the module docstring)."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    flow = httpx.get(f"{url}/v1/admin/flow", headers=headers, timeout=10).json()
+    entry = next(stage for stage in flow["stages"] if stage["is_entry"])
+    body = {
+        "version": flow["version"],
+        "stages": [entry],
+        "transitions": [],
+        "templates": [t for t in flow["templates"] if t["name"] == entry["response_template"]],
+        "rules": [],
+    }
+    httpx.put(f"{url}/v1/admin/flow", headers=headers, json=body, timeout=10).raise_for_status()
+
+
+def one_run(
+    args: argparse.Namespace, conversations: int, env: dict[str, str], tmp: Path, cwd: Path = ROOT
+) -> dict[str, Any]:
     model = start_model_server(
         tmp,
         *("--ttft-ms", str(args.ttft_ms), "--tokens-per-second", str(args.tps), "--tokens", str(args.tokens)),
@@ -78,8 +112,18 @@ def one_run(args: argparse.Namespace, conversations: int, env: dict[str, str], t
     try:
         # Capacity is measured here: no overload limit (CHATGW_MAX_ACTIVE_ANSWERS=0).
         gateway = start_gateway(
-            tmp, {**env, **model_env(model), "CHATGW_LOG_LEVEL": "WARNING", "CHATGW_MAX_ACTIVE_ANSWERS": "0"}
+            tmp,
+            {
+                **env,
+                **model_env(model),
+                "CHATGW_LOG_LEVEL": "WARNING",
+                "CHATGW_DEMO_API_KEY": ADMIN_KEY,
+                "CHATGW_MAX_ACTIVE_ANSWERS": "0",
+            },
+            cwd=cwd,
         )
+        if args.flow == "plain":
+            plain_flow(gateway.http)
         load = os.getloadavg()[0]
         run = run_loadtest(
             tmp,
@@ -97,8 +141,14 @@ def one_run(args: argparse.Namespace, conversations: int, env: dict[str, str], t
         raise RuntimeError(f"the load tool failed ({run.status}):\n{run.stderr}")
     report = run.report
     cpu, tokens = report["gateway_cpu"]["cpu_seconds"], report["deltas"]["tokens_user"]
+    ttft_total = report["latency_ms"]["ttft_total"]
     report["bench"] = {
         "loadavg": load,
+        "loadavg_end": os.getloadavg()[0],
+        # Time to first token beyond the model's own (its configured TTFT): everything the gateway
+        # did from the message's arrival to the first delta's, model call before it included.
+        "ttft_beyond_model_p50": ttft_total["p50"] - args.ttft_ms if ttft_total["p50"] is not None else None,
+        "ttft_beyond_model_p99": ttft_total["p99"] - args.ttft_ms if ttft_total["p99"] is not None else None,
         "status": run.status,
         "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # Each model token reaches every socket of its conversation once: per model token is the
@@ -133,31 +183,45 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="load tool client processes")
     parser.add_argument("--backend", choices=["memory", "postgres+redis"], default="memory")
     parser.add_argument("--out", type=Path, help="directory for the raw JSON reports")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="run the gateway from the checkout in DIR (repeatable; default: this checkout)",
+    )
+    parser.add_argument("--flow", choices=["demo", "plain"], default="demo", help="the demo business's flow")
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
+    variants = [(name, Path(path).resolve()) for name, _, path in (v.partition("=") for v in args.variant)]
+    variants = variants or [("", ROOT)]
     env = backend_env(args.backend)
-    results: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
+    cells = [(n, name) for n in levels for name, _ in variants]
+    results: dict[tuple[int, str], list[dict[str, Any]]] = {cell: [] for cell in cells}
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(1, args.runs + 1):
             for n in levels:
-                report = one_run(args, n, env, Path(tmp))
-                results[n].append(report)
-                lag = report["latency_ms"]["token_lag"]
-                print(
-                    f"run {run} level {n}: token lag p50 {lag['p50']} p99 {lag['p99']} ms, "
-                    f"{report['gateway_cpu']['us_per_delta_frame']} µs/delta, load avg {report['bench']['loadavg']:.1f}, "
-                    f"exit {report['bench']['status']}",
-                    flush=True,
-                )
-                if args.out:
-                    args.out.mkdir(parents=True, exist_ok=True)
-                    (args.out / f"level{n}-run{run}.json").write_text(json.dumps(report, indent=1))
+                for name, cwd in variants:
+                    report = one_run(args, n, env, Path(tmp), cwd)
+                    results[(n, name)].append(report)
+                    lag = report["latency_ms"]["token_lag"]
+                    print(
+                        f"run {run} level {n} {name}: token lag p50 {lag['p50']} p99 {lag['p99']} ms, "
+                        f"{report['gateway_cpu']['us_per_delta_frame']} µs/delta, "
+                        f"load avg {report['bench']['loadavg']:.1f}, exit {report['bench']['status']}",
+                        flush=True,
+                    )
+                    if args.out:
+                        args.out.mkdir(parents=True, exist_ok=True)
+                        tag = f"-{name}" if name else ""
+                        (args.out / f"level{n}{tag}-run{run}.json").write_text(json.dumps(report, indent=1))
     print()
-    print("| metric | " + " | ".join(f"{n} conversations" for n in levels) + " |")
-    print("| --- |" + " --- |" * len(levels))
+    heads = [f"{n} conversations" + (f", {name}" if name else "") for n, name in cells]
+    print("| metric | " + " | ".join(heads) + " |")
+    print("| --- |" + " --- |" * len(cells))
     for label, path in COLUMNS:
         print(
-            f"| {label} | " + " | ".join(summary([pick(r, path) for r in results[n]]) for n in levels) + " |"
+            f"| {label} | " + " | ".join(summary([pick(r, path) for r in results[c]]) for c in cells) + " |"
         )
 
 

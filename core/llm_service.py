@@ -346,14 +346,19 @@ class OpenAILLM:
         self, client: openai.AsyncOpenAI, model: str, params: list[ChatCompletionMessageParam]
     ) -> ChunkReader:
         """Send the streamed request through the client (auth, status errors, timeouts) and read
-        its body ourselves: the client's per-chunk objects cost more than the rest of the gateway."""
+        its body ourselves: the client's per-chunk objects cost more than the rest of the gateway.
+
+        The messages go in `extra_body`, already plain JSON-ready dicts: given as `messages`, the
+        client walks them against its request types on every call (`async_maybe_transform`), which
+        cost more CPU than relaying the whole answer (bench/README.md, "The send path")."""
         closer = contextlib.AsyncExitStack()
         response = await closer.enter_async_context(
             client.chat.completions.with_streaming_response.create(
                 model=model,
-                messages=params,
+                messages=[],
                 stream=True,
                 stream_options={"include_usage": True},
+                extra_body={"messages": params},
             )
         )
         return ChunkReader(response.http_response, closer=closer, idle_timeout=self._request_timeout)
@@ -409,12 +414,11 @@ class OpenAILLM:
         await bucket.limiter.acquire()
         client = self._get_client()
         async with asyncio.timeout(self._request_timeout):
-            if response_format is None:
-                response = await client.chat.completions.create(model=model, messages=params)
-            else:
-                response = await client.chat.completions.create(
-                    model=model, messages=params, response_format=response_format
-                )
+            # As in `_request_stream`: plain dicts in `extra_body` skip the client's request transform.
+            body: dict[str, object] = {"messages": params}
+            if response_format is not None:
+                body["response_format"] = response_format
+            response = await client.chat.completions.create(model=model, messages=[], extra_body=body)
         text = (response.choices[0].message.content or "") if response.choices else ""
         usage = (
             Usage(response.usage.prompt_tokens, response.usage.completion_tokens)

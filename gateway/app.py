@@ -112,11 +112,28 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
     )
 
 
-class GatewayApp(Starlette):
-    """The gateway's Starlette app. A start that fails with `StartupError` is reported to the server
-    as its one line (Starlette would send the whole traceback)."""
+class SocketEndpoint:
+    """`/ws` as a bare ASGI app (a class, so that Starlette's route passes `receive` and `send`
+    through instead of wrapping them in its WebSocket)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await serve_socket(scope, receive, send)
+
+
+class GatewayApp(Starlette):
+    """The gateway's Starlette app. A start that fails with `StartupError` is reported to the server
+    as its one line (Starlette would send the whole traceback).
+
+    A `/ws` socket goes to the connection before the middleware and the router: none of them acts
+    on a WebSocket here (the limits middleware and the error pages are HTTP only), and each would
+    stay on the socket's stack for its whole life and wrap every frame sent (bench/README.md, "The
+    send path")."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == scope.get("root_path", "") + "/ws":
+            scope["app"] = self
+            await serve_socket(scope, receive, send)
+            return
         if scope["type"] != "lifespan":
             await super().__call__(scope, receive, send)
             return
@@ -164,7 +181,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
             log.info("stopped")
 
     routes = [
-        WebSocketRoute("/ws", serve_socket),
+        WebSocketRoute("/ws", SocketEndpoint()),
         Route("/v1/widget/sessions", http_api.create_widget_session, methods=["POST", "OPTIONS"]),
         Route(
             "/v1/conversations/{conversation_id}/messages", http_api.list_messages, methods=["GET", "OPTIONS"]

@@ -1,9 +1,14 @@
 """One WebSocket connection: hello, then frames in and events out.
 
-Each connection runs one reader task (the only caller of `receive`) and one writer task (the only
-caller of `send`), joined by a bounded outbox. Everything for the client, events from the hub
-included, goes through the outbox, so frames leave in the order they were queued. A client that
-lets the outbox fill up is closed with 4008 and recovers by resuming; it never holds anyone up.
+The connection runs in the ASGI endpoint's own task (uvicorn's task for the socket): that task is
+the only reader (the only caller of `receive`). Frames out are written at once, from whoever
+queues them (the hub's fan-out, a role answering a frame), by calling the server's ASGI `send`
+with a prepared message: uvicorn's `send` writes to the socket without waiting unless the socket's
+write buffer is full. When it does wait, the rest of that send and every frame queued behind it
+go out from a writer task made for the occasion, which ends once the bounded outbox is empty; so
+frames leave in the order they were queued, and an idle socket holds one task, not three. A
+client that lets the outbox fill up is closed with 4008 and recovers by resuming; it never holds
+anyone up.
 
 After `hello` the connection takes a role from its token: a widget user (one `Subscription`, its
 conversation: gateway.widget) or an agent (a live view of the business and any number of
@@ -20,11 +25,10 @@ import contextlib
 import enum
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from typing import Any, Protocol
 
-from starlette.types import Message
-from starlette.websockets import WebSocket
+from starlette.types import Message, Receive, Scope, Send
 
 from core.errors import CoreError, InvalidInput, TooLarge, Unavailable
 from core.models import Business
@@ -112,23 +116,102 @@ class Role(Protocol):
 _Item = tuple[str, str] | _Close
 
 
+def send_message(text: str) -> dict[str, Any]:
+    """The ASGI message that sends `text` as one WebSocket text frame."""
+    return {"type": "websocket.send", "text": text}
+
+
+def close_message(code: int, reason: str) -> dict[str, Any]:
+    """The ASGI message that closes the socket with `code` and `reason`."""
+    return {"type": "websocket.close", "code": code, "reason": reason}
+
+
+async def finish(steps: Generator[Any, None, None], waiting: Any) -> None:
+    """Run to its end, in the calling task, an awaitable that was started by hand (`steps`, its
+    `__await__()`) and suspended once on `waiting` (what its `send(None)` returned: a future, or
+    None for a bare yield).
+
+    This is what asyncio's Task does for every step; done here because the first step ran
+    outside any task (Python 3.12's eager tasks do the same, this code runs on 3.11)."""
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                # Taken over from the awaitable's own yield, as a task does (else awaiting it
+                # again here raises "await wasn't used with future").
+                waiting._asyncio_future_blocking = False
+                await waiting
+        except BaseException as exc:  # passed into the coroutine, as a task would
+            try:
+                waiting = steps.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting = steps.send(None)
+        except StopIteration:
+            return
+
+
 class Connection:
-    def __init__(self, websocket: WebSocket, gateway: Gateway) -> None:
-        self.ws = websocket
+    __slots__ = (
+        "_abandoned",
+        "_address_key",
+        "_conversation_key",
+        "_deadline",
+        "_done",
+        "_ended",
+        "_limit",
+        "_outbox",
+        "_peer",
+        "_pending_close",
+        "_reading",
+        "_receive",
+        "_send",
+        "_task",
+        "_writer",
+        "close_code",
+        "close_reason",
+        "closed_by",
+        "gw",
+        "host",
+        "origin",
+        "principal",
+        "role",
+        "session_id",
+        "state",
+        "subscriptions",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, gateway: Gateway) -> None:
+        self.origin = header(scope, b"origin")
+        self.host = header(scope, b"host")
+        # The request's headers are not read again: a socket holds them (a list of byte pairs,
+        # about 1 KiB) for its whole life unless they are let go here.
+        scope["headers"] = ()
+        self._receive = receive
+        self._send = send
         self.gw = gateway
         self.session_id = new_id()
         self.state = State.AWAITING_HELLO
         self.principal: Principal | None = None
         self.role: Role | None = None
         self.subscriptions: dict[ConversationId, Subscription] = {}
-        self._outbox: deque[_Item] = deque()
+        # Frames waiting behind a send the socket could not take at once; made when first needed.
+        self._outbox: deque[_Item] | None = None
+        self._writer: asyncio.Task[None] | None = None  # only while a send waits for the socket
         self._limit = gateway.settings.outbox_frames
-        self._wake = asyncio.Event()
-        self.closed = asyncio.Event()
+        self._done: asyncio.Future[None] | None = None  # made by `finished()`
+        self._ended = False
         self.close_code: int | None = None
         self.close_reason = ""
         self.closed_by: str | None = None  # "gateway", or "client" (the client, or its connection)
-        self._tasks: tuple[asyncio.Task[None], ...] = ()
+        client = scope.get("client")
+        self._peer: str | None = client[0] if client else None
+        self._task: asyncio.Task[Any] | None = None  # the socket's own task, while it reads
+        self._reading = False
+        self._abandoned = False
         self._pending_close: _Close | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._address_key: str | None = None
@@ -137,41 +220,51 @@ class Connection:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await self.ws.accept()
+        if (await self._receive())["type"] != "websocket.connect":
+            return
+        await self._send({"type": "websocket.accept"})
         if self.gw.draining:
             self._closing(CloseCode.DRAINING, "this instance is draining: reconnect", "gateway")
-            await self.ws.close(CloseCode.DRAINING, self.close_reason)
+            await self._send(close_message(CloseCode.DRAINING, self.close_reason))
             self._log_closed()
             return
         if not await self._admit():
             return
         self.gw.sessions.add(self)
         self.gw.metrics.sockets.inc()
-        reader = asyncio.create_task(self._read(), name=f"ws-read-{self.session_id}")
-        writer = asyncio.create_task(self._write(), name=f"ws-write-{self.session_id}")
-        self._tasks = (reader, writer)
+        self._task = asyncio.current_task()
+        self._reading = True
         try:
-            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                log.error("socket reader failed", exc_info=reader.exception(), extra=self.log_extra())
-            if reader.done() and self.state is State.CLOSING and not writer.done():
+            await self._read()
+            writer = self._writer
+            if self.state is State.CLOSING and writer is not None:
                 # The reader asked for a close: let the writer send what is queued, then the close.
                 await asyncio.wait({writer}, timeout=5.0)
+        except asyncio.CancelledError:
+            if not self._abandoned:
+                raise
+            if self._task is not None:
+                self._task.uncancel()  # ended by `_abandon`: go on with the cleanup below
+        except Exception:
+            log.error("socket reader failed", exc_info=True, extra=self.log_extra())
         finally:
-            self.state = State.CLOSING
-            for task in (reader, writer):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
-            await self._close_abandoned()
+            self._reading = False
             if self._deadline is not None:
                 self._deadline.cancel()
+            self.state = State.CLOSING
+            writer = self._writer
+            if writer is not None and not writer.done():
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            await self._close_abandoned()
             await self._leave()
             self.gw.limits.close_connection(self._address_key)
             self.gw.limits.close_conversation_socket(self._conversation_key)
             self.gw.metrics.sockets.dec()
             self.gw.sessions.discard(self)
-            self.closed.set()
+            self._ended = True
+            if self._done is not None and not self._done.done():
+                self._done.set_result(None)
             self._log_closed()
 
     def _closing(self, code: int | None, reason: str, by: str) -> None:
@@ -180,6 +273,8 @@ class Connection:
             self.close_code, self.close_reason, self.closed_by = code, reason, by
 
     def _log_closed(self) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         code = self.close_code if self.close_code is not None else "no close code"
         reason = f" {self.close_reason!r}" if self.close_reason else ""
         log.info(
@@ -197,19 +292,26 @@ class Connection:
 
     async def _admit(self) -> bool:
         """Count the socket against its address's limits; refuse it (1013) when over."""
-        client = self.ws.client
         try:
-            self._address_key = await self.gw.limits.open_connection(client.host if client else None)
+            self._address_key = await self.gw.limits.open_connection(self._peer)
         except RateLimited as exc:
             self.gw.metrics.error(ErrorCode.RATE_LIMITED.value)
             frame = error_frame(ErrorCode.RATE_LIMITED, exc.message, retry_after_ms=exc.retry_after_ms)
             frame["limit"] = exc.limit.value
             self._closing(CloseCode.TRY_AGAIN_LATER, close_reason(exc.message), "gateway")
-            await self.ws.send_text(encode(frame))
-            await self.ws.close(CloseCode.TRY_AGAIN_LATER, self.close_reason)
+            await self._send(send_message(encode(frame)))
+            await self._send(close_message(CloseCode.TRY_AGAIN_LATER, self.close_reason))
             self._log_closed()
             return False
         return True
+
+    def finished(self) -> asyncio.Future[None]:
+        """A future done once the connection has ended (its subscriptions left)."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self._ended:
+                self._done.set_result(None)
+        return self._done
 
     async def _leave(self) -> None:
         for subscription in list(self.subscriptions.values()):
@@ -224,17 +326,21 @@ class Connection:
         self.close(CloseCode.DRAINING, "this instance is draining: reconnect")
 
     def close(self, code: CloseCode, reason: str) -> None:
-        """Queue a close after what is already queued; nothing is queued after it."""
+        """Send a close after what is already queued; nothing is sent after it."""
         if self.state is State.CLOSING:
             return
         self.state = State.CLOSING
-        self._pending_close = _Close(code, reason)
-        self._outbox.append(self._pending_close)
-        self._wake.set()
+        pending = self._pending_close = _Close(code, reason)
         # Closed whatever the client does: a client that reads nothing holds up the writer, so
-        # after the close timeout both tasks are ended (and the transport aborted: gateway.transport).
+        # after the close timeout the socket's task and its writer are ended (and the transport
+        # aborted: gateway.transport).
         timeout = self.gw.settings.limits.close_timeout
         self._deadline = asyncio.get_running_loop().call_later(timeout, self._abandon)
+        if self._writer is not None and self._outbox is not None:
+            self._outbox.append(pending)
+            return
+        self._closing(code, pending.reason, "gateway")
+        self._write(None, close_message(code, pending.reason))
 
     async def _close_abandoned(self) -> None:
         """The writer was ended before it sent the queued close (the client reads nothing): send
@@ -244,12 +350,14 @@ class Connection:
             return
         self._closing(pending.code, pending.reason, "gateway")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(pending.code, pending.reason), 1.0)
+            await asyncio.wait_for(self._send(close_message(pending.code, pending.reason)), 1.0)
 
     def _abandon(self) -> None:
-        for task in self._tasks:
-            if not task.done():
-                task.cancel()
+        self._abandoned = True
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        if self._reading and self._task is not None:
+            self._task.cancel()
 
     # -- out ------------------------------------------------------------------------------------
 
@@ -257,13 +365,16 @@ class Connection:
         self.enqueue(frame["type"], encode(frame))
 
     def enqueue(self, frame_type: str, text: str) -> None:
+        """Send one encoded frame now, or queue it behind a send that waits for the socket."""
         if self.state is State.CLOSING:
             return
-        if len(self._outbox) >= self._limit:
-            self.overflow()
+        if self._writer is not None and self._outbox is not None:
+            if len(self._outbox) >= self._limit:
+                self.overflow()
+                return
+            self._outbox.append((frame_type, text))
             return
-        self._outbox.append((frame_type, text))
-        self._wake.set()
+        self._write(frame_type, send_message(text))
 
     def overflow(self) -> None:
         """The client does not keep up: drop what is queued and close it as a slow consumer."""
@@ -271,36 +382,61 @@ class Connection:
             return
         log.warning("slow consumer closed", extra=self.log_extra())
         self.gw.metrics.error("slow_consumer")
-        self._outbox.clear()
+        if self._outbox is not None:
+            self._outbox.clear()
         self.close(CloseCode.SLOW_CONSUMER, "too slow: resume from your last seq")
 
-    async def _write(self) -> None:
+    def _write(self, frame_type: str | None, message: Message) -> None:
+        """Start the server's `send` of `message` here and now; if it has to wait for the socket,
+        a writer task finishes it and then sends what was queued meanwhile."""
+        steps = self._send(message).__await__()
         try:
-            while True:
-                while not self._outbox:
-                    self._wake.clear()
-                    await self._wake.wait()
-                item = self._outbox.popleft()
+            waiting = steps.send(None)
+        except StopIteration:
+            if frame_type is not None:
+                self.gw.metrics.frame_out(frame_type)
+            return
+        except Exception as exc:  # the client went away: the reader sees the disconnect
+            self._lost(exc)
+            return
+        if self._outbox is None:
+            self._outbox = deque()
+        self._writer = asyncio.get_running_loop().create_task(
+            self._drain(steps, waiting, frame_type), name=f"ws-write-{self.session_id}"
+        )
+
+    async def _drain(self, steps: Generator[Any, None, None], waiting: Any, frame_type: str | None) -> None:
+        outbox = self._outbox
+        assert outbox is not None
+        try:
+            await finish(steps, waiting)
+            if frame_type is not None:
+                self.gw.metrics.frame_out(frame_type)
+            while outbox:
+                item = outbox.popleft()
                 if isinstance(item, _Close):
                     self._closing(item.code, item.reason, "gateway")
-                    await self.ws.close(item.code, item.reason)
+                    outbox.clear()
+                    await self._send(close_message(item.code, item.reason))
                     return
                 frame_type, text = item
-                await self.ws.send({"type": "websocket.send", "text": text})
-                self.gw.metrics.frames_out.labels(frame_type).inc()
+                await self._send(send_message(text))
+                self.gw.metrics.frame_out(frame_type)
         except Exception as exc:  # the client went away mid-send
-            log.debug("send failed: %r", exc, extra=self.log_extra())
+            self._lost(exc)
+        finally:
+            self._writer = None
+
+    def _lost(self, exc: BaseException) -> None:
+        log.debug("send failed: %r", exc, extra=self.log_extra())
+        self.state = State.CLOSING
+        if self._outbox is not None:
+            self._outbox.clear()
 
     # -- in -------------------------------------------------------------------------------------
 
     async def _read(self) -> None:
-        try:
-            hello = await self._receive_hello()
-            if hello is None:
-                return
-            await self._start(hello)
-        except Refused as refused:
-            self.refuse(refused)
+        if not await self._hello():
             return
         while self.state is not State.CLOSING:
             message = await self._receive_or_idle()
@@ -343,10 +479,23 @@ class Connection:
             idle = 0
         try:
             async with asyncio.timeout(idle or None):
-                return await self.ws.receive()
+                return await self._receive()
         except TimeoutError:
             self.close(CloseCode.GOING_AWAY, f"idle for {idle:g} s")
             return None
+
+    async def _hello(self) -> bool:
+        """Wait for `hello` and take the role it asks for; False when the connection ends there.
+        (A method of its own so that the hello, token included, is not kept for the socket's life.)"""
+        try:
+            hello = await self._receive_hello()
+            if hello is None:
+                return False
+            await self._start(hello)
+        except Refused as refused:
+            self.refuse(refused)
+            return False
+        return True
 
     def _disconnected(self, message: Mapping[str, Any]) -> None:
         self._closing(message.get("code"), str(message.get("reason") or ""), "client")
@@ -362,7 +511,8 @@ class Connection:
     async def _receive_hello(self) -> Hello | None:
         timeout = self.gw.settings.hello_timeout
         try:
-            message = await asyncio.wait_for(self.ws.receive(), timeout)
+            async with asyncio.timeout(timeout):
+                message = await self._receive()
         except TimeoutError:
             raise Refused(
                 CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, f"no hello within {timeout:g} s"
@@ -421,9 +571,7 @@ class Connection:
         """Refuse the connection (`forbidden`, close 4403) unless the page that opened it may use
         the business's chat: its `Origin` header checked at hello, when the token names the
         business (the rules are gateway.origins')."""
-        problem = origin_problem(
-            business, self.ws.headers.get("origin"), self.ws.headers.get("host"), agent=agent
-        )
+        problem = origin_problem(business, self.origin, self.host, agent=agent)
         if problem is not None:
             raise Refused(CloseCode.FORBIDDEN, ErrorCode.FORBIDDEN, problem)
 
@@ -522,7 +670,16 @@ def frame_type(frame: ClientFrame) -> str:
     return {Hello: "hello", SendMessage: "message", Typing: "typing", Stop: "stop"}[type(frame)]
 
 
-async def serve_socket(websocket: WebSocket) -> None:
-    """The `/ws` endpoint."""
-    gateway: Gateway = websocket.app.state.gateway
-    await Connection(websocket, gateway).run()
+def header(scope: Mapping[str, Any], name: bytes) -> str | None:
+    """The first value of a request header (`name` in lower case), as text."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def serve_socket(scope: Scope, receive: Receive, send: Send) -> None:
+    """The `/ws` endpoint, a bare ASGI app: the connection talks to the server's `receive` and
+    `send` directly, without Starlette's WebSocket wrapper (its checks cost on every frame)."""
+    gateway: Gateway = scope["app"].state.gateway
+    await Connection(scope, receive, send, gateway).run()

@@ -34,7 +34,7 @@ async def drain_gateway(gw: Gateway) -> None:
     log.info("draining: told %d sockets to reconnect elsewhere", len(sessions))
     if sessions:
         # Give the writers a moment to send reconnect and the close frame; then move on regardless.
-        await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in sessions], timeout=5)
+        await asyncio.wait([s.finished() for s in sessions], timeout=5)
     await gw.conversations.drain(grace=settings.graceful_shutdown)
     log.info("drained")
 

@@ -61,6 +61,21 @@ class SubState(enum.Enum):
 
 
 class Subscription:
+    __slots__ = (
+        "_epoch",
+        "_filling",
+        "_gate",
+        "_held",
+        "_hold_limit",
+        "business_id",
+        "conversation_id",
+        "gw",
+        "outlet",
+        "session_id",
+        "state",
+        "view",
+    )
+
     def __init__(
         self,
         outlet: Outlet,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -14,6 +15,7 @@ from tests.servers import GatewayProcess
 
 MESSAGES = 1500
 TEXT = "x" * 3500  # 1500 frames of about 3.7 kB: more than the socket buffers between the two ends hold
+BIG_MESSAGES, BIG = 200, "y" * 30_000  # 6 MB of message frames, fewer round trips
 
 
 async def test_a_slow_consumer_is_closed_while_a_fast_one_keeps_going(
@@ -75,3 +77,62 @@ async def test_a_slow_consumer_is_closed_while_a_fast_one_keeps_going(
     assert reset["reason"] == "window"
     await again.close()
     await fast.close()
+
+
+async def test_a_reader_that_pauses_gets_every_frame_in_order_once_it_reads_again(
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    """The same stalled socket with room in its outbox: while its socket takes nothing, what is sent
+    to it waits (the send in progress, then the outbox behind it); once it reads again it gets
+    every event of the conversation exactly once and in order, and stays open."""
+    gw = gateway_factory(
+        {
+            "CHATGW_SCRIPTED_TOKENS": "3",
+            "CHATGW_REPLAY_WINDOW": "16",
+            "CHATGW_OUTBOX_FRAMES": "4000",
+            "CHATGW_MAX_MESSAGE_CHARS": str(len(BIG)),
+            # The fast client floods on purpose (as above).
+            "CHATGW_LIMIT_SOCKET_FRAMES": "off",
+            "CHATGW_LIMIT_SOCKET_MESSAGES": "off",
+            "CHATGW_LIMIT_CONVERSATION_MESSAGES": "off",
+            "CHATGW_LIMIT_USER_ANSWERS": "off",
+        }
+    )
+    widget = new_widget(gw)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(raw, ("127.0.0.1", gw.port))
+    stalled = Client(await connect(gw.ws, sock=raw, max_size=2**22, max_queue=1))
+    welcome = await stalled.hello(widget)
+
+    fast = Client(await connect(gw.ws, max_size=2**22))
+    await fast.hello(widget)
+    for n in range(BIG_MESSAGES):
+        await fast.send({"type": "message", "client_msg_id": f"m-{n}", "text": BIG})
+        await fast.recv_type("ack")
+    while not answered_all(fast.frames, BIG_MESSAGES):  # then every event has been sent
+        await fast.recv()
+    last_seq = max(f["seq"] for f in fast.frames if f["type"] != "ack" and "seq" in f)
+
+    seqs: list[int] = []
+    while not seqs or seqs[-1] < last_seq:
+        frame = await stalled.recv(timeout=30)
+        if "seq" in frame:  # typing frames carry none
+            seqs.append(frame["seq"])
+    assert seqs == list(range(welcome["seq"] + 1, last_seq + 1))
+    messages = [f["client_msg_id"] for f in stalled.frames if f["type"] == "message"]
+    assert messages == [f"m-{n}" for n in range(BIG_MESSAGES)]
+    await stalled.send({"type": "typing", "state": True})  # still open
+    await stalled.close()
+    await fast.close()
+
+
+def answered_all(frames: list[dict[str, Any]], messages: int) -> bool:
+    """Every message arrived as an event, an answer started after the last one, and every answer
+    ended (one answer may take several messages that arrived while another ran)."""
+    kinds = [f["type"] for f in frames]
+    if kinds.count("message") < messages:
+        return False
+    last_message = len(kinds) - 1 - kinds[::-1].index("message")
+    return "ai_start" in kinds[last_message:] and kinds.count("ai_start") == kinds.count("ai_end")
