@@ -36,6 +36,7 @@ from core.types import ConversationId, new_id
 from gateway.auth import Principal
 from gateway.context import Gateway
 from gateway.errors import Unauthorized
+from gateway.held import Place
 from gateway.limits import Limit, RateLimited
 from gateway.origins import origin_problem
 from gateway.protocol import (
@@ -214,8 +215,8 @@ class Connection:
         self._abandoned = False
         self._pending_close: _Close | None = None
         self._deadline: asyncio.TimerHandle | None = None
-        self._address_key: str | None = None
-        self._conversation_key: str | None = None
+        self._address_key: Place | None = None
+        self._conversation_key: Place | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -258,8 +259,8 @@ class Connection:
                 await asyncio.gather(writer, return_exceptions=True)
             await self._close_abandoned()
             await self._leave()
-            self.gw.limits.close_connection(self._address_key)
-            self.gw.limits.close_conversation_socket(self._conversation_key)
+            await self.gw.limits.close_connection(self._address_key)
+            await self.gw.limits.close_conversation_socket(self._conversation_key)
             self.gw.metrics.sockets.dec()
             self.gw.sessions.discard(self)
             self._ended = True
@@ -540,7 +541,9 @@ class Connection:
         self.principal = principal
         if principal.role != "agent" and principal.conversation_id is not None:
             try:
-                self._conversation_key = self.gw.limits.open_conversation_socket(principal.conversation_id)
+                self._conversation_key = await self.gw.limits.open_conversation_socket(
+                    principal.conversation_id
+                )
             except RateLimited as exc:
                 raise Refused(
                     CloseCode.TRY_AGAIN_LATER,

@@ -3,15 +3,16 @@
 Rates are counted by the `limits` library (sliding window counters). Per-socket rates (messages,
 typing, violations) always live in this process's memory: a socket lives on one instance. The
 others (per conversation, per IP, per key, per end user, per business) are shared by every
-instance through Redis when `REDIS_URL` is set, in memory otherwise. Counts of things held open
-(sockets per IP, sockets per conversation) are this instance's.
+instance through Redis when `REDIS_URL` is set, in memory otherwise. So are the counts of things
+held open (sockets per IP, sockets per conversation): in Redis they are `gateway.held` counts,
+whose places an instance that dies stops renewing, and which so free themselves.
 
 A breach raises `RateLimited` with the time after which the same call would pass
 (`retry_after_ms`): a socket gets an `error` frame `rate_limited`, HTTP a 429 with `Retry-After`.
 A socket that keeps breaching (CHATGW_LIMIT_VIOLATIONS) is closed with 4429. Every breach counts
 on `chatgw_rate_limited_total{limit}`.
 
-If Redis cannot be reached the shared limits let calls through (logged, and counted as the
+If Redis cannot be reached the shared limits and counts let calls through (logged, and counted as the
 error `limiter_unavailable`): the chat itself needs Redis and fails on its own terms then.
 See docs/limits.md.
 """
@@ -33,8 +34,10 @@ from limits.aio.storage import MemoryStorage, RedisStorage, SlidingWindowCounter
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from prometheus_client import CollectorRegistry, Counter
+from redis.exceptions import RedisError
 
 from gateway.errors import GatewayError
+from gateway.held import Place, SharedHeld
 from gateway.protocol import ClientFrame, SendMessage, Typing
 from gateway.settings import LimitSettings
 
@@ -116,6 +119,7 @@ class Limiter:
         self._pool: redis.asyncio.BlockingConnectionPool | None = None
         self._local: SlidingWindowCounterRateLimiter | None = None
         self._shared: SlidingWindowCounterRateLimiter | None = None
+        self._held: SharedHeld | None = None
         self._per_ip: Tally[str] = Tally()
         self._per_conversation: Tally[str] = Tally()
         self._storage_failing = False
@@ -147,8 +151,15 @@ class Limiter:
                 connection_pool=self._pool,  # type: ignore[arg-type]  # documented; the stub says scalars
             )
             self._shared = SlidingWindowCounterRateLimiter(shared)
+            self._held = SharedHeld(
+                self._pool, prefix=self._redis_prefix + "held:", on_error=self._storage_failed
+            )
+            self._held.start()
 
     async def close(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            await held.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.aclose()
@@ -207,31 +218,54 @@ class Limiter:
 
     # -- what is held open ----------------------------------------------------------------------
 
-    async def open_connection(self, address: str | None) -> str | None:
-        """Count a new socket of `address`: its rate of new sockets (shared) and the sockets it
-        holds open on this instance; `RateLimited` when over. Returns the key to pass to
-        `close_connection` (None: nothing counted)."""
+    async def open_connection(self, address: str | None) -> Place | None:
+        """Count a new socket of `address`: its rate of new sockets and the sockets it holds open
+        (both shared); `RateLimited` when over. Returns the place to pass to `close_connection`
+        (None: nothing counted)."""
         if address is None or self.exempt(address):
             return None
         await self.hit(Limit.IP_CONNECTS, address)
-        most = self.settings.connections_per_ip
-        if self._per_ip[address] >= most:
-            raise self.breach(Limit.IP_CONNECTIONS, f"at most {most} open at once", HELD_RETRY_MS)
-        self._per_ip[address] += 1
-        return address
+        return await self._take(
+            Limit.IP_CONNECTIONS, self._per_ip, "ip:", address, self.settings.connections_per_ip
+        )
 
-    def close_connection(self, key: str | None) -> None:
-        _release(self._per_ip, key)
+    async def close_connection(self, place: Place | None) -> None:
+        await self._let_go(self._per_ip, place)
 
-    def open_conversation_socket(self, conversation_id: str) -> str:
+    async def open_conversation_socket(self, conversation_id: str) -> Place | None:
+        """Count a widget socket of the conversation (shared); `RateLimited` when it holds as many
+        as it may. Returns the place to pass to `close_conversation_socket`."""
         most = self.settings.sockets_per_conversation
-        if self._per_conversation[conversation_id] >= most:
-            raise self.breach(Limit.CONVERSATION_SOCKETS, f"at most {most} open at once", HELD_RETRY_MS)
-        self._per_conversation[conversation_id] += 1
-        return conversation_id
+        return await self._take(
+            Limit.CONVERSATION_SOCKETS, self._per_conversation, "conversation:", conversation_id, most
+        )
 
-    def close_conversation_socket(self, key: str | None) -> None:
-        _release(self._per_conversation, key)
+    async def close_conversation_socket(self, place: Place | None) -> None:
+        await self._let_go(self._per_conversation, place)
+
+    async def _take(self, limit: Limit, tally: Tally[str], kind: str, key: str, most: int) -> Place | None:
+        if self._held is None:
+            if tally[key] >= most:
+                raise self.breach(limit, f"at most {most} open at once", HELD_RETRY_MS)
+            tally[key] += 1
+            return Place(key, None)
+        try:
+            place = await self._held.take(kind + key, most)
+        except RedisError as exc:
+            self._storage_failed(exc)
+            return None
+        self._storage_recovered()
+        if place is None:
+            raise self.breach(limit, f"at most {most} open at once", HELD_RETRY_MS)
+        return place
+
+    async def _let_go(self, tally: Tally[str], place: Place | None) -> None:
+        if place is None:
+            return
+        if place.member is None:
+            _release(tally, place.key)
+        elif self._held is not None:
+            await self._held.let_go(place)
 
     # -- frames ---------------------------------------------------------------------------------
 

@@ -78,14 +78,25 @@ async def test_open_sockets_are_counted_per_address_and_freed_and_exempt_address
     with pytest.raises(RateLimited) as refused:
         await made.open_connection("203.0.113.1")
     assert refused.value.limit is Limit.IP_CONNECTIONS
-    made.close_connection(keys[0])
-    assert await made.open_connection("203.0.113.1") == "203.0.113.1"
+    await made.close_connection(keys[0])
+    assert await made.open_connection("203.0.113.1") is not None
 
     exempting = await limiter(connections_per_ip=1, exempt=(ipaddress.ip_network("10.0.0.0/8"),))
     assert [await exempting.open_connection("10.1.2.3") for _ in range(3)] == [None, None, None]
     assert exempting.exempt("10.9.9.9")
     assert not exempting.exempt("11.0.0.1")
     assert not exempting.exempt(None)
+
+
+async def test_open_sockets_are_counted_per_conversation_and_freed() -> None:
+    made = await limiter(sockets_per_conversation=1)
+    held = await made.open_conversation_socket("c1")
+    with pytest.raises(RateLimited) as refused:
+        await made.open_conversation_socket("c1")
+    assert refused.value.limit is Limit.CONVERSATION_SOCKETS
+    assert await made.open_conversation_socket("c2") is not None
+    await made.close_conversation_socket(held)
+    assert await made.open_conversation_socket("c1") is not None
 
 
 async def test_a_socket_is_told_to_close_past_its_violations() -> None:
@@ -111,11 +122,13 @@ def test_retry_after_is_when_the_sliding_window_has_room(
 
 
 async def test_shared_limits_let_calls_through_when_redis_cannot_be_reached() -> None:
-    """Nothing listens on port 1: the shared limit is not counted, the call passes, and the
-    failure is reported (the per-socket limits, in memory, still hold)."""
+    """Nothing listens on port 1: the shared limits and counts are not counted, the calls pass,
+    and each failure is reported (the per-socket limits, in memory, still hold)."""
     errors: list[str] = []
     made = Limiter(
-        LimitSettings(ip_http="1/day", socket_messages="1/day"),
+        LimitSettings(
+            ip_http="1/day", socket_messages="1/day", connections_per_ip=1, sockets_per_conversation=1
+        ),
         registry=CollectorRegistry(),
         redis_url="redis://127.0.0.1:1/0",
         on_error=errors.append,
@@ -124,6 +137,12 @@ async def test_shared_limits_let_calls_through_when_redis_cannot_be_reached() ->
     for _ in range(3):
         await made.hit(Limit.IP_HTTP, "203.0.113.1")
     assert errors == ["limiter_unavailable"] * 3
+    for _ in range(2):
+        await made.close_connection(await made.open_connection("203.0.113.1"))
+        await made.close_conversation_socket(await made.open_conversation_socket("c"))
+    assert errors == ["limiter_unavailable"] * (
+        3 + 2 * 3
+    )  # a socket: its rate and its count; a conversation: its count
     await made.hit(Limit.SOCKET_MESSAGES, "s")
     with pytest.raises(RateLimited):
         await made.hit(Limit.SOCKET_MESSAGES, "s")
