@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -60,32 +60,37 @@ async def seed_other_business(gw: Gateway) -> None:
         await gw.store.set_api_key(stored.business_id, hash_api_key(key))
 
 
-def with_other_business(app: Starlette) -> Starlette:
-    """`app`, whose start-up also seeds the second business."""
+def with_seed(app: Starlette, seed: Callable[[Gateway], Awaitable[None]]) -> Starlette:
+    """`app`, whose start-up also runs `seed` once the gateway's own start-up is done."""
     startup = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with startup(app):
-            await seed_other_business(app.state.gateway)
+            await seed(app.state.gateway)
             yield
 
     app.router.lifespan_context = lifespan
     return app
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tests.tenant_gateway")
+def serve_seeded(argv: list[str], prog: str, seed: Callable[[Gateway], Awaitable[None]]) -> int:
+    """`prog serve --host H --port P`: the gateway as `chatgw serve` runs it, seeded by `seed`."""
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
-    app = with_other_business(create_app(settings))
+    app = with_seed(create_app(settings), seed)
     server = DrainingServer(uvicorn_config(app, settings, host=args.host, port=args.port), app.state.gateway)
     server.run()
     return 0 if server.started else 1
+
+
+def main(argv: list[str]) -> int:
+    return serve_seeded(argv, "tests.tenant_gateway", seed_other_business)
 
 
 if __name__ == "__main__":

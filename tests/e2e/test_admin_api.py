@@ -83,8 +83,11 @@ def error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
 
 @pytest.fixture
 def admin(gateway: GatewayProcess) -> Iterator[Admin]:
+    yield from restoring_flow(Admin(gateway))
+
+
+def restoring_flow(client: Admin) -> Iterator[Admin]:
     """The admin client; the demo flow as it was is put back at the end."""
-    client = Admin(gateway)
     original = client.flow()
     try:
         yield client

@@ -20,32 +20,19 @@ import pytest
 from core.answers import FAILED_NOTICE
 from tests.databases import delete_redis_keys
 from tests.e2e.client import Client, new_widget, stored_history
-from tests.e2e.test_admin_api import Admin, content, error, unique
+from tests.e2e.test_admin_api import Admin, error, restoring_flow, unique
 from tests.servers import GatewayProcess
 from tests.stall_gateway import STALL_MARK
 
 
 @pytest.fixture
 def admin(gateway: GatewayProcess) -> Iterator[Admin]:
-    yield from _restoring(Admin(gateway))
+    yield from restoring_flow(Admin(gateway))
 
 
 @pytest.fixture
 def slow_admin(slow_gateway: GatewayProcess) -> Iterator[Admin]:
-    yield from _restoring(Admin(slow_gateway))
-
-
-def _restoring(client: Admin) -> Iterator[Admin]:
-    """The admin client; the demo flow as it was is put back at the end."""
-    original = client.flow()
-    try:
-        yield client
-    finally:
-        current = client.flow()
-        if content(current) != content(original):
-            r = client.put("/flow", {**original, "version": current["version"]})
-            assert r.status_code == 200, r.text
-        client.http.close()
+    yield from restoring_flow(Admin(slow_gateway))
 
 
 # --- refused when saved ------------------------------------------------------------------------
