@@ -25,8 +25,14 @@ Guarantees, on top of those of `core.llm`:
 - `complete()` is the non-streaming call (stage selection, data extraction), with the same
   retries, fallbacks and limits; `request_timeout` bounds each attempt as a whole.
 
-The client sends every request; a streamed answer's body is read by `core.openai_sse` (one JSON
-parse per event instead of the client's object per chunk).
+The `openai` client is configured once (base URL, key, timeouts, its aiohttp HTTP client) and its
+HTTP client sends every request; the request is built here, once per call, from the client's own
+URL and headers, and a failed one is raised as the client's own exception (its
+`_make_status_error_from_response`, the same object `create()` raises). Going through
+`chat.completions.create()` cost about 2 ms of CPU per request in the client's request machinery
+(option models, its TypedDict transform, URL building), more than relaying the whole answer's tokens
+(bench/README.md, "The model request"). A streamed answer's body is read by `core.openai_sse` (one
+JSON parse per event instead of the client's object per chunk).
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
+import httpx2
 import openai
+import orjson
 from aiolimiter import AsyncLimiter
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
@@ -254,6 +262,9 @@ class OpenAILLM:
         self._observer = observer
         self._transport = transport
         self._client: openai.AsyncOpenAI | None = None
+        self._http: httpx2.AsyncClient | None = None  # the client's HTTP client
+        self._url = ""  # <base_url>/chat/completions
+        self._headers: dict[str, str] = {}
         self._closed = False
         # One bucket per business seen; business ids are few and long-lived, so none is evicted.
         self._buckets: dict[str | None, _Bucket] = {}
@@ -277,6 +288,13 @@ class OpenAILLM:
             timeout = openai.Timeout(
                 self._request_timeout, connect=min(self._first_token_timeout, self._request_timeout)
             )
+            # The client's aiohttp transport (openai[aiohttp]) reads a streamed body for about
+            # half the CPU of its default one (bench/README.md); both behave the same here.
+            http = (
+                openai.DefaultAioHttpClient(timeout=timeout)
+                if self._transport == "aiohttp"
+                else openai.DefaultAsyncHttpxClient(timeout=timeout)
+            )
             self._client = openai.AsyncOpenAI(
                 api_key=self._api_key,
                 base_url=self._base_url,
@@ -284,13 +302,41 @@ class OpenAILLM:
                 # per-business limits): the client must not retry on its own as well.
                 max_retries=0,
                 timeout=timeout,
-                # The client's aiohttp transport (openai[aiohttp]) reads a streamed body for about
-                # half the CPU of its default one (bench/README.md); both behave the same here.
-                http_client=openai.DefaultAioHttpClient(timeout=timeout)
-                if self._transport == "aiohttp"
-                else None,
+                http_client=http,
             )
+            self._http = http
+            self._url = str(self._client.base_url).rstrip("/") + "/chat/completions"
+            # What the client sends with every request: content type, user agent, its platform
+            # headers and the key's Authorization header.
+            headers = {k: v for k, v in self._client.default_headers.items() if isinstance(v, str)}
+            self._headers = {**headers, **self._client.auth_headers}
         return self._client
+
+    async def _post(self, client: openai.AsyncOpenAI, body: dict[str, object]) -> httpx2.Response:
+        """POST `body` to the chat completions endpoint on the client's HTTP client, the response
+        open for streaming; a timeout, a connection failure or an error status is raised as the
+        exception the client would raise for it (`openai.APITimeoutError`,
+        `openai.APIConnectionError`, `openai.APIStatusError` and its subclasses)."""
+        http = self._http
+        assert http is not None, "_get_client() first"
+        request = http.build_request("POST", self._url, content=orjson.dumps(body), headers=self._headers)
+        try:
+            response = await http.send(request, stream=True)
+        except httpx2.TimeoutException as exc:
+            raise openai.APITimeoutError(request=request) from exc
+        except openai.OpenAIError:
+            raise
+        except Exception as exc:  # whatever the transport raises: the request did not get through
+            raise openai.APIConnectionError(request=request) from exc
+        if response.status_code >= 400:
+            try:
+                await response.aread()
+            except Exception:  # the body is only for the message: the status says enough
+                log.debug("reading an error body failed", exc_info=True)
+            finally:
+                await response.aclose()
+            raise client._make_status_error_from_response(response)
+        return response
 
     def _bucket(self, business_id: str | None) -> _Bucket:
         bucket = self._buckets.get(business_id)
@@ -345,23 +391,19 @@ class OpenAILLM:
     async def _request_stream(
         self, client: openai.AsyncOpenAI, model: str, params: list[ChatCompletionMessageParam]
     ) -> ChunkReader:
-        """Send the streamed request through the client (auth, status errors, timeouts) and read
-        its body ourselves: the client's per-chunk objects cost more than the rest of the gateway.
-
-        The messages go in `extra_body`, already plain JSON-ready dicts: given as `messages`, the
-        client walks them against its request types on every call (`async_maybe_transform`), which
-        cost more CPU than relaying the whole answer (bench/README.md, "The send path")."""
+        """Send the streamed request on the client's HTTP client (see the module docstring) and
+        read its body ourselves: the client's per-chunk objects cost more than the rest of the
+        gateway."""
+        body: dict[str, object] = {
+            "model": model,
+            "messages": params,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        response = await self._post(client, body)
         closer = contextlib.AsyncExitStack()
-        response = await closer.enter_async_context(
-            client.chat.completions.with_streaming_response.create(
-                model=model,
-                messages=[],
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"messages": params},
-            )
-        )
-        return ChunkReader(response.http_response, closer=closer, idle_timeout=self._request_timeout)
+        closer.push_async_callback(response.aclose)
+        return ChunkReader(response, closer=closer, idle_timeout=self._request_timeout)
 
     def _new_stream(
         self,
@@ -413,18 +455,20 @@ class OpenAILLM:
     ) -> Completion:
         await bucket.limiter.acquire()
         client = self._get_client()
+        body: dict[str, object] = {"model": model, "messages": params}
+        if response_format is not None:
+            body["response_format"] = response_format
         async with asyncio.timeout(self._request_timeout):
-            # As in `_request_stream`: plain dicts in `extra_body` skip the client's request transform.
-            body: dict[str, object] = {"messages": params}
-            if response_format is not None:
-                body["response_format"] = response_format
-            response = await client.chat.completions.create(model=model, messages=[], extra_body=body)
-        text = (response.choices[0].message.content or "") if response.choices else ""
-        usage = (
-            Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
-            if response.usage is not None
-            else None
-        )
+            response = await self._post(client, body)
+            try:
+                raw = await response.aread()
+            except httpx2.TimeoutException as exc:
+                raise openai.APITimeoutError(request=response.request) from exc
+            except Exception as exc:  # the connection broke while the body was read
+                raise openai.APIConnectionError(request=response.request) from exc
+            finally:
+                await response.aclose()
+        text, usage = _read_completion(raw, response.request)
         return Completion(text=text, usage=usage, model=model)
 
     async def _run(self, attempt: Callable[[str], Awaitable[_T]]) -> _T:
@@ -451,6 +495,38 @@ class OpenAILLM:
             return min(max(failure.retry_after, 0.0), self._backoff_cap)
         # Exponential backoff with full jitter.
         return random.uniform(0.0, min(self._backoff_cap, self._backoff_base * 2.0 ** (number - 1)))
+
+
+def _read_completion(raw: bytes, request: httpx2.Request) -> tuple[str, Usage | None]:
+    """The text (`choices[0].message.content`) and usage of a chat completion's JSON body; an
+    `openai.APIError` naming the problem when it cannot be read (retried like a bad stream)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise StreamFormatError("the completion is not JSON", request, body=None) from None
+    if not isinstance(body, dict):
+        raise StreamFormatError("the completion is not a JSON object", request, body=None)
+    if body.get("error"):
+        error = body["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise openai.APIError(str(message or "the provider returned an error"), request, body=body)
+    text = ""
+    choices = body.get("choices")
+    if choices:
+        first = choices[0] if isinstance(choices, list) else None
+        message = first.get("message") if isinstance(first, dict) else None
+        if not isinstance(message, dict):
+            raise StreamFormatError("the completion's choices carry no message", request, body=None)
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise StreamFormatError("the completion's content is not a string", request, body=None)
+        text = content or ""
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(prompt) is int and type(completion) is int:
+            return text, Usage(prompt, completion)
+    return text, None
 
 
 def _to_params(messages: Sequence[ChatMessage]) -> list[ChatCompletionMessageParam]:

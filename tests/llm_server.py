@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
@@ -117,6 +117,7 @@ class SeenRequest:
     stream: bool
     behaviour: Behaviour
     received_at: float  # time.monotonic()
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
     pieces_sent: int = 0
     client_disconnected: bool = False  # the client went away before the answer was complete
     completed: bool = False  # the whole scripted answer was sent
@@ -239,6 +240,7 @@ class LLMServer:
             stream=stream,
             behaviour=behaviour,
             received_at=time.monotonic(),
+            headers={k.lower(): v for k, v in request.headers.items()},
         )
         with self._lock:
             self._seen.append(seen)

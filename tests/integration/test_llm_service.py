@@ -124,6 +124,37 @@ async def test_a_stream_yields_the_pieces_in_order_then_usage_and_model(
     await stream.aclose()  # safe after the end
 
 
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx2"])
+async def test_both_calls_send_the_clients_headers_and_a_plain_json_body(
+    server: LLMServer, make_llm: Callable[..., OpenAILLM], transport: str
+) -> None:
+    # The requests are built here from the client's URL and headers (not by `create()`): what
+    # reaches the provider must be what the client would have sent.
+    server.script(ok("Hi"), json_answer({"a": 1}))
+    llm = make_llm(transport=transport, api_key="sk-the-key")
+
+    assert await read_all(await llm.stream(PROMPT)) == ["Hi"]
+    await llm.complete(ask("x"), json_schema={"type": "object"})
+
+    streamed, completed = server.requests
+    for seen in (streamed, completed):
+        assert seen.headers["authorization"] == "Bearer sk-the-key"
+        assert seen.headers["content-type"] == "application/json"
+        assert seen.headers["user-agent"].startswith("AsyncOpenAI/Python ")
+        assert seen.headers["x-stainless-lang"] == "python"
+    assert streamed.body == {
+        "model": MAIN,
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Say hello to the world"},
+        ],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert set(completed.body) == {"model", "messages", "response_format"}
+    assert not completed.stream
+
+
 async def test_a_429_is_retried_once_after_its_retry_after(
     server: LLMServer, make_llm: Callable[..., OpenAILLM], codes: Codes
 ) -> None:
