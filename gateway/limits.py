@@ -24,6 +24,7 @@ import hashlib
 import ipaddress
 import logging
 import math
+import time
 from collections import Counter as Tally
 from collections.abc import Callable
 from typing import cast
@@ -42,6 +43,30 @@ from gateway.protocol import ClientFrame, SendMessage, Typing
 from gateway.settings import LimitSettings
 
 log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 1.0
+
+
+class SweptMemoryStorage(MemoryStorage):
+    """`limits`' in-memory storage, with its sweep of expired counters at most once a second.
+
+    The library starts a sweep after any call that finds the previous one finished: a walk over
+    every counter of the process, in practice once per counted frame, which at a few hundred
+    sockets cost more than the counting (bench/README.md, "Rate limit counters"). Reading a
+    counter already drops it when expired (`get`), so the sweep only frees the memory of counters
+    no longer read; once a second does that as well. The hook is the library's private
+    `__schedule_expiry` (name-mangled); if a version renames it, this class just sweeps as often
+    as the library does, and tests/unit/test_limits.py fails to say so.
+    """
+
+    _next_sweep = 0.0
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_INTERVAL_S
+        await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
 
 
 class Limit(enum.StrEnum):
@@ -131,7 +156,7 @@ class Limiter:
         )
 
     async def connect(self) -> None:
-        self._local = self._shared = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self._local = self._shared = SlidingWindowCounterRateLimiter(SweptMemoryStorage())
         if self._redis_url is not None:
             # A bounded pool that waits for a free connection (redis-py's default one opens any
             # number, or fails at once when capped).

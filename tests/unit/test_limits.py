@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.limits import Limit, Limiter, RateLimited, retry_after_s
+from gateway.limits import Limit, Limiter, RateLimited, SweptMemoryStorage, retry_after_s
 from gateway.protocol import SendMessage, Typing
 from gateway.settings import LimitSettings, Settings, SettingsError
 
@@ -147,3 +148,27 @@ async def test_shared_limits_let_calls_through_when_redis_cannot_be_reached() ->
     with pytest.raises(RateLimited):
         await made.hit(Limit.SOCKET_MESSAGES, "s")
     await made.close()
+
+
+async def test_the_memory_counters_are_swept_at_most_once_an_interval_and_expired_ones_freed() -> None:
+    storage = SweptMemoryStorage()
+    await storage.incr("first", 60)
+    sweep = storage.timer
+    assert sweep is not None
+    await asyncio.sleep(0)  # the sweep runs and ends
+    assert sweep.done()
+    for n in range(50):  # the library alone starts a new sweep for each of these
+        await storage.incr(f"key-{n}", 60)
+        await asyncio.sleep(0)
+    assert storage.timer is sweep
+    assert await storage.get("key-7") == 1
+
+    await storage.incr("short", 0.01)
+    await asyncio.sleep(0.05)
+    storage._next_sweep = 0.0  # the interval is over
+    await storage.incr("later", 60)
+    await asyncio.sleep(0)
+    assert storage.timer is not sweep
+    await storage.timer
+    assert "short" not in storage.storage  # expired and freed by the sweep, never read again
+    assert storage.storage["later"] == 1
