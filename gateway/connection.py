@@ -2,9 +2,11 @@
 
 The connection runs in the ASGI endpoint's own task (uvicorn's task for the socket): that task is
 the only reader (the only caller of `receive`). Frames out are written at once, from whoever
-queues them (the hub's fan-out, a role answering a frame), by calling the server's ASGI `send`
-with a prepared message: uvicorn's `send` writes to the socket without waiting unless the socket's
-write buffer is full. When it does wait, the rest of that send and every frame queued behind it
+queues them (the hub's fan-out, a role answering a frame): under uvicorn's websockets-sansio
+protocol the frame is written straight to the socket's transport whenever uvicorn's `send` would
+not wait (`gateway.transport.write_text_now`); otherwise, and under any other server, by calling
+the server's ASGI `send` with a prepared message, which writes without waiting unless the
+socket's write buffer is full. When it does wait, the rest of that send and every frame queued behind it
 go out from a writer task made for the occasion, which ends once the bounded outbox is empty; so
 frames leave in the order they were queued, and an idle socket holds one task, not three. A
 client that lets the outbox fill up is closed with 4008 and recovers by resuming; it never holds
@@ -29,6 +31,7 @@ from collections.abc import Generator, Mapping
 from typing import Any, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from core.errors import CoreError, InvalidInput, TooLarge, Unavailable
 from core.models import Business
@@ -54,6 +57,7 @@ from gateway.protocol import (
     parse_frame,
 )
 from gateway.subscription import Subscription
+from gateway.transport import write_text_now
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +171,7 @@ class Connection:
         "_outbox",
         "_peer",
         "_pending_close",
+        "_protocol",
         "_reading",
         "_receive",
         "_send",
@@ -193,6 +198,10 @@ class Connection:
         scope["headers"] = ()
         self._receive = receive
         self._send = send
+        # uvicorn's protocol for the socket, when `send` is its method: frames are then written
+        # straight to its transport whenever its `send` would not wait (`write_text_now`).
+        protocol = getattr(send, "__self__", None)
+        self._protocol = protocol if isinstance(protocol, WebSocketsSansIOProtocol) else None
         self.gw = gateway
         self.session_id = new_id()
         self.state = State.AWAITING_HELLO
@@ -374,6 +383,10 @@ class Connection:
                 self.overflow()
                 return
             self._outbox.append((frame_type, text))
+            return
+        protocol = self._protocol
+        if protocol is not None and write_text_now(protocol, text):
+            self.gw.metrics.frame_out(frame_type)
             return
         self._write(frame_type, send_message(text))
 

@@ -107,3 +107,14 @@ def test_frames_sent_are_counted_by_type_on_the_metrics_page() -> None:
         'chatgw_ws_frames_out_total{type="welcome"}': 1.0,
     }
     assert "# TYPE chatgw_ws_frames_out_total counter" in lines
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 200_000])
+def test_a_text_frame_is_the_frame_websockets_itself_serializes(size: int) -> None:
+    from websockets.frames import Frame, Opcode
+
+    from gateway.transport import text_frame
+
+    text = ("é" * size)[: size // 2] + "x" * (size - size // 2)  # multi-byte characters included
+    data = text.encode()
+    assert text_frame(text) == Frame(Opcode.TEXT, data).serialize(mask=False)
