@@ -12,6 +12,7 @@ reset rather than shown a gap).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -54,7 +55,11 @@ class _Log:
     answer: list[str] = field(default_factory=list)  # its deltas' texts
     mode: Mode = Mode.AI
     agent_id: AgentId | None = None  # who holds it while the mode is human
-    events: deque[Event] = field(init=False)
+    # Each event as one flat tuple (seq, type's value, key, value, key, value, ...): the garbage
+    # collector stops tracking a tuple of strings and numbers, so its full collections do not walk
+    # the replay window of every conversation (up to `replay_window` x `max_conversations`
+    # events; bench/README.md, "Garbage collection").
+    events: deque[tuple[Any, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.events = deque(maxlen=self.window)
@@ -216,8 +221,9 @@ class MemoryBroker:
         feed: BusinessId | None,
     ) -> Event:
         stream.seq += 1
-        event = Event(conversation_id, type, stream.seq, dict(payload), epoch=stream.epoch)
-        stream.events.append(event)
+        kept = dict(payload)
+        event = Event(conversation_id, type, stream.seq, kept, epoch=stream.epoch)
+        stream.events.append((stream.seq, type.value, *itertools.chain.from_iterable(kept.items())))
         self._deliver(event)
         if feed is not None and feed in self._feeds and self._listener is not None:
             try:
@@ -294,11 +300,23 @@ class MemoryBroker:
     async def replay(self, conversation_id: ConversationId, after_seq: int) -> Replay:
         stream = self._existing(conversation_id)
         position = StreamPosition(stream.epoch, stream.seq)
-        oldest = stream.events[0].seq if stream.events else stream.seq + 1
-        assert oldest is not None
+        oldest = stream.events[0][0] if stream.events else stream.seq + 1
         if after_seq + 1 < oldest or after_seq > stream.seq:
             return Replay(position, None)
-        return Replay(position, tuple(e for e in stream.events if e.seq is not None and e.seq > after_seq))
+        return Replay(
+            position,
+            tuple(
+                Event(
+                    conversation_id,
+                    EventType(kept[1]),
+                    kept[0],
+                    dict(zip(kept[2::2], kept[3::2], strict=True)),
+                    epoch=stream.epoch,
+                )
+                for kept in stream.events
+                if kept[0] > after_seq
+            ),
+        )
 
     def _existing(self, conversation_id: ConversationId) -> _Log:
         stream = self._logs.get(conversation_id)
