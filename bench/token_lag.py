@@ -9,6 +9,7 @@ with the lowest and highest in brackets.
 
     .venv/bin/python bench/token_lag.py --levels 10,20,40,80 --runs 3
     .venv/bin/python bench/token_lag.py --levels 40 --runs 3 --backend postgres+redis
+    .venv/bin/python bench/token_lag.py --levels 50,100 --backend postgres+redis --instances 2
     .venv/bin/python bench/token_lag.py --levels 10,100 --variant before=/path/to/old/checkout --variant after=.
 
 With `--variant NAME=DIR` (repeatable) the gateway runs from the checkout in DIR (the model server
@@ -16,6 +17,9 @@ and the load tool always from this one), and the variants alternate within each 
 run, so that old and new see the same state of the machine. `--flow plain` replaces the demo
 business's flow (before the load starts, over the admin API) with its greeting stage alone: no
 transition, no extraction, so no model call and no condition before the streamed answer.
+With `--instances 2` (PostgreSQL + Redis only) two gateway processes share the database and Redis
+and the load tool gets both URLs: conversations alternate between them and each watcher connects
+to the other instance, so every delta crosses Redis to reach it; the CPU is both processes'.
 
 The default workload: a model at 200 ms to the first token, then 20 tokens/s, 40-token answers; a
 message every 3 s per conversation; one user and one watcher socket per conversation; 30 s.
@@ -108,33 +112,38 @@ def one_run(
         tmp,
         *("--ttft-ms", str(args.ttft_ms), "--tokens-per-second", str(args.tps), "--tokens", str(args.tokens)),
     )
-    gateway = None
+    gateways = []
     try:
         # Capacity is measured here: no overload limit (CHATGW_MAX_ACTIVE_ANSWERS=0).
-        gateway = start_gateway(
-            tmp,
-            {
-                **env,
-                **model_env(model),
-                "CHATGW_LOG_LEVEL": "WARNING",
-                "CHATGW_DEMO_API_KEY": ADMIN_KEY,
-                "CHATGW_MAX_ACTIVE_ANSWERS": "0",
-            },
-            cwd=cwd,
-        )
+        for _ in range(args.instances):
+            gateways.append(
+                start_gateway(
+                    tmp,
+                    {
+                        **env,
+                        **model_env(model),
+                        "CHATGW_LOG_LEVEL": "WARNING",
+                        "CHATGW_DEMO_API_KEY": ADMIN_KEY,
+                        "CHATGW_MAX_ACTIVE_ANSWERS": "0",
+                    },
+                    cwd=cwd,
+                )
+            )
         if args.flow == "plain":
-            plain_flow(gateway.http)
+            plain_flow(gateways[0].http)  # the flow is shared through the database
         load = os.getloadavg()[0]
+        urls = [arg for gateway in gateways for arg in ("--url", gateway.http)]
         run = run_loadtest(
             tmp,
-            *("--url", gateway.http, "--model-server", model.url, "--quiet"),
+            *urls,
+            *("--model-server", model.url, "--quiet"),
             *("--conversations", str(conversations), "--watchers-per-conversation", str(args.watchers)),
             *("--message-interval", str(args.interval), "--duration", str(args.duration)),
             *("--processes", str(args.processes)),
             timeout=args.duration + 300,
         )
     finally:
-        if gateway is not None:
+        for gateway in gateways:
             gateway.stop()
         model.stop()
     if not run.report:
@@ -191,7 +200,12 @@ def main() -> None:
         help="run the gateway from the checkout in DIR (repeatable; default: this checkout)",
     )
     parser.add_argument("--flow", choices=["demo", "plain"], default="demo", help="the demo business's flow")
+    parser.add_argument(
+        "--instances", type=int, default=1, help="gateway processes (more than 1: postgres+redis only)"
+    )
     args = parser.parse_args()
+    if args.instances < 1 or (args.instances > 1 and args.backend != "postgres+redis"):
+        parser.error("--instances above 1 needs --backend postgres+redis")
     levels = [int(n) for n in args.levels.split(",")]
     variants = [(name, Path(path).resolve()) for name, _, path in (v.partition("=") for v in args.variant)]
     variants = variants or [("", ROOT)]
