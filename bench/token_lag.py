@@ -19,7 +19,9 @@ business's flow (before the load starts, over the admin API) with its greeting s
 transition, no extraction, so no model call and no condition before the streamed answer.
 With `--instances 2` (PostgreSQL + Redis only) two gateway processes share the database and Redis
 and the load tool gets both URLs: conversations alternate between them and each watcher connects
-to the other instance, so every delta crosses Redis to reach it; the CPU is both processes'.
+to the other instance, so every delta crosses Redis to reach it; the CPU is both processes'. With `--gc` the gateways run under `bench/gc_pauses.py`, and each
+report gets the count, total and longest pause of each generation's garbage collections
+(`bench.gc`; summed over the instances, longest of any).
 
 The default workload: a model at 200 ms to the first token, then 20 tokens/s, 40-token answers; a
 message every 3 s per conversation; one user and one watcher socket per conversation; 30 s.
@@ -45,6 +47,9 @@ sys.path.insert(0, str(ROOT))
 from tests.loadtest_support import model_env, run_loadtest, start_model_server  # noqa: E402
 from tests.servers import start_gateway  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from gc_pauses import summarize  # noqa: E402
+
 COLUMNS: list[tuple[str, str]] = [
     ("delta frames/s", "deltas.frames_per_s"),
     ("tokens/s", "deltas.tokens_per_s"),
@@ -65,6 +70,10 @@ COLUMNS: list[tuple[str, str]] = [
     ("load avg (1 min) at start", "bench.loadavg"),
     ("load avg (1 min) at end", "bench.loadavg_end"),
     ("unfinished answers", "answers.unfinished"),
+    ("full GCs (gen 2)", "bench.gc.gen2.collections"),
+    ("longest full GC ms", "bench.gc.gen2.max_ms"),
+    ("full GC ms in all", "bench.gc.gen2.total_ms"),
+    ("young GCs (gen 0+1) ms in all", "bench.gc_young_ms"),
 ]
 
 
@@ -113,9 +122,17 @@ def one_run(
         *("--ttft-ms", str(args.ttft_ms), "--tokens-per-second", str(args.tps), "--tokens", str(args.tokens)),
     )
     gateways = []
+    gc_logs: list[Path] = []
     try:
         # Capacity is measured here: no overload limit (CHATGW_MAX_ACTIVE_ANSWERS=0).
-        for _ in range(args.instances):
+        for number in range(args.instances):
+            timed: dict[str, str] = {}
+            if args.gc:
+                gc_logs.append(tmp / f"gc-{os.getpid()}-{time.monotonic_ns()}-{number}.log")
+                timed = {
+                    "CHATGW_BENCH_GC_LOG": str(gc_logs[-1]),
+                    "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(cwd)]),
+                }
             gateways.append(
                 start_gateway(
                     tmp,
@@ -125,13 +142,16 @@ def one_run(
                         "CHATGW_LOG_LEVEL": "WARNING",
                         "CHATGW_DEMO_API_KEY": ADMIN_KEY,
                         "CHATGW_MAX_ACTIVE_ANSWERS": "0",
+                        **timed,
                     },
+                    module="gc_pauses" if args.gc else "gateway",
                     cwd=cwd,
                 )
             )
         if args.flow == "plain":
             plain_flow(gateways[0].http)  # the flow is shared through the database
         load = os.getloadavg()[0]
+        began = time.time()
         urls = [arg for gateway in gateways for arg in ("--url", gateway.http)]
         run = run_loadtest(
             tmp,
@@ -142,6 +162,7 @@ def one_run(
             *("--processes", str(args.processes)),
             timeout=args.duration + 300,
         )
+        ended = time.time()
     finally:
         for gateway in gateways:
             gateway.stop()
@@ -166,7 +187,26 @@ def one_run(
         "gateway_cores": cpu / report["window_s"] if cpu is not None else None,
         "client_percent": 100 * (report["client"]["busiest_process_load"] or 0),
     }
+    if args.gc:
+        # Start-up's collections (the gateway's own `gc.collect()` once it serves) left out.
+        collections = merged_gc([summarize(log, began, ended) for log in gc_logs])
+        report["bench"]["gc"] = collections
+        report["bench"]["gc_young_ms"] = round(
+            sum(collections.get(g, {}).get("total_ms", 0.0) for g in ("gen0", "gen1")), 3
+        )
     return report
+
+
+def merged_gc(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The garbage collections of several instances: counts and totals summed, the longest kept."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for generation, cell in part.items():
+            into = out.setdefault(generation, {"collections": 0, "total_ms": 0.0, "max_ms": 0.0})
+            into["collections"] += cell["collections"]
+            into["total_ms"] = round(into["total_ms"] + cell["total_ms"], 3)
+            into["max_ms"] = max(into["max_ms"], cell["max_ms"])
+    return out
 
 
 def summary(values: list[float | None]) -> str:
@@ -200,6 +240,7 @@ def main() -> None:
         help="run the gateway from the checkout in DIR (repeatable; default: this checkout)",
     )
     parser.add_argument("--flow", choices=["demo", "plain"], default="demo", help="the demo business's flow")
+    parser.add_argument("--gc", action="store_true", help="time the gateways' garbage collections")
     parser.add_argument(
         "--instances", type=int, default=1, help="gateway processes (more than 1: postgres+redis only)"
     )
