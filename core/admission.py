@@ -20,6 +20,17 @@ estimates the wait instead, by Little's law: the conversations refused in the la
 seconds (all waiting for a slot) times the time an answer takes (a moving average), divided by the
 slots; between the configured minimum and `max_retry_ms`, then spread by a random share of up to
 half of it.
+
+The same lag also says when the instance should take no new arrivals: while the event loop's lag,
+averaged over the last second of ticks, is over `arrivals_lag`, `admit_arrival` refuses a new
+conversation or a new socket (`Overloaded`) before it costs a query. Shedding answers is the
+first response to lag; this is the next one, for when that was not enough: at 1,000 conversations
+on a starved CPU, creating a session and saying hello on a new socket took longer than clients
+waited (bench/README.md, "Overload"), so they came back and asked again while the first tries were
+still queued. Refusing them at once costs the instance almost nothing. Their `retry_after_ms`
+spreads them out the same way: the arrivals refused in the last `window` seconds, brought back
+at about `ARRIVAL_RETRIES_PER_SECOND` in all, between the configured minimum and `max_retry_ms`,
+plus a random share of up to half.
 """
 
 from __future__ import annotations
@@ -27,11 +38,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection
 
 from core.errors import Overloaded
 from core.types import ConversationId
+
+ARRIVAL_RETRIES_PER_SECOND = 50
+"""How many refused arrivals in all a refusal's `retry_after_ms` aims to bring back per second
+(each costs a request and its refusal, or a socket and its hello)."""
 
 
 class Admission:
@@ -45,6 +60,7 @@ class Admission:
         lag_target: float = 0.0,
         tick: float = 0.25,
         floor: int = 16,
+        arrivals_lag: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cap = limit
@@ -56,6 +72,11 @@ class Admission:
         self.lag = 0.0
         """The event loop's lag at the last tick, in seconds."""
         self._limited = False  # a message was refused since the last tick
+        self.arrivals_lag = arrivals_lag
+        """New conversations and sockets are refused while the lag's mean over the last second is
+        over this (seconds; 0: never)."""
+        self._lags: deque[float] = deque(maxlen=max(1, round(1.0 / tick)))  # the last second's
+        self._arrivals_refused: deque[float] = deque()  # when, within the last `window` seconds
         self.retry_ms = retry_ms
         self.max_retry_ms = max(max_retry_ms, retry_ms)
         self.window = window
@@ -89,6 +110,7 @@ class Admission:
     def sample(self, lag: float) -> None:
         """One tick's event-loop lag (seconds late): adapt the limit (see the module docstring)."""
         self.lag = lag
+        self._lags.append(lag)
         limited, self._limited = self._limited, False
         if not self.cap or not self.lag_target:
             return
@@ -96,6 +118,41 @@ class Admission:
             self.limit = max(self.floor, int(self.limit * 0.9))
         elif lag < self.lag_target / 2 and limited and self.limit < self.cap:
             self.limit += 1
+
+    @property
+    def watching(self) -> bool:
+        """Whether the lag is needed (`watch` is worth running)."""
+        return bool((self.cap and self.lag_target) or self.arrivals_lag)
+
+    @property
+    def recent_lag(self) -> float:
+        """The event loop's lag, averaged over the last second's ticks (seconds; 0 before any)."""
+        return sum(self._lags) / len(self._lags) if self._lags else 0.0
+
+    def admit_arrival(self, what: str) -> None:
+        """Take a new arrival (`what`: "a new conversation", "a new socket"), or raise `Overloaded`
+        while the event loop's recent lag is over `arrivals_lag` (see the module docstring)."""
+        if not self.arrivals_lag:
+            return
+        lag = self.recent_lag
+        if lag <= self.arrivals_lag:
+            return
+        retry_ms = self._arrival_retry_ms()
+        raise Overloaded(
+            f"this instance is overloaded (its event loop ran {lag * 1000:.0f} ms late on average over "
+            f"the last second): {what} is not taken now, try again in {retry_ms} ms",
+            retry_after_ms=retry_ms,
+        )
+
+    def _arrival_retry_ms(self) -> int:
+        now = self._clock()
+        refused = self._arrivals_refused
+        refused.append(now)
+        while refused[0] < now - self.window:
+            refused.popleft()
+        wait_ms = len(refused) * 1000 // ARRIVAL_RETRIES_PER_SECOND
+        base = min(self.max_retry_ms, max(self.retry_ms, wait_ms))
+        return base + random.randrange(base // 2 + 1)
 
     async def watch(self) -> None:
         """Sample the event loop's lag every `tick` seconds, until cancelled."""

@@ -73,6 +73,7 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             max_active_answers=settings.max_active_answers,
             overload_retry_ms=settings.overload_retry_ms,
             overload_lag_seconds=settings.overload_lag_ms / 1000,
+            overload_arrivals_lag_seconds=settings.overload_arrivals_lag_ms / 1000,
         ),
     )
     metrics.watch(
@@ -86,6 +87,7 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
     metrics.answers_active_limit.set_function(lambda: admission.limit)
     metrics.answers_active_cap.set(settings.max_active_answers)
     metrics.event_loop_lag.set_function(lambda: admission.lag)
+    metrics.event_loop_lag_recent.set_function(lambda: admission.recent_lag)
     hub = Hub(broker)
     hub.on_flow_changed = conversations.flows.invalidate
     hub.on_answer_ended = conversations.on_answer_ended

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 
-from core.errors import CoreError, InvalidInput, TooLarge, Unavailable
+from core.errors import CoreError, InvalidInput, Overloaded, TooLarge, Unavailable
 from core.models import Business
 from core.types import ConversationId, new_id
 from gateway.auth import Principal
@@ -539,6 +539,8 @@ class Connection:
         except Unauthorized as exc:
             raise Refused(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, exc.message) from None
         self.principal = principal
+        if principal.role != "agent" and hello.resume is None:
+            self._admit_new_socket()
         if principal.role != "agent" and principal.conversation_id is not None:
             try:
                 self._conversation_key = await self.gw.limits.open_conversation_socket(
@@ -569,6 +571,22 @@ class Connection:
                 retry_after_ms=exc.retry_after_ms,
             ) from None
         log.info("socket opened", extra=self.log_extra())
+
+    def _admit_new_socket(self) -> None:
+        """Refuse a widget's new socket (not a resume) while the event loop lags beyond
+        CHATGW_OVERLOAD_ARRIVALS_LAG_MS: `unavailable` with `retry_after_ms`, then close 1013,
+        before the hello costs a query (core.admission). A resume goes on: its user is in a
+        conversation already."""
+        try:
+            self.gw.conversations.answers.admission.admit_arrival("a new socket")
+        except Overloaded as exc:
+            self.gw.metrics.arrivals_refused.labels("socket").inc()
+            raise Refused(
+                CloseCode.TRY_AGAIN_LATER,
+                ErrorCode.UNAVAILABLE,
+                exc.message,
+                retry_after_ms=exc.retry_after_ms,
+            ) from None
 
     def check_origin(self, business: Business, *, agent: bool = False) -> None:
         """Refuse the connection (`forbidden`, close 4403) unless the page that opened it may use
