@@ -26,8 +26,8 @@ averaged over the last second of ticks, is over `arrivals_lag`, `admit_arrival` 
 conversation or a new socket (`Overloaded`) before it costs a query. Shedding answers is the
 first response to lag; this is the next one, for when that was not enough: at 1,000 conversations
 on a starved CPU, creating a session and saying hello on a new socket took longer than clients
-waited (bench/README.md, "Overload"), so they came back and asked again while the first tries were
-still queued. Refusing them at once costs the instance almost nothing. Their `retry_after_ms`
+waited (bench/README.md, "Overload"): work taken on for clients that had given up, and no word to
+them of when to come back. Refusing them at once costs the instance almost nothing. Their `retry_after_ms`
 spreads them out the same way: the arrivals refused in the last `window` seconds, brought back
 at about `ARRIVAL_RETRIES_PER_SECOND` in all, between the configured minimum and `max_retry_ms`,
 plus a random share of up to half.
