@@ -87,6 +87,49 @@ async def test_a_message_beyond_the_limit_is_refused_unstored_and_taken_when_ret
     await busy.close()
 
 
+async def test_a_message_sent_again_after_an_overload_refusal_counts_against_the_limits_once(
+    gateway_factory: Callable[..., GatewayProcess],
+) -> None:
+    """A user may ask for 2 answers a minute (CHATGW_LIMIT_USER_ANSWERS): a message refused for
+    overload and sent again, as told, five times is counted once, so the user's second message
+    still passes and only the third is over the limit."""
+    gw = gateway_factory(
+        {
+            "CHATGW_MAX_ACTIVE_ANSWERS": "1",
+            "CHATGW_LIMIT_USER_ANSWERS": "2/minute",
+            "CHATGW_SCRIPTED_TPS": "40",
+            "CHATGW_SCRIPTED_TOKENS": "2000",
+        }
+    )
+    first, second = new_widget(gw), new_widget(gw)
+    busy = await Client.open(gw)
+    await busy.hello(first)
+    await busy.ask_and_read("a-1", "Keep the assistant busy", deltas=1)  # held until stopped
+    client = await Client.open(gw)
+    await client.hello(second)
+    for _attempt in range(5):
+        await client.send({"type": "message", "client_msg_id": "b-1", "text": "Am I next?"})
+        refused = await client.recv_type("error", "ack")
+        assert (refused["type"], refused["code"]) == ("error", "unavailable"), refused
+    await busy.send({"type": "stop"})
+    assert (await busy.until_ai_end())[-1]["status"] == "stopped"
+    for _attempt in range(20):
+        await client.send({"type": "message", "client_msg_id": "b-1", "text": "Am I next?"})
+        reply = await client.recv_type("error", "ack")
+        if reply["type"] == "ack":
+            break
+        assert reply["code"] == "unavailable", reply
+        await asyncio.sleep(reply["retry_after_ms"] / 1000)
+    assert reply["type"] == "ack", "the retried message was never taken"
+    await client.send({"type": "message", "client_msg_id": "b-2", "text": "And this?"})
+    assert (await client.recv_type("error", "ack"))["type"] == "ack"  # the user's second of 2
+    await client.send({"type": "message", "client_msg_id": "b-3", "text": "One more"})
+    over = await client.recv_type("error", "ack")
+    assert (over["type"], over["code"], over["limit"]) == ("error", "rate_limited", "user_answers"), over
+    await client.close()
+    await busy.close()
+
+
 # --- new conversations and sockets while the loop lags -------------------------------------------
 
 
