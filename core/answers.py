@@ -85,6 +85,9 @@ class CoreSettings:
     overload_arrivals_lag_seconds: float = 0.0
     """New conversations and sockets are refused while the event loop's lag, averaged over the
     last second, is over this (0: never); see `core.admission`."""
+    overload_arrivals_queue_wait_seconds: float = 0.0
+    """...or while the database queries of the last second waited longer than this for a pooled
+    connection, on average (0: never); see `core.admission`."""
 
 
 class AnswerState(enum.Enum):
@@ -163,6 +166,7 @@ class AnswerRunner:
             retry_ms=settings.overload_retry_ms,
             lag_target=settings.overload_lag_seconds,
             arrivals_lag=settings.overload_arrivals_lag_seconds,
+            arrivals_queue_wait=settings.overload_arrivals_queue_wait_seconds,
         )
         self._lag_watch: asyncio.Task[None] | None = None
         self._leases: dict[ResponseId, AnswerLease] = {}

@@ -580,8 +580,8 @@ class Connection:
         log.info("socket opened", extra=self.log_extra())
 
     def _admit_new_socket(self) -> None:
-        """Refuse a widget's new socket (not a resume) while the event loop lags beyond
-        CHATGW_OVERLOAD_ARRIVALS_LAG_MS: `unavailable` with `retry_after_ms`, then close 1013,
+        """Refuse a widget's new socket (not a resume) while the instance is overloaded (see
+        `http_api._admit_new_conversation`): `unavailable` with `retry_after_ms`, then close 1013,
         before the hello costs a query (core.admission). A resume goes on: its user is in a
         conversation already."""
         try:

@@ -239,8 +239,9 @@ async def create_widget_session(request: Request) -> Response:
 
 
 def _admit_new_conversation(gw: Gateway) -> None:
-    """Refuse a new conversation (503 `unavailable`, `Retry-After`) while the event loop lags
-    beyond CHATGW_OVERLOAD_ARRIVALS_LAG_MS, before it costs a query (core.admission)."""
+    """Refuse a new conversation (503 `unavailable`, `Retry-After`) while the instance is
+    overloaded (its event loop or its database pool late beyond CHATGW_OVERLOAD_ARRIVALS_LAG_MS or
+    CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS), before it costs a query (core.admission)."""
     try:
         gw.conversations.answers.admission.admit_arrival("a new conversation")
     except Overloaded:

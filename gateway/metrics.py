@@ -99,10 +99,17 @@ class Metrics:
             " CHATGW_OVERLOAD_ARRIVALS_LAG_MS, new conversations and sockets are refused.",
             registry=r,
         )
+        self.db_pool_wait_recent = Gauge(
+            "chatgw_db_pool_wait_recent_seconds",
+            "How long the queries that got a pooled database connection in the last second waited"
+            " for it, on average; over CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS, new conversations and"
+            " sockets are refused.",
+            registry=r,
+        )
         self.arrivals_refused = Counter(
             "chatgw_arrivals_refused",
             "New conversations (kind=session) and new widget sockets (kind=socket) refused while the"
-            " event loop lagged (CHATGW_OVERLOAD_ARRIVALS_LAG_MS).",
+            " instance was overloaded (CHATGW_OVERLOAD_ARRIVALS_LAG_MS, CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS).",
             ["kind"],
             registry=r,
         )

@@ -8,6 +8,11 @@ Every tick of the gateway's lag watch (every 0.25 s) then falls within a block a
 at least `LAG_BLOCK_S` - 0.25 s late, whatever the machine's speed: a lag the gateway sees as
 overload, for as long as the test keeps the file, and gone once it deletes it.
 
+And while the file named by `CHATGW_TEST_DB_HOLD_FILE` exists, two tasks take turns holding a
+pooled PostgreSQL connection for `DB_HOLD_S` (`SELECT pg_sleep`): with `CHATGW_DB_POOL_SIZE=1`
+each waits about that long for the other's, so the pool's recent waits stay near `DB_HOLD_S`
+while the loop keeps up.
+
 The gateway's own limits keep every business's configuration from doing that (it runs off the loop
 on a budget); this launcher stands for whatever else might, so that a test can check that a stall
 longer than the answer lease never ends another conversation's answer on the same instance.
@@ -30,6 +35,7 @@ from gateway.cli import main
 
 STALL_MARK = "stall-the-loop"
 LAG_BLOCK_S = 0.5
+DB_HOLD_S = 0.5
 
 _prepare = Pipeline.prepare
 _start = AnswerRunner.start
@@ -58,11 +64,26 @@ async def _lag_while(path: str) -> None:
             await asyncio.sleep(0.05)
 
 
+async def _hold_db_while(store: Any, path: str) -> None:
+    while True:
+        if os.path.exists(path):  # noqa: ASYNC240 - a stat of a local file, on purpose
+            await store._run(lambda c: c.fetchval("SELECT pg_sleep($1)", DB_HOLD_S))
+        else:
+            await asyncio.sleep(0.05)
+
+
 def _lagging_start(self: AnswerRunner) -> None:
     _start(self)
+    if _lagging:
+        return
+    loop = asyncio.get_running_loop()
     path = os.environ.get("CHATGW_TEST_LAG_FILE")
-    if path and not _lagging:
-        _lagging.add(asyncio.get_running_loop().create_task(_lag_while(path), name="test-lag"))
+    if path:
+        _lagging.add(loop.create_task(_lag_while(path), name="test-lag"))
+    hold = os.environ.get("CHATGW_TEST_DB_HOLD_FILE")
+    if hold:
+        for n in range(2):
+            _lagging.add(loop.create_task(_hold_db_while(self.store, hold), name=f"test-db-hold-{n}"))
 
 
 def _patch() -> None:

@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.databases import delete_redis_keys
 from tests.e2e.client import Client, new_widget
-from tests.servers import GatewayProcess
+from tests.servers import GatewayProcess, start_gateway
 
 # Requests to a lagging gateway wait for its loop between blocks: give them time (no assertion is
 # timed; this only bounds a hang).
@@ -277,3 +277,38 @@ async def test_while_the_loop_lags_new_conversations_and_sockets_are_refused_wit
     await client.close()
     assert lagging.refused("session") >= 2
     assert lagging.refused("socket") >= 1
+
+
+async def test_while_database_queries_wait_for_a_connection_new_conversations_are_refused(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The loop keeps up but the one pooled PostgreSQL connection is held by turns
+    (`tests.stall_gateway`): queries wait about 0.5 s for it, over
+    CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS, so a new conversation gets 503 naming the database;
+    once the connection is free again, it is created."""
+    flag = tmp_path / "hold"
+    env = {
+        "DATABASE_URL": database_url,
+        "CHATGW_DB_POOL_SIZE": "1",
+        "CHATGW_TEST_DB_HOLD_FILE": str(flag),
+        "CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS": "100",
+        "CHATGW_OVERLOAD_RETRY_MS": "200",
+    }
+    gw = start_gateway(tmp_path, env, module="tests.stall_gateway")
+    try:
+        flag.touch()
+        async with httpx.AsyncClient(timeout=SLOW_S) as http:
+            refused = await until_refused(http, gw)
+            assert_refusal_body(refused, "a new conversation")
+            assert "its database queries waited" in refused.json()["error"]["message"]
+            flag.unlink()
+            for _attempt in range(50):
+                r = await post_session(http, gw)
+                if r.status_code == 201:
+                    break
+                await asyncio.sleep(assert_refusal_body(r, "a new conversation") / 1000)
+            assert r.status_code == 201, r.text
+        assert Lagging(gw, flag).refused("session") >= 1
+    finally:
+        flag.unlink(missing_ok=True)
+        gw.stop()

@@ -241,3 +241,29 @@ def test_a_refused_arrivals_retry_spreads_the_refused_over_time() -> None:
     with pytest.raises(Overloaded) as later:
         admission.admit_arrival("a new socket")
     assert 1000 <= later.value.retry_after_ms <= 1500
+
+
+def test_arrivals_are_refused_while_the_database_pool_keeps_queries_waiting() -> None:
+    """With the pool's running wait counts given, the mean wait of the queries that got a
+    connection in the last second's ticks decides, whatever the loop's lag."""
+    waited = [0, 0.0]
+    admission = Admission(limit=0, retry_ms=1000, arrivals_lag=0.25, arrivals_queue_wait=1.0)
+    admission.queue_waits = lambda: (int(waited[0]), float(waited[1]))
+    admission.sample(0.0)  # the first reading: nothing to compare yet
+    for _ in range(4):
+        waited[0] += 10
+        waited[1] += 5.0  # 10 queries waited 0.5 s each, per tick
+        admission.sample(0.0)
+    assert admission.recent_queue_wait == 0.5
+    admission.admit_arrival("a new conversation")
+    waited[0] += 10
+    waited[1] += 40.0  # then 4 s each: the mean of the last 4 ticks is (3 x 0.5 + 4) / 4 s
+    admission.sample(0.0)
+    with pytest.raises(Overloaded) as refused:
+        admission.admit_arrival("a new conversation")
+    assert "database queries waited 1375 ms for a connection on average" in refused.value.message
+    for _ in range(4):
+        admission.sample(0.0)  # no query waited in the last second
+    assert admission.recent_queue_wait == 0.0
+    admission.admit_arrival("a new socket")
+    assert Admission(limit=0, retry_ms=1000, arrivals_queue_wait=1.0).watching
