@@ -187,6 +187,9 @@ def derived(report: dict[str, Any]) -> dict[str, float | None]:
         "sockets that failed to open (session or hello timeout)": r["connections"]["sockets_failed"]
         + r["connections"]["sessions_failed"] * 2,
         "sockets closed by the server (1011: keepalive)": r["connections"]["closed_by_server"],
+        "sessions and hellos refused, overloaded, then tried again (503, unavailable)": r["connections"].get(
+            "retried"
+        ),
         "messages sent (on the wire at least once)": m["sent"],
         "of them held first, while told to wait": m.get("held", 0),
         "messages acked": m["acked"],

@@ -82,6 +82,12 @@ class CoreSettings:
     overload_lag_seconds: float = 0.0
     """Below `max_active_answers`, the limit shrinks while the event loop lags more than this
     (0: the limit is `max_active_answers` alone)."""
+    overload_arrivals_lag_seconds: float = 0.0
+    """New conversations and sockets are refused while the event loop's lag, averaged over the
+    last second, is over this (0: never); see `core.admission`."""
+    overload_arrivals_queue_wait_seconds: float = 0.0
+    """...or while the database queries of the last second waited longer than this for a pooled
+    connection, on average (0: never); see `core.admission`."""
 
 
 class AnswerState(enum.Enum):
@@ -159,6 +165,8 @@ class AnswerRunner:
             limit=settings.max_active_answers,
             retry_ms=settings.overload_retry_ms,
             lag_target=settings.overload_lag_seconds,
+            arrivals_lag=settings.overload_arrivals_lag_seconds,
+            arrivals_queue_wait=settings.overload_arrivals_queue_wait_seconds,
         )
         self._lag_watch: asyncio.Task[None] | None = None
         self._leases: dict[ResponseId, AnswerLease] = {}
@@ -232,7 +240,7 @@ class AnswerRunner:
         """Start the background sweep that ends the answers of instances that died."""
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="answer-lease-sweeper")
-        if self._lag_watch is None and self.admission.cap and self.admission.lag_target:
+        if self._lag_watch is None and self.admission.watching:
             self._lag_watch = asyncio.create_task(self.admission.watch(), name="admission-lag-watch")
         self._start_renewer()
 

@@ -73,6 +73,8 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             max_active_answers=settings.max_active_answers,
             overload_retry_ms=settings.overload_retry_ms,
             overload_lag_seconds=settings.overload_lag_ms / 1000,
+            overload_arrivals_lag_seconds=settings.overload_arrivals_lag_ms / 1000,
+            overload_arrivals_queue_wait_seconds=settings.overload_arrivals_db_wait_ms / 1000,
         ),
     )
     metrics.watch(
@@ -82,10 +84,13 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
         redis=backends.redis_stats,
     )
     admission = conversations.answers.admission
+    admission.queue_waits = backends.pool_waits  # None without PostgreSQL
     metrics.answers_active.set_function(lambda: conversations.answers.active)
     metrics.answers_active_limit.set_function(lambda: admission.limit)
     metrics.answers_active_cap.set(settings.max_active_answers)
     metrics.event_loop_lag.set_function(lambda: admission.lag)
+    metrics.event_loop_lag_recent.set_function(lambda: admission.recent_lag)
+    metrics.db_pool_wait_recent.set_function(lambda: admission.recent_queue_wait)
     hub = Hub(broker)
     hub.on_flow_changed = conversations.flows.invalidate
     hub.on_answer_ended = conversations.on_answer_ended

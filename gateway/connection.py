@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from core.errors import CoreError, InvalidInput, TooLarge, Unavailable
+from core.errors import CoreError, InvalidInput, Overloaded, TooLarge, Unavailable
 from core.models import Business
 from core.types import ConversationId, new_id
 from gateway.auth import Principal
@@ -67,6 +67,9 @@ class State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
 
+
+# Messages refused for overload remembered per socket, so that their resend is not counted again.
+MAX_UNCOUNTED = 64
 
 # A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455 5.5); a longer one is not sent at all.
 MAX_CLOSE_REASON_BYTES = 123
@@ -176,6 +179,7 @@ class Connection:
         "_receive",
         "_send",
         "_task",
+        "_uncounted",
         "_writer",
         "close_code",
         "close_reason",
@@ -226,6 +230,9 @@ class Connection:
         self._deadline: asyncio.TimerHandle | None = None
         self._address_key: Place | None = None
         self._conversation_key: Place | None = None
+        # Messages refused unstored because the instance answers as many conversations as it may:
+        # counted against the message limits once, at their first try, not again when resent.
+        self._uncounted: dict[tuple[str | None, str], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -552,6 +559,8 @@ class Connection:
         except Unauthorized as exc:
             raise Refused(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, exc.message) from None
         self.principal = principal
+        if principal.role != "agent" and hello.resume is None:
+            self._admit_new_socket()
         if principal.role != "agent" and principal.conversation_id is not None:
             try:
                 self._conversation_key = await self.gw.limits.open_conversation_socket(
@@ -583,6 +592,22 @@ class Connection:
             ) from None
         log.info("socket opened", extra=self.log_extra())
 
+    def _admit_new_socket(self) -> None:
+        """Refuse a widget's new socket (not a resume) while the instance is overloaded (see
+        `http_api._admit_new_conversation`): `unavailable` with `retry_after_ms`, then close 1013,
+        before the hello costs a query (core.admission). A resume goes on: its user is in a
+        conversation already."""
+        try:
+            self.gw.conversations.answers.admission.admit_arrival("a new socket")
+        except Overloaded as exc:
+            self.gw.metrics.arrivals_refused.labels("socket").inc()
+            raise Refused(
+                CloseCode.TRY_AGAIN_LATER,
+                ErrorCode.UNAVAILABLE,
+                exc.message,
+                retry_after_ms=exc.retry_after_ms,
+            ) from None
+
     def check_origin(self, business: Business, *, agent: bool = False) -> None:
         """Refuse the connection (`forbidden`, close 4403) unless the page that opened it may use
         the business's chat: its `Origin` header checked at hello, when the token names the
@@ -600,6 +625,8 @@ class Connection:
                 raise FrameError(ErrorCode.BAD_FRAME, "hello: already said hello on this socket")
             await self._admit_frame(frame, conversation_id)
             await self.role.handle(frame)
+            if client_msg_id is not None and self._uncounted is not None:
+                self._uncounted.pop(self._message_key(conversation_id, client_msg_id), None)
         except RateLimited as exc:
             await self.rate_limited(exc, client_msg_id, conversation_id)
         except Refused as refused:
@@ -608,13 +635,42 @@ class Connection:
             exc.client_msg_id = exc.client_msg_id or client_msg_id
             self.frame_error(exc, conversation_id)
         except CoreError as exc:
+            if isinstance(exc, Overloaded) and client_msg_id is not None:
+                self._count_once(conversation_id, client_msg_id)
             self.core_error(exc, client_msg_id, conversation_id)
         except Exception:
             log.exception("frame handling failed", extra=self.log_extra())
             self.gw.metrics.error(ErrorCode.INTERNAL.value)
             self.send(error_frame(ErrorCode.INTERNAL, "internal error", client_msg_id=client_msg_id))
 
+    def _count_once(self, conversation_id: str | None, client_msg_id: str) -> None:
+        """Remember a message refused for overload (up to `MAX_UNCOUNTED`, the oldest forgotten):
+        the client sends it again after `retry_after_ms`, as it was told, and that is no new
+        message to count against the socket's, conversation's, user's and business's limits.
+        Counted again, a user writing at the rate the limits allow would be refused `rate_limited`
+        for doing as told, and closed with 4429 after enough of them."""
+        if self._uncounted is None:
+            self._uncounted = {}
+        key = self._message_key(conversation_id, client_msg_id)
+        self._uncounted.pop(key, None)
+        self._uncounted[key] = None
+        if len(self._uncounted) > MAX_UNCOUNTED:
+            del self._uncounted[next(iter(self._uncounted))]
+
+    def _message_key(self, conversation_id: str | None, client_msg_id: str) -> tuple[str | None, str]:
+        """A message's conversation (a widget's own, whatever the frame says) and client id."""
+        principal = self.principal
+        if principal is not None and principal.role != "agent":
+            conversation_id = principal.conversation_id
+        return conversation_id, client_msg_id
+
     async def _admit_frame(self, frame: ClientFrame, conversation_id: str | None) -> None:
+        if (
+            isinstance(frame, SendMessage)
+            and self._uncounted is not None
+            and self._message_key(conversation_id, frame.client_msg_id) in self._uncounted
+        ):
+            return  # counted at its first try (see `_count_once`)
         principal = self.principal
         assert principal is not None
         user = None

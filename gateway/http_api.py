@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 
 from core.conversation import message_payload
-from core.errors import CoreError, Forbidden, InvalidInput, NotFound, TooLarge, Unavailable
+from core.errors import CoreError, Forbidden, InvalidInput, NotFound, Overloaded, TooLarge, Unavailable
 from core.models import Business, Conversation, Message
 from core.types import BusinessId, ConversationId, EndUserId, EventType, StageName
 from gateway.auth import active_agent, bearer_token, business_for_api_key, looks_like_token
@@ -203,6 +203,8 @@ async def create_widget_session(request: Request) -> Response:
     public_id = body.get("business")
     if not isinstance(public_id, str) or not public_id:
         raise InvalidInput("field 'business' (the business's public id) is required")
+    if body.get("conversation_id") is None:
+        _admit_new_conversation(gw)
     business = await gw.store.get_business_by_public_id(public_id)
     check_origin(request, business)
     bid = business.business_id
@@ -234,6 +236,17 @@ async def create_widget_session(request: Request) -> Response:
         },
         status,
     )
+
+
+def _admit_new_conversation(gw: Gateway) -> None:
+    """Refuse a new conversation (503 `unavailable`, `Retry-After`) while the instance is
+    overloaded (its event loop or its database pool late beyond CHATGW_OVERLOAD_ARRIVALS_LAG_MS or
+    CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS), before it costs a query (core.admission)."""
+    try:
+        gw.conversations.answers.admission.admit_arrival("a new conversation")
+    except Overloaded:
+        gw.metrics.arrivals_refused.labels("session").inc()
+        raise
 
 
 async def _count_new_session(gw: Gateway, request: Request) -> None:

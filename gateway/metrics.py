@@ -93,6 +93,26 @@ class Metrics:
             "How late the event loop ran a timer, at the last sample (every 0.25 s).",
             registry=r,
         )
+        self.event_loop_lag_recent = Gauge(
+            "chatgw_event_loop_lag_recent_seconds",
+            "The event loop's lag averaged over the last second's samples; over"
+            " CHATGW_OVERLOAD_ARRIVALS_LAG_MS, new conversations and sockets are refused.",
+            registry=r,
+        )
+        self.db_pool_wait_recent = Gauge(
+            "chatgw_db_pool_wait_recent_seconds",
+            "How long the queries that got a pooled database connection in the last second waited"
+            " for it, on average; over CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS, new conversations and"
+            " sockets are refused.",
+            registry=r,
+        )
+        self.arrivals_refused = Counter(
+            "chatgw_arrivals_refused",
+            "New conversations (kind=session) and new widget sockets (kind=socket) refused while the"
+            " instance was overloaded (CHATGW_OVERLOAD_ARRIVALS_LAG_MS, CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS).",
+            ["kind"],
+            registry=r,
+        )
         self.redis_reconnects = Gauge(
             "chatgw_redis_reconnects", "Times the Redis pub/sub connection was re-established.", registry=r
         )

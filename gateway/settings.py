@@ -67,6 +67,8 @@ class Settings:
     max_active_answers: int = 200
     overload_retry_ms: int = 1000
     overload_lag_ms: float = 100.0
+    overload_arrivals_lag_ms: float = 250.0
+    overload_arrivals_db_wait_ms: float = 1000.0
     reconnect_spread_ms: int = 2000
     redis_prefix: str = "chatgw:"
     log_level: str = "INFO"
@@ -136,6 +138,10 @@ class Settings:
             ),
             overload_retry_ms=e.integer("CHATGW_OVERLOAD_RETRY_MS", 1000, low=100, high=600_000),
             overload_lag_ms=e.number("CHATGW_OVERLOAD_LAG_MS", 100.0, low=0, high=60_000),
+            overload_arrivals_lag_ms=e.number("CHATGW_OVERLOAD_ARRIVALS_LAG_MS", 250.0, low=0, high=60_000),
+            overload_arrivals_db_wait_ms=e.number(
+                "CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS", 1000.0, low=0, high=600_000
+            ),
             reconnect_spread_ms=e.integer("CHATGW_RECONNECT_SPREAD_MS", 2000, low=0, high=600_000),
             redis_prefix=e.get("CHATGW_REDIS_PREFIX") or "chatgw:",
             log_level=log_level,

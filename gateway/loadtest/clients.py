@@ -13,15 +13,11 @@ import httpx
 
 from gateway.devtools.marker import MARKER_RE
 from gateway.loadtest.config import Target
-from gateway.loadtest.sockets import Run, SocketClient, now_ns
+from gateway.loadtest.sockets import Run, SocketClient, now_ns, opened_within, retry_hint
 from gateway.loadtest.stats import AskClock, FanoutPairer, StreamCheck
 
 if TYPE_CHECKING:
     from gateway.loadtest.agents import AgentClient
-
-RETRIED_CODES = frozenset({"unavailable", "rate_limited"})
-"""Error codes naming a message that the gateway did not take, to be sent again after their
-`retry_after_ms`."""
 
 
 class ConversationSocket(SocketClient):
@@ -127,12 +123,12 @@ class UserClient(ConversationSocket):
             return
         code = str(frame.get("code"))
         self.tally.keyed["message_refusals"][code] += 1
-        retry_ms = frame.get("retry_after_ms")
-        if code in RETRIED_CODES and isinstance(retry_ms, int | float) and retry_ms >= 0:
+        wait = retry_hint(code, frame.get("retry_after_ms"))
+        if wait is not None:
             self.tally.counts["messages_retried"] += 1
             if cmid not in self.held:
                 self.held.append(cmid)
-            self.hold_until = max(self.hold_until, asyncio.get_running_loop().time() + retry_ms / 1000)
+            self.hold_until = max(self.hold_until, asyncio.get_running_loop().time() + wait)
             if self.flusher is None:
                 self.flusher = asyncio.ensure_future(self._flush_held())
                 self.conversation.keep(self.flusher)
@@ -268,19 +264,26 @@ class Conversation:
                 self.agent = None
 
     async def _create(self, http: httpx.AsyncClient) -> str | None:
+        """Create the widget session; one refused with a hint (503 or 429 with `retry_after_ms` or
+        `Retry-After`) is asked for again after it, within `--open-within` (see `opened_within`)."""
+        return await opened_within(
+            self.run.tally, self.run.config.open_within, lambda: self._try_create(http)
+        )
+
+    async def _try_create(self, http: httpx.AsyncClient) -> tuple[str | None, float | None]:
         try:
             r = await http.post(
                 f"{self.home.http}/v1/widget/sessions", json={"business": self.run.config.business}
             )
         except httpx.TimeoutException:
-            return "session_timeout"
+            return "session_timeout", None
         except httpx.HTTPError:
-            return "session_refused"
+            return "session_refused", None
         if r.status_code != 201:
-            return f"session_http_{r.status_code}"
+            return f"session_http_{r.status_code}", _session_retry(r)
         body = r.json()
         self.token, self.conversation_id = body["token"], body["conversation_id"]
-        return None
+        return None, None
 
     def fanout(self, lag_ns: int, other: str = "watcher") -> None:
         """One delta's arrival on a watcher (or the agent) minus its arrival on the user socket."""
@@ -319,3 +322,19 @@ class Conversation:
     async def close(self) -> None:
         self.user.account_end()
         await asyncio.gather(*(s.close() for s in self.sockets))
+
+
+def _session_retry(r: httpx.Response) -> float | None:
+    """The seconds a refused session creation says to wait (its body's `retry_after_ms`, else its
+    `Retry-After` in seconds), or None when it is not a refusal to retry (not 429 or 503)."""
+    if r.status_code not in (429, 503):
+        return None
+    try:
+        error = r.json().get("error") or {}
+    except ValueError:
+        error = {}
+    code = error.get("code") if isinstance(error, dict) else None
+    retry_ms = error.get("retry_after_ms") if isinstance(error, dict) else None
+    if retry_ms is None and (r.headers.get("retry-after") or "").isdigit():
+        retry_ms = int(r.headers["retry-after"]) * 1000
+    return retry_hint(code or ("rate_limited" if r.status_code == 429 else "unavailable"), retry_ms)

@@ -42,6 +42,7 @@ class LoadConfig:
     processes: int = 1
     connect_rate: float = 50.0
     drain_timeout: float = 10.0
+    open_within: float = 60.0
     agents: int = 0
     takeover_rate: float = 0.0
     takeover_within: float = 1.0
@@ -69,6 +70,7 @@ class LoadConfig:
             "processes": self.processes,
             "connect_rate": self.connect_rate,
             "drain_timeout_s": self.drain_timeout,
+            "open_within_s": self.open_within,
             "agents": self.agents,
             "takeover_rate": self.takeover_rate,
             "takeover_within_s": self.takeover_within,
@@ -187,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the last message, wait at most S seconds for answers to end (default 10)",
     )
     add(
+        "--open-within",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="a widget session or socket refused with a retry hint (503 or 429, or an `unavailable` or "
+        "`rate_limited` answer to hello) is tried again after the hinted wait, until S seconds after its "
+        "first try (default 60; 0: never tried again)",
+    )
+    add(
         "--agents",
         type=int,
         default=0,
@@ -251,6 +262,7 @@ def parse(argv: list[str]) -> LoadConfig:
         processes=args.processes,
         connect_rate=args.connect_rate,
         drain_timeout=args.drain_timeout,
+        open_within=args.open_within,
         agents=args.agents,
         takeover_rate=args.takeover_rate,
         takeover_within=args.takeover_within,
@@ -274,6 +286,7 @@ def validate(c: LoadConfig) -> None:
     _between("--processes", c.processes, 1, min(MAX_PROCESSES, c.conversations))
     _between("--connect-rate", c.connect_rate, 1, 10_000)
     _between("--drain-timeout", c.drain_timeout, 0, 600)
+    _between("--open-within", c.open_within, 0, 3600)
     _validate_agents(c)
     if not c.business.strip():
         raise ConfigError("--business must not be empty")
@@ -349,7 +362,11 @@ A message refused with `unavailable` or `rate_limited` and a `retry_after_ms` (t
 take it, for example because it answers as many conversations as it may) is sent again after that
 time, as the widget does, together with the messages the user wrote meanwhile (held until then);
 the report counts the refusals by code, the messages sent again and held, and times the ack from
-when the message was written.
+when the message was written. Likewise a widget session refused with 503 or 429 (the instance is
+overloaded, or a limit was reached) and a socket whose `hello` is refused with `unavailable` or
+`rate_limited` (then closed with 1013) are tried again after the hinted wait, within --open-within:
+the report counts those refusals by reason (connections.refusals_by_reason), and only what never
+opened counts as failed.
 
 Exit status: 0 the run completed with no integrity problem; 1 it completed but saw seq gaps,
 duplicates, late deltas, unacknowledged messages, unfinished answers or unanswered takeovers, or a

@@ -70,6 +70,9 @@ def build(
             "sockets_failed": c["sockets_failed"],
             "sessions_failed": c["sessions_failed"],
             "failures_by_reason": dict(tally.keyed["connect_failures"]),
+            "refused": sum(tally.keyed["open_refusals"].values()),
+            "retried": c["opens_retried"],
+            "refusals_by_reason": dict(tally.keyed["open_refusals"]),
             "closed_by_server": c["closed_by_server"],
             "close_codes": dict(tally.keyed["close_codes"]),
         },
@@ -222,6 +225,11 @@ def table(report: dict[str, Any]) -> str:
     ]
     if conn["failures_by_reason"]:
         lines.append(f"  failures     {_pairs(conn['failures_by_reason'])}")
+    if conn["refusals_by_reason"]:
+        lines.append(
+            f"  refused      {_pairs(conn['refusals_by_reason'])}: "
+            f"{conn['retried']} tried again after the hinted wait"
+        )
     if conn["close_codes"]:
         lines.append(f"  close codes  {_pairs(conn['close_codes'])}")
     lines += [

@@ -6,6 +6,11 @@ the run lasts (`act`), which stream check a conversation event goes to (`check_f
 makes of the frames it receives (the `on_*` hooks). Every socket checks its streams
 (`StreamCheck`), counts deltas and measures each token's lag from the model server's send-time
 marker. A socket the server closes is counted with its close code; the run goes on without it.
+
+A `hello` refused with a hint (`error` `unavailable` or `rate_limited` with `retry_after_ms`, then
+close 1013: the instance is overloaded, or a count is full) is tried again on a new socket after
+that many milliseconds, as the widget does, until `--open-within` seconds after the first try; the
+refusals are counted by reason (`open_refusals`), and only a socket that never opened is a failure.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +34,40 @@ from gateway.loadtest.tally import Tally
 
 OPEN_TIMEOUT_S = 10.0
 _MAX_FRAME = 1 << 22
+
+RETRIED_CODES = frozenset({"unavailable", "rate_limited"})
+"""Error codes of a refusal that says when to try again (with `retry_after_ms`): a message the
+gateway did not take, or a socket or session it did not open, is tried again after that time."""
+
+
+def retry_hint(code: object, retry_ms: object) -> float | None:
+    """The seconds to wait before trying again what was refused with `code` and `retry_ms`, when
+    the refusal says so; else None (not to be retried)."""
+    if code in RETRIED_CODES and isinstance(retry_ms, int | float) and retry_ms >= 0:
+        return float(retry_ms) / 1000
+    return None
+
+
+async def opened_within(
+    tally: Tally, seconds: float, attempt: Callable[[], Awaitable[tuple[str | None, float | None]]]
+) -> str | None:
+    """Run `attempt` (a failure's reason or None, and the wait a refusal asked for) until it
+    succeeds, fails without a hint, or its hinted wait would end more than `seconds` after the
+    first try; each hinted refusal is counted by reason (`open_refusals`) and each new try
+    (`opens_retried`). Returns the last failure's reason, or None."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while True:
+        failure, wait = await attempt()
+        if failure is None:
+            return None
+        if wait is None:
+            return failure
+        tally.keyed["open_refusals"][failure] += 1
+        if loop.time() + wait > until:
+            return failure
+        tally.counts["opens_retried"] += 1
+        await asyncio.sleep(wait)
 
 
 @dataclass
@@ -95,6 +134,11 @@ class SocketClient:
         return True
 
     async def _open(self) -> str | None:
+        return await opened_within(self.tally, self.run.config.open_within, self._try_open)
+
+    async def _try_open(self) -> tuple[str | None, float | None]:
+        """One try: the failure's reason (None: open) and, for a refusal that says when to try
+        again, the seconds to wait."""
         try:
             self.ws = await connect(
                 self.target.ws,
@@ -106,14 +150,15 @@ class SocketClient:
                 close_timeout=2,
             )
         except InvalidStatus as exc:
-            return f"ws_http_{exc.response.status_code}"
+            return f"ws_http_{exc.response.status_code}", None
         except (InvalidHandshake, InvalidURI):
-            return "ws_handshake"
+            return "ws_handshake", None
         except TimeoutError:
-            return "ws_timeout"
+            return "ws_timeout", None
         except OSError:
-            return "ws_refused"
+            return "ws_refused", None
         failure: str | None
+        wait = None
         try:
             await self.ws.send(orjson.dumps(self.hello()).decode())
             welcome = orjson.loads(await asyncio.wait_for(self.ws.recv(), OPEN_TIMEOUT_S))
@@ -124,9 +169,11 @@ class SocketClient:
         else:
             failure = self.welcome(welcome)
             if failure is None:
-                return None
+                return None, None
+            if welcome.get("type") == "error":
+                wait = retry_hint(welcome.get("code"), welcome.get("retry_after_ms"))
         await self.ws.close()
-        return failure
+        return failure, wait
 
     async def _read(self) -> None:
         assert self.ws is not None

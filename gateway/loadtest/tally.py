@@ -30,6 +30,7 @@ KEYED = (
     "takeover_errors",
     "agent_max_subscriptions",
     "message_refusals",
+    "open_refusals",
 )
 
 

@@ -155,7 +155,8 @@
         if (r.ok) return r.json();
         return r.json().catch(function () { return {}; }).then(function (body) {
           var e = (body && body.error) || {};
-          var retry = Number(r.headers.get("Retry-After")) * 1000 || null;
+          // The body's retry_after_ms keeps the gateway's spread; Retry-After is whole seconds.
+          var retry = Number(e.retry_after_ms) || Number(r.headers.get("Retry-After")) * 1000 || null;
           throw new HttpError(r.status, e.code || "http_" + r.status, e.message || r.statusText, retry);
         });
       },
@@ -637,10 +638,15 @@
       function (e) {
         starting = null;
         view.connection("off");
-        view.banner(plainHttpError(e));
-        // Without a conversation yet, try again while the trouble may pass (not for a refusal).
-        if (!conv && (e.status === 0 || e.status === 429 || e.status >= 500)) {
-          setTimeout(function () { start(false).catch(function () {}); }, 5000 + Math.random() * 5000);
+        // Without a conversation yet, try again while the trouble may pass (not for a refusal):
+        // when the gateway said when (an overloaded instance's 503, a 429), then.
+        var again = !conv && (e.status === 0 || e.status === 429 || e.status >= 500);
+        var wait = e.retryAfterMs ? Math.max(1000, e.retryAfterMs) : 5000 + Math.random() * 5000;
+        view.banner(again && e.status === 503 && e.retryAfterMs
+          ? "The chat service is busy right now. Trying again in " + Math.ceil(wait / 1000) + " s."
+          : plainHttpError(e));
+        if (again) {
+          setTimeout(function () { start(false).catch(function () {}); }, wait);
         }
         throw e;
       }

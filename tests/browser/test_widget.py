@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import orjson
@@ -19,6 +20,7 @@ from core.conversation import FAILED_NOTICE
 from tests.browser.conftest import Screenshots
 from tests.browser.fit import assert_fits
 from tests.browser.widget_page import Network, WidgetPage, assert_grows
+from tests.e2e.test_overload import SLOW_S, lagging_env
 from tests.llm_server import LLMServer, drop_after
 from tests.servers import GatewayProcess, start_gateway
 
@@ -356,6 +358,48 @@ def one_answer_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gat
 
 
 QUICK_ANSWERS = {"CHATGW_SCRIPTED_TPS": "200", "CHATGW_SCRIPTED_TOKENS": "10"}
+
+
+def test_a_new_chat_refused_while_the_service_is_overloaded_says_so_and_starts_once_it_can(
+    new_context: NewContext, tmp_path: Path, shots: Screenshots
+) -> None:
+    """The gateway's loop lags (`tests.stall_gateway`) when the visitor opens the chat: the new
+    conversation is refused with 503 and a retry hint, the widget says so in plain words and asks
+    again after the hint by itself; once the lag is gone the chat starts and answers."""
+    flag = tmp_path / "lag"
+    env = {**lagging_env(flag), "CHATGW_OVERLOAD_RETRY_MS": "2000", **QUICK_ANSWERS}
+    gw = start_gateway(tmp_path, env, module="tests.stall_gateway")
+    try:
+        w = widget(new_context, gw)
+        w.watch_frames()
+        w.page.goto(f"{gw.http}/demo/")
+        w.page.wait_for_selector("button.launcher")
+        flag.touch()
+        for _attempt in range(50):  # until the gateway has seen the lag
+            r = httpx.post(f"{gw.http}/v1/widget/sessions", json={"business": "demo"}, timeout=SLOW_S)
+            if r.status_code == 503:
+                break
+        assert r.status_code == 503, r.text
+        w.page.click("button.launcher")
+        w.page.wait_for_function(
+            """() => {
+              const banner = document.querySelector('[data-chatgw]').shadowRoot.querySelector('.banner');
+              return banner && !banner.hidden && banner.textContent.includes('busy right now. Trying again in');
+            }""",
+            polling=50,
+            timeout=SLOW_S * 1000,
+        )
+        shots.take(w.page, "refused-busy")
+        flag.unlink()
+        w.page.wait_for_selector(".status[data-state=online]", timeout=SLOW_S * 1000)
+        w.send("Are you there?")
+        answer = w.wait_answer(chars=1)
+        final = w.follow(answer.key, answer.text).final
+        shots.take(w.page, "answered")
+        assert final.state == "complete"
+    finally:
+        flag.unlink(missing_ok=True)
+        gw.stop()
 
 
 def test_a_rate_limit_is_said_in_plain_words_and_the_message_waits(

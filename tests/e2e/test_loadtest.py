@@ -1,12 +1,15 @@
 """`chatgw loadtest` against real gateway processes answering through `chatgw model-server`: the
 report agrees with what was sent and with what the model server counted, on the embedded default
 and on PostgreSQL + Redis; stopped answers close the model's stream; agents follow every
-conversation and take over and hand back, and the report agrees with what every socket saw; and
+conversation and take over and hand back, and the report agrees with what every socket saw;
 sockets the server closes (a gateway told to stop mid-run) are counted, with the run still
-reporting."""
+reporting; and widget sessions and hellos refused by an overloaded gateway (its loop held up:
+`tests.stall_gateway`) are tried again after the hinted wait and reported as refusals, not
+failures."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -17,6 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.loadtest.clients import Conversation, WatcherClient
+from gateway.loadtest.config import parse
+from gateway.loadtest.sockets import Run
+from gateway.loadtest.tally import Tally
+from tests.e2e.client import Client
+from tests.e2e.test_overload import SLOW_S, Lagging, lagging_env
 from tests.loadtest_support import (
     ModelServerProcess,
     assert_consistent,
@@ -238,3 +247,110 @@ def _open_sockets(gw: GatewayProcess) -> float:
         if line.startswith("chatgw_ws_connections "):
             return float(line.split()[1])
     return 0
+
+
+@pytest.fixture
+def lagging_on(tmp_path: Path, model: ModelServerProcess) -> Iterator[Lagging]:
+    """A gateway answering through the model server whose loop lags while its flag exists (the
+    flag is made by the test once the gateway is up), refusing arrivals with hints of 200-300 ms."""
+    flag = tmp_path / "lag"
+    env = {
+        **model_env(model),
+        **lagging_env(flag),
+        "CHATGW_OVERLOAD_RETRY_MS": "200",
+        "CHATGW_LOG_LEVEL": "WARNING",
+    }
+    gw = start_gateway(tmp_path, env, module="tests.stall_gateway")
+    yield Lagging(gw, flag)
+    flag.unlink(missing_ok=True)
+    gw.stop()
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    for _attempt in range(600):  # a bound on a hang, not a timed assertion
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"never: {what}")
+
+
+def _refuses_sessions(lagging: Lagging) -> bool:
+    r = httpx.post(f"{lagging.gw.http}/v1/widget/sessions", json={"business": "demo"}, timeout=SLOW_S)
+    assert r.status_code in (201, 503), r.text
+    return r.status_code == 503
+
+
+def test_a_refused_session_creation_is_tried_again_and_reported_as_a_refusal(
+    lagging_on: Lagging, model: ModelServerProcess, tmp_path: Path
+) -> None:
+    """The load tool starts while the gateway refuses new conversations (503 with a hint); once
+    the gateway refused one of the tool's, the lag ends: every session and socket opens in the
+    end, and the report counts the refusals by reason and the tries again, not failures."""
+    gw = lagging_on.gw
+    lagging_on.flag.touch()
+    _until(lambda: _refuses_sessions(lagging_on), "a session refused while the loop lags")
+    before = lagging_on.refused("session")
+    process, out = start_loadtest(
+        tmp_path,
+        *args(gw, model, "--conversations", "2", "--watchers-per-conversation", "1"),
+        *("--message-interval", "0.5", "--duration", "1"),
+    )
+    try:
+        _until(lambda: lagging_on.refused("session") > before, "the load tool's session refused")
+        lagging_on.flag.unlink()
+        stdout, stderr = process.communicate(timeout=120)
+    except (subprocess.TimeoutExpired, AssertionError):
+        process.kill()
+        raise
+    assert process.returncode == 0, stderr
+    report = json.loads(out.read_text())
+    connections = report["connections"]
+    assert connections["sockets_opened"] == 4
+    assert connections["sockets_failed"] == connections["sessions_failed"] == 0
+    assert connections["failures_by_reason"] == {}
+    refusals = connections["refusals_by_reason"]
+    assert refusals["session_http_503"] >= 1
+    assert set(refusals) <= {"session_http_503", "hello_unavailable"}  # hellos too, if still lagging
+    assert connections["refused"] == connections["retried"] == sum(refusals.values())
+    assert report["config"]["open_within_s"] == 60.0
+    assert report["messages"]["acked"] == report["messages"]["sent"] > 0
+    assert "tried again after the hinted wait" in stdout
+
+
+async def test_a_refused_hello_is_tried_again_on_a_new_socket(lagging_on: Lagging) -> None:
+    """A socket of the load tool whose hello is refused (`unavailable`, then close 1013) opens a
+    new socket after the hinted wait and says hello again: it opens once the lag is gone."""
+    gw = lagging_on.gw
+    run = Run(parse(["--url", gw.http, "--conversations", "1", "--watchers-per-conversation", "0"]), Tally())
+    conversation = Conversation(0, run)
+    async with httpx.AsyncClient(timeout=SLOW_S) as http:
+        await conversation.setup(http)  # before the lag
+    assert run.tally.counts["sockets_opened"] == 1
+    lagging_on.flag.touch()
+    for _attempt in range(50):  # until the gateway has seen the lag
+        probe = await Client.open(gw)
+        await probe.send({"type": "hello", "token": conversation.token})
+        answer = await probe.recv(timeout=SLOW_S)
+        await probe.close()
+        if answer["type"] == "error":
+            assert answer["code"] == "unavailable", answer
+            break
+        assert answer["type"] == "welcome", answer
+    assert answer["type"] == "error", "no hello was refused while the loop lagged"
+    before = await asyncio.to_thread(lagging_on.refused, "socket")
+    watcher = WatcherClient(run, conversation, conversation.home)
+    opening = asyncio.create_task(watcher.open())
+    for _attempt in range(600):
+        if await asyncio.to_thread(lagging_on.refused, "socket") > before:
+            break
+        await asyncio.sleep(0.1)
+    lagging_on.flag.unlink()
+    assert await opening
+    counts, refusals = run.tally.counts, run.tally.keyed["open_refusals"]
+    assert refusals["hello_unavailable"] >= 1
+    assert set(refusals) == {"hello_unavailable"}
+    assert counts["opens_retried"] == refusals["hello_unavailable"]
+    assert counts["sockets_opened"] == 2
+    assert counts["sockets_failed"] == 0
+    await watcher.close()
+    await conversation.close()

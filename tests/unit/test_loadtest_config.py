@@ -48,6 +48,7 @@ def test_targets_off_the_loopback_need_allow_remote(url: str) -> None:
         (["--conversations", "10000", "--watchers-per-conversation", "8"], "over the cap of 50000"),
         (["--business", " "], "--business"),
         (["--model-server", "http://10.1.1.1:8100"], "--allow-remote"),
+        (["--open-within", "-1"], "--open-within must be between 0 and 3600"),
     ],
 )
 def test_bad_options_are_refused_naming_the_option(argv: list[str], message: str) -> None:
@@ -67,6 +68,8 @@ def test_defaults_and_the_socket_count() -> None:
     assert [t.http for t in config.targets] == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
     assert config.sockets == 14  # one user and one watcher each, by default
     assert config.public()["urls"] == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert config.public()["open_within_s"] == 60.0  # refused opens are tried again for up to 60 s
+    assert parse(["--open-within", "0"]).open_within == 0
 
 
 def _report(**changes: int) -> dict[str, object]:

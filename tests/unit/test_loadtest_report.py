@@ -87,3 +87,32 @@ def test_an_unreadable_gateway_leaves_its_cpu_unknown() -> None:
     assert report["fanout"]["cross_instance"] is True
     assert "gateway CPU    unknown" in table(report)
     assert "(aborted)" in table(report)
+
+
+def test_refused_opens_are_reported_by_reason_apart_from_failures() -> None:
+    config = parse(["--url", "http://127.0.0.1:1", "--conversations", "2"])
+    t = tally(10, 20, [1000])
+    t.counts.update({"sockets_opened": 3, "sockets_failed": 1, "opens_retried": 4})
+    t.keyed["open_refusals"].update({"session_http_503": 3, "hello_unavailable": 2})
+    t.keyed["connect_failures"]["hello_unavailable"] = 1  # refused again past --open-within
+    merged = Tally()
+    merged.merge(Tally.from_state(t.to_state()))
+    report = build(
+        config,
+        merged,
+        window_s=1.0,
+        connect_s=0.1,
+        client_cpu=[0.1],
+        gateways=[{"url": "http://127.0.0.1:1", "cpu_seconds": None}],
+        model_server=None,
+        aborted=False,
+        failed_workers=0,
+    )
+    connections = report["connections"]
+    assert connections["refused"] == 5
+    assert connections["retried"] == 4
+    assert connections["refusals_by_reason"] == {"session_http_503": 3, "hello_unavailable": 2}
+    assert connections["failures_by_reason"] == {"hello_unavailable": 1}
+    assert connections["sockets_failed"] == 1
+    text = table(report)
+    assert "refused      hello_unavailable=2 session_http_503=3: 4 tried again after the hinted wait" in text

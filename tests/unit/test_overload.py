@@ -189,3 +189,81 @@ def test_the_limit_shrinks_while_the_event_loop_lags_and_grows_back_when_it_bind
     off = Admission(limit=100, retry_ms=1000, lag_target=0)
     off.sample(5.0)
     assert off.limit == 100  # without a lag target the cap is the limit
+
+
+def test_arrivals_are_refused_while_the_lag_of_the_last_second_is_over_its_threshold() -> None:
+    """The mean of the last second's samples (4 ticks of 0.25 s) decides: one late tick among
+    punctual ones lets arrivals in, a loop late tick after tick does not, and one on time again
+    lets them in once the late ticks are out of the second."""
+    admission = Admission(limit=0, retry_ms=1000, arrivals_lag=0.1)
+    assert admission.watching  # no cap on answers, but the lag is needed for arrivals
+    admission.admit_arrival("a new conversation")  # no sample yet
+    for lag in (0.0, 0.0, 0.0, 0.3):
+        admission.sample(lag)
+    admission.admit_arrival("a new conversation")  # mean 0.075 s: one spike
+    for _ in range(3):
+        admission.sample(0.3)
+    with pytest.raises(Overloaded) as refused:
+        admission.admit_arrival("a new conversation")
+    assert "overloaded (its event loop ran 300 ms late on average" in refused.value.message
+    assert "a new conversation is not taken now" in refused.value.message
+    assert 1000 <= refused.value.retry_after_ms <= 1500
+    for _ in range(4):
+        admission.sample(0.01)
+    admission.admit_arrival("a new socket")
+    assert admission.limit == 0  # the answer limit is not touched: there is none
+    off = Admission(limit=10, retry_ms=1000, arrivals_lag=0)
+    off.sample(5.0)
+    off.admit_arrival("a new socket")  # 0: never refused
+    assert not Admission(limit=0, retry_ms=1000, lag_target=0.1).watching
+
+
+def test_a_refused_arrivals_retry_spreads_the_refused_over_time() -> None:
+    """Refusals in the last window x 20 ms (50 a second in all), never below the configured least
+    nor above the most, plus up to half; refusals older than the window no longer count."""
+    now = [100.0]
+    admission = Admission(
+        limit=0, retry_ms=1000, max_retry_ms=30_000, window=10, arrivals_lag=0.1, clock=lambda: now[0]
+    )
+    for _ in range(4):
+        admission.sample(1.0)
+    for _ in range(499):
+        with pytest.raises(Overloaded):
+            admission.admit_arrival("a new socket")
+    with pytest.raises(Overloaded) as refused:
+        admission.admit_arrival("a new socket")
+    assert 10_000 <= refused.value.retry_after_ms <= 15_000  # 500 refused x 20 ms
+    for _ in range(2000):
+        with pytest.raises(Overloaded) as refused:
+            admission.admit_arrival("a new socket")
+    assert 30_000 <= refused.value.retry_after_ms <= 45_000  # at most 30 s, plus the spread
+    now[0] += 11
+    with pytest.raises(Overloaded) as later:
+        admission.admit_arrival("a new socket")
+    assert 1000 <= later.value.retry_after_ms <= 1500
+
+
+def test_arrivals_are_refused_while_the_database_pool_keeps_queries_waiting() -> None:
+    """With the pool's running wait counts given, the mean wait of the queries that got a
+    connection in the last second's ticks decides, whatever the loop's lag."""
+    waited = [0, 0.0]
+    admission = Admission(limit=0, retry_ms=1000, arrivals_lag=0.25, arrivals_queue_wait=1.0)
+    admission.queue_waits = lambda: (int(waited[0]), float(waited[1]))
+    admission.sample(0.0)  # the first reading: nothing to compare yet
+    for _ in range(4):
+        waited[0] += 10
+        waited[1] += 5.0  # 10 queries waited 0.5 s each, per tick
+        admission.sample(0.0)
+    assert admission.recent_queue_wait == 0.5
+    admission.admit_arrival("a new conversation")
+    waited[0] += 10
+    waited[1] += 40.0  # then 4 s each: the mean of the last 4 ticks is (3 x 0.5 + 4) / 4 s
+    admission.sample(0.0)
+    with pytest.raises(Overloaded) as refused:
+        admission.admit_arrival("a new conversation")
+    assert "database queries waited 1375 ms for a connection on average" in refused.value.message
+    for _ in range(4):
+        admission.sample(0.0)  # no query waited in the last second
+    assert admission.recent_queue_wait == 0.0
+    admission.admit_arrival("a new socket")
+    assert Admission(limit=0, retry_ms=1000, arrivals_queue_wait=1.0).watching

@@ -97,6 +97,12 @@ def test_the_overload_limit_is_read_and_bounded() -> None:
     assert Settings.from_env({"CHATGW_OVERLOAD_LAG_MS": "0"}).overload_lag_ms == 0
     with pytest.raises(SettingsError, match="CHATGW_OVERLOAD_LAG_MS must be a number"):
         Settings.from_env({"CHATGW_OVERLOAD_LAG_MS": "soon"})
+    assert defaults.overload_arrivals_lag_ms == 250
+    assert defaults.overload_arrivals_db_wait_ms == 1000
+    assert Settings.from_env({"CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS": "0"}).overload_arrivals_db_wait_ms == 0
+    assert Settings.from_env({"CHATGW_OVERLOAD_ARRIVALS_LAG_MS": "0"}).overload_arrivals_lag_ms == 0
+    with pytest.raises(SettingsError, match="CHATGW_OVERLOAD_ARRIVALS_LAG_MS must be >= 0"):
+        Settings.from_env({"CHATGW_OVERLOAD_ARRIVALS_LAG_MS": "-5"})
 
 
 def test_the_demo_agent_switch_reads_on_and_off_words() -> None:
