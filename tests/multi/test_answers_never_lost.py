@@ -9,31 +9,17 @@ import asyncio
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 
 from tests.databases import delete_redis_keys, redis_url
 from tests.e2e.client import Client, Widget, assert_contiguous, joined_deltas, new_widget, sequenced
 from tests.multi.conftest import Cluster
 from tests.proxy import Outage
-from tests.servers import GatewayProcess, load_services, start_gateway
-
-
-@pytest.fixture
-def own_redis() -> Iterator[tuple[str, Any]]:
-    """A throwaway Redis server of this test's own, and the services module to stop and start it."""
-    services = load_services()
-    binary = services.find_redis_server()
-    assert binary is not None, "redis-server is needed for this test (scripts/test installs it)"
-    url = services.start_redis(binary)
-    yield url, services
-    if services.redis_answers(url):
-        services.stop_redis(url)
+from tests.servers import GatewayProcess, start_gateway
 
 
 def answer_view(frames: list[dict[str, Any]]) -> list[tuple[Any, ...]]:

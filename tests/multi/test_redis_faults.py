@@ -4,13 +4,11 @@ it is down, and afterwards every client is told to reset; none is shown a silent
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 
 from core.llm import ChatMessage
 from core.scripted_llm import scripted_reply
@@ -19,19 +17,7 @@ from tests.e2e.client import Client, assert_contiguous, joined_deltas, new_widge
 from tests.integration.test_postgres_faults import send_until_acked
 from tests.multi.conftest import Cluster
 from tests.proxy import Outage
-from tests.servers import load_services, start_gateway
-
-
-@pytest.fixture
-def own_redis() -> Iterator[tuple[str, Any]]:
-    """A throwaway Redis server of this test's own, and the services module to stop and start it."""
-    services = load_services()
-    binary = services.find_redis_server()
-    assert binary is not None, "redis-server is needed for this test (scripts/test installs it)"
-    url = services.start_redis(binary)
-    yield url, services
-    if services.redis_answers(url):
-        services.stop_redis(url)
+from tests.servers import start_gateway
 
 
 async def received_or_next(client: Client, frame_type: str) -> dict[str, Any]:
