@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -121,3 +122,13 @@ async def stored_history(gw: GatewayProcess, widget: Widget, count: int) -> list
                 return messages
             await asyncio.sleep(0.01)
     raise AssertionError(f"history did not reach {count} messages: {messages}")
+
+
+async def stalled_client(gw: GatewayProcess) -> Client:
+    """A client whose socket buffers little (a 4 KiB receive buffer, one message queued): once the
+    test stops reading, the server's writes to it soon find the socket full."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(raw, ("127.0.0.1", gw.port))
+    return Client(await connect(gw.ws, sock=raw, max_size=2**22, max_queue=1))

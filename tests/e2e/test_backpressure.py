@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.e2e.client import Client, new_widget
+from tests.e2e.client import Client, new_widget, stalled_client
 from tests.servers import GatewayProcess
 
 MESSAGES = 1500
@@ -41,11 +39,7 @@ async def test_a_slow_consumer_is_closed_while_a_fast_one_keeps_going(
     widget = new_widget(gw)
 
     # The stalled client: a tiny receive buffer, and it reads nothing after its welcome.
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(raw, ("127.0.0.1", gw.port))
-    stalled = Client(await connect(gw.ws, sock=raw, max_size=2**22, max_queue=1))
+    stalled = await stalled_client(gw)
     await stalled.hello(widget)
 
     fast = Client(await connect(gw.ws, max_size=2**22))
@@ -99,11 +93,7 @@ async def test_a_reader_that_pauses_gets_every_frame_in_order_once_it_reads_agai
         }
     )
     widget = new_widget(gw)
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(raw, ("127.0.0.1", gw.port))
-    stalled = Client(await connect(gw.ws, sock=raw, max_size=2**22, max_queue=1))
+    stalled = await stalled_client(gw)
     welcome = await stalled.hello(widget)
 
     fast = Client(await connect(gw.ws, max_size=2**22))

@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from websockets.asyncio.client import connect
 
 from tests.e2e.agents import AgentClient, new_agent
-from tests.e2e.client import Client, new_widget, stored_history
+from tests.e2e.client import Client, new_widget, stalled_client, stored_history
 from tests.e2e.limits_support import (
     ATTACKER,
     BYSTANDER,
@@ -359,11 +358,7 @@ async def test_a_socket_closed_by_the_server_is_gone_even_if_the_client_reads_no
         }
     )
     widget = new_widget(gw)
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(raw, ("127.0.0.1", gw.port))
-    stalled = Client(await connect(gw.ws, sock=raw, max_size=2**22, max_queue=1))
+    stalled = await stalled_client(gw)
     await stalled.hello(widget)
     # From now on the stalled client's connection reads nothing at all.
     stalled.ws.transport.pause_reading()
