@@ -3,8 +3,8 @@
 `python -m gc_pauses serve ...` (with this directory on PYTHONPATH) runs `chatgw` exactly as
 `python -m gateway` does, and appends one line per collection to the file named by
 `CHATGW_BENCH_GC_LOG`: when it ended (Unix time), the generation, how long the collection held the
-process (ms) and how many objects it freed. `token_lag.py --gc` runs its gateways this way and adds `summarize()` of the log
-to each report (`bench.gc`). The callbacks cost a few microseconds per collection.
+process (ms) and how many objects it freed. `token_lag.py --gc` runs its gateways this way and
+adds `summarize()` of their logs to each report (`bench.gc`). The callbacks cost a few microseconds per collection.
 
 A full collection (generation 2) walks every object the collector tracks and holds the event loop
 meanwhile: a pause every frame in flight waits out. That is the number to watch.
@@ -34,20 +34,22 @@ def install(path: str) -> None:
     gc.callbacks.append(timed)
 
 
-def summarize(path: Path, since: float = 0.0, until: float = float("inf")) -> dict[str, Any]:
-    """Per generation: collections, total and longest pause (ms), of the collections that ended
-    between `since` and `until` (Unix time: a load's window, leaving out start-up)."""
+def summarize(paths: list[Path], since: float = 0.0, until: float = float("inf")) -> dict[str, Any]:
+    """Per generation, over the logs of one or more gateways: collections and total pause (ms)
+    summed, the longest pause kept; only the collections that ended between `since` and `until`
+    (Unix time: a load's window, leaving out start-up)."""
     out: dict[str, Any] = {}
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        ended, generation, held, _ = line.split()
-        if not since <= float(ended) <= until:
+    for path in paths:
+        if not path.exists():
             continue
-        cell = out.setdefault(f"gen{generation}", {"collections": 0, "total_ms": 0.0, "max_ms": 0.0})
-        cell["collections"] += 1
-        cell["total_ms"] = round(cell["total_ms"] + float(held), 3)
-        cell["max_ms"] = max(cell["max_ms"], float(held))
+        for line in path.read_text().splitlines():
+            ended, generation, held, _ = line.split()
+            if not since <= float(ended) <= until:
+                continue
+            cell = out.setdefault(f"gen{generation}", {"collections": 0, "total_ms": 0.0, "max_ms": 0.0})
+            cell["collections"] += 1
+            cell["total_ms"] = round(cell["total_ms"] + float(held), 3)
+            cell["max_ms"] = max(cell["max_ms"], float(held))
     return out
 
 

@@ -189,24 +189,12 @@ def one_run(
     }
     if args.gc:
         # Start-up's collections (the gateway's own `gc.collect()` once it serves) left out.
-        collections = merged_gc([summarize(log, began, ended) for log in gc_logs])
+        collections = summarize(gc_logs, began, ended)
         report["bench"]["gc"] = collections
         report["bench"]["gc_young_ms"] = round(
             sum(collections.get(g, {}).get("total_ms", 0.0) for g in ("gen0", "gen1")), 3
         )
     return report
-
-
-def merged_gc(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The garbage collections of several instances: counts and totals summed, the longest kept."""
-    out: dict[str, Any] = {}
-    for part in parts:
-        for generation, cell in part.items():
-            into = out.setdefault(generation, {"collections": 0, "total_ms": 0.0, "max_ms": 0.0})
-            into["collections"] += cell["collections"]
-            into["total_ms"] = round(into["total_ms"] + cell["total_ms"], 3)
-            into["max_ms"] = max(into["max_ms"], cell["max_ms"])
-    return out
 
 
 def summary(values: list[float | None]) -> str:
