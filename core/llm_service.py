@@ -58,7 +58,7 @@ from openai.types.chat.completion_create_params import ResponseFormat
 
 from core.errors import LLMError, Unavailable
 from core.llm import ChatMessage, Completion, Usage  # Completion is re-exported from here too
-from core.openai_sse import ChunkReader, StreamFormatError
+from core.openai_sse import ChunkReader, StreamFormatError, transport_failure
 
 __all__ = ["Completion", "LLMErrorObserver", "OpenAILLM", "OpenAIStream"]
 
@@ -322,12 +322,10 @@ class OpenAILLM:
         request = http.build_request("POST", self._url, content=orjson.dumps(body), headers=self._headers)
         try:
             response = await http.send(request, stream=True)
-        except httpx2.TimeoutException as exc:
-            raise openai.APITimeoutError(request=request) from exc
         except openai.OpenAIError:
             raise
         except Exception as exc:  # whatever the transport raises: the request did not get through
-            raise openai.APIConnectionError(request=request) from exc
+            raise transport_failure(exc, request) from exc
         if response.status_code >= 400:
             try:
                 await response.aread()
@@ -462,10 +460,8 @@ class OpenAILLM:
             response = await self._post(client, body)
             try:
                 raw = await response.aread()
-            except httpx2.TimeoutException as exc:
-                raise openai.APITimeoutError(request=response.request) from exc
             except Exception as exc:  # the connection broke while the body was read
-                raise openai.APIConnectionError(request=response.request) from exc
+                raise transport_failure(exc, response.request) from exc
             finally:
                 await response.aclose()
         text, usage = _read_completion(raw, response.request)

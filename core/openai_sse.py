@@ -34,6 +34,7 @@ __all__ = [
     "SSEFormatError",
     "StreamFormatError",
     "read_chunk",
+    "transport_failure",
 ]
 
 MAX_EVENT_BYTES = 1 << 20
@@ -109,6 +110,16 @@ class SSEDecoder:
         elif name == b"data":  # "data" without a colon: an empty data line
             self._data.append(value)
             self._size += len(value) + 1
+
+
+def transport_failure(exc: Exception, request: httpx2.Request, message: str | None = None) -> openai.APIError:
+    """The client's exception for what the HTTP transport raised while sending `request` or reading
+    its response: `APITimeoutError` for a timeout, `APIConnectionError` for anything else."""
+    if isinstance(exc, httpx2.TimeoutException):
+        return openai.APITimeoutError(request=request)
+    if message is None:
+        return openai.APIConnectionError(request=request)
+    return openai.APIConnectionError(message=message, request=request)
 
 
 class ProviderError(Exception):
@@ -276,11 +287,9 @@ class ChunkReader:
             return await anext(self._chunks)
         except StopAsyncIteration:
             return None
-        except httpx2.TimeoutException as exc:
-            raise openai.APITimeoutError(request=self._response.request) from exc
         except Exception as exc:  # whatever the transport raises while reading: the connection failed
-            raise openai.APIConnectionError(
-                message=f"the stream broke: {type(exc).__name__}: {exc}", request=self._response.request
+            raise transport_failure(
+                exc, self._response.request, f"the stream broke: {type(exc).__name__}: {exc}"
             ) from exc
 
     def _format_error(self, detail: str) -> StreamFormatError:
