@@ -77,11 +77,20 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
             overload_arrivals_queue_wait_seconds=settings.overload_arrivals_db_wait_ms / 1000,
         ),
     )
+    limiter = Limiter(
+        settings.limits,
+        registry=metrics.registry,
+        redis_url=settings.redis_url,
+        redis_prefix=settings.redis_prefix,
+        redis_pool_size=settings.redis_pool_size,
+        on_error=metrics.error,
+    )
     metrics.watch(
         pool=backends.pool_stats,
         reconnects=backends.broker_reconnects,
         pool_waits=backends.pool_waits,
         redis=backends.redis_stats,
+        limiter_redis=limiter.transport_stats if settings.redis_url else None,
     )
     admission = conversations.answers.admission
     admission.queue_waits = backends.pool_waits  # None without PostgreSQL
@@ -105,14 +114,7 @@ def build_gateway(settings: Settings, *, broker: Broker | None = None) -> Gatewa
         metrics=metrics,
         presence=Presence(broker, ttl=PRESENCE_TTL_S),
         checks=backends.checks,
-        limits=Limiter(
-            settings.limits,
-            registry=metrics.registry,
-            redis_url=settings.redis_url,
-            redis_prefix=settings.redis_prefix,
-            redis_pool_size=settings.redis_pool_size,
-            on_error=metrics.error,
-        ),
+        limits=limiter,
         demo_api_key=settings.demo_api_key,
     )
 

@@ -70,14 +70,14 @@ class SharedHeld:
 
     def __init__(
         self,
-        pool: redis.asyncio.BlockingConnectionPool,
+        client: redis.asyncio.Redis,
         *,
         prefix: str,
         expiry_s: float = EXPIRY_S,
         renew_s: float = RENEW_S,
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:
-        self._client: redis.asyncio.Redis = redis.asyncio.Redis(connection_pool=pool)
+        self._client = client
         self._prefix = prefix
         self._expiry_ms = max(1, int(expiry_s * 1000))
         self._renew_s = renew_s

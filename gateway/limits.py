@@ -27,16 +27,16 @@ import math
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import limits
-import redis.asyncio
 from limits.aio.storage import MemoryStorage, RedisStorage, SlidingWindowCounterSupport
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisError
 
+from gateway.backends.redis_client import AutoPipelineRedis, auto_pipelined, close_quietly, transport_stats
 from gateway.errors import GatewayError
 from gateway.held import Place, SharedHeld
 from gateway.protocol import ClientFrame, SendMessage, Typing
@@ -67,6 +67,24 @@ class SweptMemoryStorage(MemoryStorage):
             return
         self._next_sweep = now + SWEEP_INTERVAL_S
         await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+
+
+class PipelinedRedisStorage(RedisStorage):
+    """`limits`' redis-py storage on a client it is given (an `AutoPipelineRedis`) instead of the
+    plain client it would build on a pool: the library's scripts are registered on that client, so
+    every counted call goes through its pipelines. `configure_bridge` is the hook the library's own
+    cluster and sentinel storages override; the bridge's `storage` and `connection_getter` are the
+    client it calls (tests/integration/test_held_counts.py checks that calls go through it)."""
+
+    def __init__(self, uri: str, client: AutoPipelineRedis, **options: Any) -> None:
+        self._given_client = client
+        super().__init__(uri, implementation="redispy", **options)
+
+    def configure_bridge(self) -> None:
+        client = self._given_client
+        bridge = cast(Any, self.bridge)
+        bridge.storage = client
+        bridge.connection_getter = lambda _readonly: client
 
 
 class Limit(enum.StrEnum):
@@ -141,7 +159,7 @@ class Limiter:
         self._redis_url = redis_url
         self._redis_prefix = redis_prefix
         self._redis_pool_size = redis_pool_size
-        self._pool: redis.asyncio.BlockingConnectionPool | None = None
+        self._client: AutoPipelineRedis | None = None
         self._local: SlidingWindowCounterRateLimiter | None = None
         self._shared: SlidingWindowCounterRateLimiter | None = None
         self._held: SharedHeld | None = None
@@ -158,36 +176,35 @@ class Limiter:
     async def connect(self) -> None:
         self._local = self._shared = SlidingWindowCounterRateLimiter(SweptMemoryStorage())
         if self._redis_url is not None:
-            # A bounded pool that waits for a free connection (redis-py's default one opens any
-            # number, or fails at once when capped).
-            self._pool = redis.asyncio.BlockingConnectionPool.from_url(
-                self._redis_url,
-                max_connections=self._redis_pool_size,
-                timeout=2.0,
-                socket_timeout=2.0,
-                socket_connect_timeout=2.0,
+            # The broker's kind of client: the calls of one event-loop tick go out as one pipeline,
+            # at most `redis_pool_size` pipelines at once, and calls made meanwhile join the next
+            # one instead of each waiting for a connection of their own (which, at a few hundred
+            # counted calls a second on a busy event loop, ran the pool dry: bench/README.md).
+            self._client = auto_pipelined(
+                self._redis_url, pool_size=self._redis_pool_size, timeout=2.0, resend_after_timeout=False
             )
-            # limits' default async Redis client is coredis; "redispy" uses redis-py (our pin).
-            shared = RedisStorage(
+            shared = PipelinedRedisStorage(
                 "async+" + self._redis_url,
-                implementation="redispy",
+                self._client,
                 key_prefix=self._redis_prefix + "limits",
                 wrap_exceptions=True,
-                connection_pool=self._pool,  # type: ignore[arg-type]  # documented; the stub says scalars
             )
             self._shared = SlidingWindowCounterRateLimiter(shared)
             self._held = SharedHeld(
-                self._pool, prefix=self._redis_prefix + "held:", on_error=self._storage_failed
+                self._client, prefix=self._redis_prefix + "held:", on_error=self._storage_failed
             )
             self._held.start()
+
+    def transport_stats(self) -> dict[str, int]:
+        """The limiter's Redis client's counters (`redis_client.transport_stats`); empty without Redis."""
+        return transport_stats(self._client)
 
     async def close(self) -> None:
         held, self._held = self._held, None
         if held is not None:
             await held.close()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.aclose()
+        client, self._client = self._client, None
+        await close_quietly(client)
 
     # -- rates ----------------------------------------------------------------------------------
 

@@ -76,6 +76,13 @@ class Metrics:
             ["what"],
             registry=r,
         )
+        self.redis_limiter = Gauge(
+            "chatgw_redis_limiter",
+            "The rate limiter's Redis client since start, as chatgw_redis_broker: commands, round_trips,"
+            " most_in_flight, pool_waits, pool_size.",
+            ["what"],
+            registry=r,
+        )
         self.answers_active = Gauge(
             "chatgw_answers_active", "Conversations with an answer running on this instance.", registry=r
         )
@@ -152,9 +159,10 @@ class Metrics:
         reconnects: Callable[[], int] | None,
         pool_waits: Callable[[], tuple[int, float]] | None = None,
         redis: Callable[[], dict[str, int]] | None = None,
+        limiter_redis: Callable[[], dict[str, int]] | None = None,
     ) -> None:
-        """Read the database pool's size, use and waits, the Redis broker client's counters and
-        the broker's reconnects, at each scrape."""
+        """Read the database pool's size, use and waits, the Redis broker's and the rate limiter's
+        client counters and the broker's reconnects, at each scrape."""
         if pool is not None:
             self.db_pool.labels("open").set_function(lambda: pool()[0])
             self.db_pool.labels("idle").set_function(lambda: pool()[1])
@@ -164,6 +172,9 @@ class Metrics:
         if redis is not None:
             for what in ("commands", "round_trips", "most_in_flight", "pool_waits", "pool_size"):
                 self.redis_transport.labels(what).set_function(_reader(redis, what))
+        if limiter_redis is not None:
+            for what in ("commands", "round_trips", "most_in_flight", "pool_waits", "pool_size"):
+                self.redis_limiter.labels(what).set_function(_reader(limiter_redis, what))
         if reconnects is not None:
             self.redis_reconnects.set_function(reconnects)
 

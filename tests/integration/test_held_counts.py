@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import pytest
 import redis.asyncio
 from prometheus_client import CollectorRegistry
 
+from gateway.backends.redis_client import auto_pipelined
 from gateway.held import SharedHeld
-from gateway.limits import Limit, Limiter, RateLimited
+from gateway.limits import Limit, Limiter, PipelinedRedisStorage, RateLimited
 from gateway.settings import LimitSettings
 from tests.databases import delete_redis_keys, redis_url
 
@@ -25,17 +27,18 @@ async def prefix() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def pool() -> AsyncIterator[redis.asyncio.BlockingConnectionPool]:
-    made = redis.asyncio.BlockingConnectionPool.from_url(redis_url(), max_connections=4, timeout=5)
+async def client() -> AsyncIterator[redis.asyncio.Redis]:
+    """The kind of client the limiter gives its counts: automatic pipelining on a small pool."""
+    made = auto_pipelined(redis_url(), pool_size=4, timeout=5, resend_after_timeout=False)
     yield made
     await made.aclose()
 
 
 async def test_a_count_is_one_across_holders_and_a_place_let_go_is_free_again(
-    pool: redis.asyncio.BlockingConnectionPool, prefix: str
+    client: redis.asyncio.Redis, prefix: str
 ) -> None:
-    a = SharedHeld(pool, prefix=prefix)
-    b = SharedHeld(pool, prefix=prefix)
+    a = SharedHeld(client, prefix=prefix)
+    b = SharedHeld(client, prefix=prefix)
     first = await a.take("conversation:c1", 2)
     assert first is not None
     assert await b.take("conversation:c1", 2) is not None
@@ -47,10 +50,10 @@ async def test_a_count_is_one_across_holders_and_a_place_let_go_is_free_again(
     assert await a.take("conversation:c1", 2) is None
 
 
-async def test_a_dead_holders_places_expire(pool: redis.asyncio.BlockingConnectionPool, prefix: str) -> None:
+async def test_a_dead_holders_places_expire(client: redis.asyncio.Redis, prefix: str) -> None:
     """A holder that stops renewing (its instance died) loses its places within its expiry."""
-    dead = SharedHeld(pool, prefix=prefix, expiry_s=2)
-    live = SharedHeld(pool, prefix=prefix)
+    dead = SharedHeld(client, prefix=prefix, expiry_s=2)
+    live = SharedHeld(client, prefix=prefix)
     assert [await dead.take("ip:203.0.113.1", 2) is not None for _ in range(2)] == [True, True]
     assert await live.take("ip:203.0.113.1", 2) is None
     for _ in range(200):
@@ -59,22 +62,20 @@ async def test_a_dead_holders_places_expire(pool: redis.asyncio.BlockingConnecti
             break
         await asyncio.sleep(0.1)
     assert place is not None
-    client = redis.asyncio.Redis(connection_pool=pool)
     assert await client.zcard(place.key) == 1  # the dead holder's members are gone, not just skipped
     assert 0 < await client.pttl(place.key) <= 60_000
 
 
 async def test_renewal_pushes_expiry_back_and_does_not_bring_back_a_place_gone(
-    pool: redis.asyncio.BlockingConnectionPool, prefix: str
+    client: redis.asyncio.Redis, prefix: str
 ) -> None:
-    held = SharedHeld(pool, prefix=prefix)
+    held = SharedHeld(client, prefix=prefix)
     kept = await held.take("ip:a", 5)
     gone = await held.take("ip:b", 5)
     assert kept is not None
     assert gone is not None
     assert kept.member
     assert gone.member
-    client = redis.asyncio.Redis(connection_pool=pool)
     before = await client.zscore(kept.key, kept.member)
     assert before is not None
     await client.zrem(gone.key, gone.member)  # as if it had expired
@@ -86,13 +87,11 @@ async def test_renewal_pushes_expiry_back_and_does_not_bring_back_a_place_gone(
     assert await client.zscore(gone.key, gone.member) is None
 
 
-async def test_a_live_holder_renews_on_its_timer(
-    pool: redis.asyncio.BlockingConnectionPool, prefix: str
-) -> None:
+async def test_a_live_holder_renews_on_its_timer(client: redis.asyncio.Redis, prefix: str) -> None:
     """Places of a running holder outlive their expiry: its timer renews them."""
-    live = SharedHeld(pool, prefix=prefix, expiry_s=3, renew_s=0.3)
+    live = SharedHeld(client, prefix=prefix, expiry_s=3, renew_s=0.3)
     live.start()
-    other = SharedHeld(pool, prefix=prefix)
+    other = SharedHeld(client, prefix=prefix)
     try:
         assert await live.take("conversation:c", 1) is not None
         await asyncio.sleep(4)
@@ -135,3 +134,40 @@ async def test_two_limiters_on_one_redis_count_open_sockets_together(prefix: str
     finally:
         await a.close()
         await b.close()
+
+
+async def test_shared_rates_are_counted_exactly_through_the_pipelining_client(prefix: str) -> None:
+    """Many calls counted at once against one shared rate: exactly the allowed number pass, the
+    rest are refused with a wait, and the calls went out gathered in pipelines (fewer round trips
+    than commands), through the client the limiter was given."""
+    limiter = _limiter(prefix, conversation_messages="30/minute")
+    await limiter.connect()
+    try:
+        outcomes = await asyncio.gather(
+            *(limiter.hit(Limit.CONVERSATION_MESSAGES, "c1") for _ in range(50)), return_exceptions=True
+        )
+        refused = [o for o in outcomes if isinstance(o, RateLimited)]
+        assert outcomes.count(None) == 30
+        assert len(refused) == 20
+        assert all(r.limit is Limit.CONVERSATION_MESSAGES and r.retry_after_ms > 0 for r in refused)
+        stats = limiter.transport_stats()
+        assert stats["commands"] >= 50
+        assert stats["round_trips"] < stats["commands"]
+        assert stats["pool_size"] == 16
+    finally:
+        await limiter.close()
+    assert limiter.transport_stats() == {}
+
+
+async def test_the_limiter_stores_its_counts_on_the_client_it_was_given(prefix: str) -> None:
+    storage_client = auto_pipelined(redis_url(), pool_size=2, timeout=5, resend_after_timeout=False)
+    try:
+        storage = PipelinedRedisStorage(
+            "async+" + redis_url(), storage_client, key_prefix=prefix + "limits", wrap_exceptions=True
+        )
+        assert cast(Any, storage.bridge).get_connection() is storage_client
+        assert await storage.acquire_sliding_window_entry("a", 2, 60)
+        assert storage_client.commands_sent >= 1
+        assert await storage.check()
+    finally:
+        await storage_client.aclose()
