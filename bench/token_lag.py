@@ -14,7 +14,8 @@ with the lowest and highest in brackets.
 
 With `--variant NAME=DIR` (repeatable) the gateway runs from the checkout in DIR (the model server
 and the load tool always from this one), and the variants alternate within each level of each
-run, so that old and new see the same state of the machine. `--flow plain` replaces the demo
+run, so that old and new see the same state of the machine; `--variant-env NAME:KEY=VALUE` sets a
+setting for one variant's gateways (two variants may share a DIR and differ by settings alone). `--flow plain` replaces the demo
 business's flow (before the load starts, over the admin API) with its greeting stage alone: no
 transition, no extraction, so no model call and no condition before the streamed answer.
 With `--instances 2` (PostgreSQL + Redis only) two gateway processes share the database and Redis
@@ -115,7 +116,12 @@ def plain_flow(url: str) -> None:
 
 
 def one_run(
-    args: argparse.Namespace, conversations: int, env: dict[str, str], tmp: Path, cwd: Path = ROOT
+    args: argparse.Namespace,
+    conversations: int,
+    env: dict[str, str],
+    tmp: Path,
+    cwd: Path = ROOT,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     model = start_model_server(
         tmp,
@@ -142,6 +148,7 @@ def one_run(
                         "CHATGW_LOG_LEVEL": "WARNING",
                         "CHATGW_DEMO_API_KEY": ADMIN_KEY,
                         "CHATGW_MAX_ACTIVE_ANSWERS": "0",
+                        **(extra_env or {}),
                         **timed,
                     },
                     module="gc_pauses" if args.gc else "gateway",
@@ -227,6 +234,13 @@ def main() -> None:
         metavar="NAME=DIR",
         help="run the gateway from the checkout in DIR (repeatable; default: this checkout)",
     )
+    parser.add_argument(
+        "--variant-env",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE",
+        help="set KEY=VALUE in the gateways' environment for variant NAME (repeatable)",
+    )
     parser.add_argument("--flow", choices=["demo", "plain"], default="demo", help="the demo business's flow")
     parser.add_argument("--gc", action="store_true", help="time the gateways' garbage collections")
     parser.add_argument(
@@ -238,6 +252,13 @@ def main() -> None:
     levels = [int(n) for n in args.levels.split(",")]
     variants = [(name, Path(path).resolve()) for name, _, path in (v.partition("=") for v in args.variant)]
     variants = variants or [("", ROOT)]
+    extra: dict[str, dict[str, str]] = {name: {} for name, _ in variants}
+    for spec in args.variant_env:
+        name, _, setting = spec.partition(":")
+        key, _, value = setting.partition("=")
+        if name not in extra or not key:
+            parser.error(f"--variant-env {spec}: expected NAME:KEY=VALUE for a variant's NAME")
+        extra[name][key] = value
     env = backend_env(args.backend)
     cells = [(n, name) for n in levels for name, _ in variants]
     results: dict[tuple[int, str], list[dict[str, Any]]] = {cell: [] for cell in cells}
@@ -245,7 +266,7 @@ def main() -> None:
         for run in range(1, args.runs + 1):
             for n in levels:
                 for name, cwd in variants:
-                    report = one_run(args, n, env, Path(tmp), cwd)
+                    report = one_run(args, n, env, Path(tmp), cwd, extra[name])
                     results[(n, name)].append(report)
                     lag = report["latency_ms"]["token_lag"]
                     print(
