@@ -1,6 +1,13 @@
-"""CPU per publish of the Redis broker: redis-py's plain client (one round trip per call, its
-default pool, as the broker had it) against the broker's own transport (a bounded pool with
-automatic pipelining), side by side in one run.
+"""CPU per publish of the Redis broker, by transport, side by side in one run.
+
+- `pipelined`: the publish script through the broker's pipelining client (a bounded pool with
+  automatic pipelining, `redis_client.AutoPipelineRedis`), as the broker sent it until the
+  publishing connection; every other broker command still goes this way.
+- `connection`: the broker as it is: the publish script on a connection of its own
+  (`redis_wire.Commands`: one write per event-loop turn, replies read a chunk at a time).
+
+(An earlier version of this script measured redis-py's plain client, one round trip per call,
+against `pipelined`: bench/README.md keeps those figures.)
 
 For each transport and each concurrency C it opens C conversations and has each publish `--each`
 deltas one after another (as an answer's delta pump does: each publish awaited before the next),
@@ -21,6 +28,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio
 
@@ -47,15 +55,13 @@ async def redis_cpu(admin: redis.asyncio.Redis) -> float:
 async def broker_for(transport: str, prefix: str) -> RedisBroker:
     broker = RedisBroker(redis_url(), prefix=prefix, replay_window=1000, ttl=600)
     await broker.connect()
-    if transport == "plain":
-        # The transport the broker had: redis-py's client, its default pool, one call per trip.
-        assert broker._client is not None
-        await broker._client.aclose()
-        broker._client = redis.asyncio.Redis.from_url(
-            redis_url(), socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
-        )
-        for name, script in list(broker._scripts.items()):
-            broker._scripts[name] = broker._client.register_script(script.script)
+    if transport == "pipelined":
+        script = broker._scripts["publish"]
+
+        async def through_the_pool(client: redis.asyncio.Redis, arguments: tuple[str | int, ...]) -> Any:
+            return await script(keys=list(arguments[:3]), args=list(arguments[3:]), client=client)
+
+        broker._run_publish = through_the_pool  # type: ignore[method-assign]
     return broker
 
 
@@ -80,15 +86,15 @@ async def measure(
             await broker.open(cid, floor_seq=0)
             await broker.publish(cid, EventType.AI_START, {"response_id": "r"})
         client = broker._client
-        pipelined = isinstance(client, AutoPipelineRedis)
-        if pipelined:
-            sent, trips, client.most_in_flight = client.commands_sent, client.pipelines_sent, 0
+        assert isinstance(client, AutoPipelineRedis)
+        before, client.most_in_flight = broker.transport_stats(), 0
         cpu, server, started = cpu_seconds(), await redis_cpu(admin), time.perf_counter()
         failures = await asyncio.gather(*(answer(broker, cid, each) for cid in conversations))
         elapsed = time.perf_counter() - started
         cpu, server = cpu_seconds() - cpu, await redis_cpu(admin) - server
-        per_trip = (client.commands_sent - sent) / (client.pipelines_sent - trips) if pipelined else 1.0
-        most = client.most_in_flight if pipelined else 0
+        after = broker.transport_stats()
+        per_trip = (after["commands"] - before["commands"]) / (after["round_trips"] - before["round_trips"])
+        most = client.most_in_flight if transport == "pipelined" else 1
     finally:
         await broker.close()
         keys = [k async for k in admin.scan_iter(match=f"{prefix}*", count=1000)]
@@ -101,7 +107,7 @@ async def measure(
         "publishes/s": total / elapsed,
         "failed %": sum(failures) / total * 100,
         "commands/round trip": per_trip,
-        "most pipelines in flight": most,
+        "most pipelines or writes in flight": most,
     }
 
 
@@ -117,7 +123,7 @@ async def main() -> None:
         for run in range(args.runs):
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 each = max(args.publishes // concurrency, 1)
-                for transport in ("plain", "pipelined"):
+                for transport in ("pipelined", "connection"):
                     result = await measure(transport, concurrency, each, admin)
                     results.setdefault((concurrency, transport), []).append(result)
                     cells = ", ".join(f"{k} {v:.1f}" for k, v in result.items())

@@ -3,11 +3,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.databases import delete_redis_keys, drop_database, migrated_database, redis_url, sync
-from tests.servers import GatewayProcess, start_gateway
+from tests.servers import GatewayProcess, load_services, start_gateway
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +83,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).parent.name == "e2e":
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[str, Any]]:
+    """A throwaway Redis server of this test's own, and the services module to stop and start it."""
+    services = load_services()
+    binary = services.find_redis_server()
+    assert binary is not None, "redis-server is needed for this test (scripts/test installs it)"
+    url = services.start_redis(binary)
+    yield url, services
+    if services.redis_answers(url):
+        services.stop_redis(url)

@@ -13,17 +13,19 @@ every subscribed conversation so that their sessions fill what they missed from 
 
 Every other command goes through one bounded, blocking pool with automatic pipelining
 (`redis_client.AutoPipelineRedis`): the publishes of many answers in one event-loop tick are one
-round trip. The pub/sub connection is outside that pool. redis-py exceptions stop in `_call`.
+round trip. The pub/sub connection is outside that pool; redis-py makes it and writes its SUBSCRIBEs, and its
+replies are split out of each chunk read (`redis_wire.Subscription`) rather than read one at a
+time through redis-py's `PubSub`: there is one per event delivered. redis-py exceptions stop in
+`_call`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio
@@ -59,6 +61,7 @@ from gateway.backends.redis_client import (
     translate,
     transport_stats,
 )
+from gateway.backends.redis_wire import Commands, Reply, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -303,12 +306,14 @@ class RedisBroker:
         self._leases_key = f"{prefix}answer-leases"
         self._control_channel = f"{prefix}control"
         self._feed_prefix = f"{prefix}feed:"
+        self._conversation_prefix = f"{prefix}conv:"
         self._client: redis.asyncio.Redis | None = None
         self._pubsub_client: redis.asyncio.Redis | None = None
         self._listener: Listener | None = None
         self._channels: set[str] = set()
         self._confirmed: dict[str, asyncio.Event] = {}
-        self._pubsub: Any = None
+        self._pubsub: Subscription | None = None
+        self._commands: Commands | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._scripts: dict[str, Any] = {}
@@ -342,6 +347,8 @@ class RedisBroker:
             ("claim_leases", _CLAIM_LEASES),
         ):
             self._scripts[name] = self._client.register_script(source)
+        # The publish script, called once per streamed piece, has a connection of its own.
+        self._commands = Commands(self._pubsub_client.connection_pool, timeout_s=5)
         await self.ping()
         self._reader = asyncio.create_task(self._read_loop(), name="redis-broker-reader")
         async with asyncio.timeout(10):
@@ -353,6 +360,9 @@ class RedisBroker:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
         await self._close_pubsub()
+        commands, self._commands = self._commands, None
+        if commands is not None:
+            await commands.close()
         client, self._client = self._client, None
         pubsub_client, self._pubsub_client = self._pubsub_client, None
         await close_quietly(pubsub_client)
@@ -362,8 +372,14 @@ class RedisBroker:
         await self._call(lambda c: c.ping())
 
     def transport_stats(self) -> dict[str, int]:
-        """The pipelining client's counters and pool size (`redis_client.transport_stats`)."""
-        return transport_stats(self._client)
+        """The pipelining client's counters and pool size (`redis_client.transport_stats`), the
+        publishing connection's calls and writes counted in as commands and round trips."""
+        stats = transport_stats(self._client)
+        commands = self._commands
+        if stats and commands is not None:
+            stats["commands"] += commands.calls
+            stats["round_trips"] += commands.writes
+        return stats
 
     def reconnect_count(self) -> int:
         """How often the pub/sub connection was re-established (for metrics)."""
@@ -383,7 +399,7 @@ class RedisBroker:
         if self._pubsub is None or not self._connected.is_set():
             return  # the reader subscribes everything when it reconnects, and reports a gap
         try:
-            await self._pubsub.subscribe(channel)
+            await self._pubsub.send("SUBSCRIBE", channel)
             async with asyncio.timeout(5):
                 await confirmed.wait()
         except (*_REDIS_FAILURES, TimeoutError) as exc:
@@ -403,7 +419,7 @@ class RedisBroker:
         self._confirmed.pop(channel, None)
         if self._pubsub is not None and self._connected.is_set():
             try:
-                await self._pubsub.unsubscribe(channel)
+                await self._pubsub.send("UNSUBSCRIBE", channel)
             except _REDIS_FAILURES as exc:
                 log.warning("unsubscribe from %s failed: %r", channel, exc)
 
@@ -419,28 +435,41 @@ class RedisBroker:
     ) -> Event:
         guard = _GUARDS.get(type, "none")
         encoded = orjson.dumps(dict(payload)).decode()
+        arguments = (
+            *self._keys(conversation_id),
+            self._channel(conversation_id),
+            type.value,
+            encoded,
+            self._window,
+            self._ttl,
+            guard,
+            str(payload.get("response_id", "")),
+            str(payload.get("text", "")) if type is EventType.DELTA else "",
+            self._feed_channel(feed) if feed else "",
+            conversation_id,
+        )
         try:
-            result = await self._call(
-                lambda c: self._scripts["publish"](
-                    keys=self._keys(conversation_id),
-                    args=[
-                        self._channel(conversation_id),
-                        type.value,
-                        encoded,
-                        self._window,
-                        self._ttl,
-                        guard,
-                        str(payload.get("response_id", "")),
-                        str(payload.get("text", "")) if type is EventType.DELTA else "",
-                        self._feed_channel(feed) if feed else "",
-                        conversation_id,
-                    ],
-                    client=c,
-                )
-            )
+            result = await self._call(lambda c: self._run_publish(c, arguments))
         except ResponseError as exc:
             raise _script_error(exc, conversation_id) from None
-        return Event(conversation_id, type, int(result[0]), dict(payload), epoch=_text(result[1]))
+        if not isinstance(result, list) or len(result) != 2 or not isinstance(result[1], bytes):
+            raise Unavailable(f"redis answered the publish script with {result!r}")
+        return Event(conversation_id, type, int(cast(int, result[0])), dict(payload), epoch=_text(result[1]))
+
+    async def _run_publish(self, client: redis.asyncio.Redis, arguments: tuple[str | int, ...]) -> Reply:
+        """The publish script on the publishing connection (`redis_wire.Commands`: one write per
+        event-loop turn, no pool); loaded again through `client` if Redis lost it (a restart)."""
+        commands = self._commands
+        if commands is None:
+            raise Unavailable("the broker is not connected")
+        script = self._scripts["publish"]
+        try:
+            return await commands.call("EVALSHA", script.sha, 3, *arguments)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await client.script_load(_PUBLISH)
+        return await commands.call("EVALSHA", script.sha, 3, *arguments)
 
     async def end_answer(
         self,
@@ -667,44 +696,57 @@ class RedisBroker:
     async def _open_pubsub(self) -> None:
         """Subscribe everything on a new connection; return once Redis confirmed it."""
         assert self._pubsub_client is not None
-        pubsub = self._pubsub_client.pubsub()
+        subscription = await Subscription.open(self._pubsub_client.connection_pool, timeout_s=5.0)
         try:
-            # The instance channel keeps at least one subscription, so reading never returns at once.
-            await pubsub.subscribe(self._instance_channel, self._control_channel, *self._channels)
+            # The instance channel keeps at least one subscription, and its confirmation (the
+            # first reply) says the connection is subscribed; replies after it are handled as usual.
+            opened = self._confirmed[self._instance_channel] = asyncio.Event()
+            sent = set(self._channels)
+            await subscription.send("SUBSCRIBE", self._instance_channel, self._control_channel, *sent)
             async with asyncio.timeout(5):
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
-                    if message is not None and _text(message["channel"]) == self._instance_channel:
-                        break
+                while not opened.is_set():
+                    self._handle(await subscription.read())
         except BaseException:
-            with contextlib.suppress(*_REDIS_FAILURES):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await subscription.close()
             raise
-        self._pubsub = pubsub
+        self._pubsub = subscription
         self._connected.set()
+        # Channels subscribed or dropped while this connection was being opened.
+        if late := self._channels - sent:
+            await subscription.send("SUBSCRIBE", *late)
+        if gone := sent - self._channels:
+            await subscription.send("UNSUBSCRIBE", *gone)
 
     async def _pump(self) -> None:
-        pubsub = self._pubsub
+        subscription = self._pubsub
+        assert subscription is not None
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
-            if message is None:
+            self._handle(await subscription.read())
+
+    def _handle(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            if type(reply) is not list:
+                if isinstance(reply, ResponseError):
+                    raise reply  # a command on this connection refused: start again on a new one
                 continue
-            channel = _text(message["channel"])
-            if message["type"] == "subscribe":
+            kind, channel = reply[0], _text(cast(bytes, reply[1]))
+            if kind == b"message":
+                data = cast(bytes, reply[2])
+                if channel.startswith(self._conversation_prefix):
+                    self._dispatch(channel, data)
+                elif channel == self._control_channel:
+                    self._control(data)
+                elif channel.startswith(self._feed_prefix):
+                    self._dispatch_feed(channel, data)
+            elif kind == b"subscribe":
                 confirmed = self._confirmed.get(channel)
                 if confirmed is not None:
                     confirmed.set()
-            elif message["type"] == "message" and channel == self._control_channel:
-                self._control(message["data"])
-            elif message["type"] == "message" and channel.startswith(self._feed_prefix):
-                self._dispatch_feed(channel, message["data"])
-            elif message["type"] == "message" and channel != self._instance_channel:
-                self._dispatch(channel, message["data"])
 
     def _dispatch(self, channel: str, data: bytes) -> None:
         if self._listener is None:
             return
-        event = _decode_event(ConversationId(channel[len(self._prefix) + len("conv:") :]), _text(data))
+        event = _decode_event(ConversationId(channel[len(self._conversation_prefix) :]), data)
         if event is None:
             log.warning("unreadable event on %s dropped", channel)
             return
@@ -716,8 +758,8 @@ class RedisBroker:
     def _dispatch_feed(self, channel: str, data: bytes) -> None:
         if self._listener is None:
             return
-        conversation_id, _, rest = _text(data).partition("\n")
-        event = _decode_event(ConversationId(conversation_id), rest)
+        conversation_id, _, rest = data.partition(b"\n")
+        event = _decode_event(ConversationId(_text(conversation_id)), rest)
         if event is None:
             log.warning("unreadable event on %s dropped", channel)
             return
@@ -745,13 +787,12 @@ class RedisBroker:
         for channel in tuple(self._channels):
             if channel.startswith(self._feed_prefix):
                 continue  # the feed is a live view; conversation subscribers fill their own gaps
-            self._listener.on_gap(ConversationId(channel[len(self._prefix) + len("conv:") :]))
+            self._listener.on_gap(ConversationId(channel[len(self._conversation_prefix) :]))
 
     async def _close_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(*_REDIS_FAILURES):
-                await pubsub.aclose()
+        subscription, self._pubsub = self._pubsub, None
+        if subscription is not None:
+            await subscription.close()
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -759,7 +800,7 @@ class RedisBroker:
         return f"{self._feed_prefix}{business_id}"
 
     def _channel(self, conversation_id: ConversationId) -> str:
-        return f"{self._prefix}conv:{conversation_id}"
+        return f"{self._conversation_prefix}{conversation_id}"
 
     def _keys(self, conversation_id: ConversationId) -> list[str]:
         # One hash tag per conversation: a cluster keeps a conversation's keys on one node.
@@ -796,17 +837,17 @@ def _script_error(exc: ResponseError, conversation_id: ConversationId) -> Except
     return Unavailable(f"redis refused the script: {text}")
 
 
-def _decode_event(conversation_id: ConversationId, text: str) -> Event | None:
+def _decode_event(conversation_id: ConversationId, data: bytes) -> Event | None:
     """An event from its pub/sub form "seq\\ntype\\norigin\\nepoch\\npayload"; None if unreadable."""
     try:
-        seq, type_, origin, epoch, payload = text.split("\n", 4)
+        seq, type_, origin, epoch, payload = data.split(b"\n", 4)
         return Event(
             conversation_id,
-            EventType(type_),
+            EventType(type_.decode()),
             int(seq) if seq else None,
             orjson.loads(payload),
-            origin or None,
-            epoch or None,
+            origin.decode() or None,
+            epoch.decode() or None,
         )
     except (ValueError, orjson.JSONDecodeError):
         return None

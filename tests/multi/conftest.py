@@ -5,12 +5,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.databases import delete_redis_keys, redis_url
-from tests.servers import GatewayProcess, load_services, start_gateway
+from tests.servers import GatewayProcess, start_gateway
 
 Cluster = Callable[..., list[GatewayProcess]]
 
@@ -41,15 +40,3 @@ def cluster(database_url: str, tmp_path: Path) -> Iterator[Cluster]:
         gw.stop()
     for prefix in prefixes:
         delete_redis_keys(prefix)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[tuple[str, Any]]:
-    """A throwaway Redis server of this test's own, and the services module to stop and start it."""
-    services = load_services()
-    binary = services.find_redis_server()
-    assert binary is not None, "redis-server is needed for this test (scripts/test installs it)"
-    url = services.start_redis(binary)
-    yield url, services
-    if services.redis_answers(url):
-        services.stop_redis(url)

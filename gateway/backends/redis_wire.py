@@ -1,0 +1,340 @@
+"""The replies on a Redis pub/sub connection, split out of its byte stream a chunk at a time.
+
+The broker's subscription connection carries one reply per published event (a RESP2 array:
+`message`, channel, data), thousands a second while answers stream. redis-py's `PubSub` reads
+them one at a time, each through its timeout, retry and observability layers and into a dict of
+its own; `bench/pubsub_read.py` measured that at several times the cost of splitting them out of
+what arrived in one read. The connection itself (its address, TLS, AUTH, SELECT, the SUBSCRIBE
+commands and their health checks) stays redis-py's; only the reading of its replies is done here,
+by `Messages`, for the shapes a subscribed connection sends: arrays (RESP2) or pushes (RESP3, which redis-py
+negotiates by default) of bulk strings, integers and nulls (`message`, `pmessage`, `subscribe`,
+`unsubscribe`, `pong`), and the top-level error, simple string, bulk string, integer and null
+replies (`Commands` sends only commands answered so).
+
+Written here rather than taken from a library: the one that parses RESP in C (`hiredis`) measured
+no faster here than this for these replies (bench/README.md), and the parse is some forty lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ConnectionError, InvalidResponse, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+Reply = list[bytes | int | None] | bytes | int | ResponseError | None
+
+
+class Messages:
+    """Feed it the bytes as they arrive; it returns every reply they complete, in order, and keeps
+    the incomplete rest for the next feed. An array or a push is a list of its elements (bytes, int, None
+    for a null bulk string); a top-level simple string is bytes, an integer an int, an error a
+    `ResponseError` (returned, not raised). Malformed input raises `InvalidResponse`: the
+    connection is then out of step and must be dropped."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> list[Reply]:
+        buffer = self._rest + data if self._rest else data
+        size = len(buffer)
+        replies: list[Reply] = []
+        position = 0
+        find = buffer.find
+        try:
+            while position < size:
+                end = find(b"\r\n", position)
+                if end < 0:
+                    break
+                kind = buffer[position]
+                if kind == 36:  # "$": a bulk string, or null, at the top level
+                    length = int(buffer[position + 1 : end])
+                    if length < 0:
+                        replies.append(None)
+                        position = end + 2
+                        continue
+                    if end + 4 + length > size:
+                        break
+                    replies.append(buffer[end + 2 : end + 2 + length])
+                    position = end + 4 + length
+                    continue
+                if kind != 42 and kind != 62:  # not an array ("*") or a push (">", RESP3)
+                    replies.append(_line(kind, buffer[position + 1 : end]))
+                    position = end + 2
+                    continue
+                count = int(buffer[position + 1 : end])
+                at = end + 2
+                items: list[bytes | int | None] = []
+                for _ in range(count):
+                    end = find(b"\r\n", at)
+                    if end < 0:
+                        break
+                    kind = buffer[at]
+                    if kind == 36:  # "$": a bulk string, or null
+                        length = int(buffer[at + 1 : end])
+                        if length < 0:
+                            items.append(None)
+                            at = end + 2
+                            continue
+                        start = end + 2
+                        at = start + length + 2
+                        if at > size:
+                            break
+                        items.append(buffer[start : start + length])
+                    elif kind == 58:  # ":": an integer
+                        items.append(int(buffer[at + 1 : end]))
+                        at = end + 2
+                    else:
+                        raise InvalidResponse(
+                            f"unexpected reply element {chr(kind)!r} on a pub/sub connection"
+                        )
+                else:
+                    replies.append(items)
+                    position = at
+                    continue
+                break  # the array is not complete yet
+        except ValueError as exc:
+            raise InvalidResponse(f"malformed reply on a pub/sub connection: {exc}") from exc
+        self._rest = buffer[position:]
+        return replies
+
+
+def _line(kind: int, text: bytes) -> bytes | int | ResponseError | None:
+    if kind == 43:  # "+"
+        return text
+    if kind == 45:  # "-"; without the generic "ERR " code, as redis-py's own parser gives it
+        return ResponseError(text.decode(errors="replace").removeprefix("ERR "))
+    if kind == 58:  # ":"
+        return int(text)
+    if kind == 95:  # "_": RESP3's null
+        return None
+    raise InvalidResponse(f"unexpected reply {chr(kind)!r} on a pub/sub connection")
+
+
+class Subscription:
+    """A connection in subscribed mode, read here a chunk at a time.
+
+    redis-py makes the connection (address, TLS, AUTH, SELECT: the pool's settings) and writes the
+    commands; the replies are read from its stream and split by `Messages`, never by redis-py's
+    parser, which therefore must not have read anything: the connection is a fresh one, made for
+    this and used for nothing else. While nothing arrives for `idle_s` it sends a PING; a
+    connection with no reply `timeout_s` after that is taken as dead (`ConnectionError`).
+    """
+
+    def __init__(
+        self, connection: AbstractConnection, *, idle_s: float = 15.0, timeout_s: float = 5.0
+    ) -> None:
+        self._connection = connection
+        self._idle_s = idle_s
+        self._timeout_s = timeout_s
+        self._messages = Messages()
+        self._stream: asyncio.StreamReader | None = None
+
+    @classmethod
+    async def open(cls, pool: ConnectionPool, **options: float) -> Subscription:
+        subscription = cls(pool.make_connection(), **options)  # type: ignore[no-untyped-call]
+        try:
+            await subscription._connection.connect()  # type: ignore[no-untyped-call]
+            # redis-py keeps the connection's stream here (redis>=8.1,<9 is pinned for it).
+            stream = getattr(subscription._connection, "_reader", None)
+            if not isinstance(stream, asyncio.StreamReader):
+                raise RuntimeError("this redis-py version keeps no stream reader on its connections")
+            subscription._stream = stream
+        except BaseException:
+            await subscription.close()
+            raise
+        return subscription
+
+    async def send(self, *args: str) -> None:
+        connection = self._connection
+        await connection.send_packed_command(connection.pack_command(*args), check_health=False)
+
+    async def read(self) -> list[Reply]:
+        """The replies completed by the next bytes to arrive (possibly none, for a partial one)."""
+        stream = self._stream
+        if stream is None:
+            raise ConnectionError("the subscription is closed")
+        try:
+            async with asyncio.timeout(self._idle_s):
+                chunk = await stream.read(_CHUNK)
+        except TimeoutError:
+            await self.send("PING")
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    chunk = await stream.read(_CHUNK)
+            except TimeoutError:
+                raise ConnectionError(f"no reply from Redis within {self._timeout_s:g} s of a PING") from None
+        if not chunk:
+            raise ConnectionError("Redis closed the subscription's connection")
+        return self._messages.feed(chunk)
+
+    async def close(self) -> None:
+        self._stream = None
+        with contextlib.suppress(RedisError, OSError):
+            await self._connection.disconnect(nowait=True)
+
+
+_CHUNK = 1 << 18
+
+
+class Commands:
+    """Commands written to one connection as they are made, their replies matched in order.
+
+    For the broker's call made once per streamed piece (the publish script): through redis-py's
+    `execute_command` each call takes a pooled connection, goes through its retry and
+    observability layers and writes and reads under a timeout each. Here a call is its packed
+    command queued for the next write (the calls of one event-loop turn leave in one write), a
+    future, and a timer; one task reads the replies a chunk at a time and hands them out in order.
+
+    - Only commands with flat replies may be sent: a scalar, or an array of bulk strings,
+      integers and nulls (`Messages`); anything else drops the connection (`InvalidResponse`).
+    - An error reply fails its own call only (`ResponseError`, returned by `call`'s raise).
+    - A call waits at most `timeout_s` for its reply; then the connection is dropped, and every
+      call waiting on it fails with `ConnectionError`: their outcome is unknown, none is sent
+      again. The next call makes a new connection (redis-py makes it: address, TLS, AUTH, SELECT).
+    """
+
+    def __init__(self, pool: ConnectionPool, *, timeout_s: float) -> None:
+        self._pool = pool
+        self._timeout_s = timeout_s
+        self._connection: AbstractConnection | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[Reply]] = deque()
+        self._outgoing: list[bytes] = []
+        self._connecting: asyncio.Task[AbstractConnection] | None = None
+        self.calls = 0
+        """Calls made so far (for metrics)."""
+        self.writes = 0
+        """Writes they took (calls of one event-loop turn share one)."""
+
+    async def call(self, *args: str | bytes | int) -> Reply:
+        """Send one command; its reply (bytes, int, None or a list of them). Raises
+        `ResponseError` for an error reply, `ConnectionError` or `TimeoutError` (redis-py's) when
+        the connection fails or the reply is late."""
+        connection = self._connection
+        if connection is None:
+            connection = await self._connect()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._write, connection)
+        self._outgoing.extend(connection.pack_command(*args))
+        self.calls += 1
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                reply = await future
+        except TimeoutError:
+            self._drop(connection, RedisTimeoutError(f"no reply from Redis within {self._timeout_s:g} s"))
+            raise RedisTimeoutError(f"no reply from Redis within {self._timeout_s:g} s") from None
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    async def close(self) -> None:
+        connecting = self._connecting
+        if connecting is not None:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+        connection = self._connection
+        if connection is not None:
+            self._drop(connection, ConnectionError("the client was closed"))
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    def _write(self, connection: AbstractConnection) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if connection is not self._connection or self._writer is None:
+            return  # dropped meanwhile: its calls have failed already
+        self.writes += 1
+        try:
+            self._writer.writelines(outgoing)
+        except (OSError, RuntimeError) as exc:
+            self._drop(connection, ConnectionError(f"cannot write to Redis: {exc!r}"))
+
+    async def _connect(self) -> AbstractConnection:
+        """The connection, made by one task that every caller meanwhile waits for (so that they
+        all go on in the same event-loop turn, and their calls share a write)."""
+        pending = self._connecting
+        if pending is None:
+            pending = self._connecting = asyncio.get_running_loop().create_task(self._make_connection())
+            pending.add_done_callback(self._connected)
+        return await asyncio.shield(pending)
+
+    def _connected(self, task: asyncio.Task[AbstractConnection]) -> None:
+        self._connecting = None
+        if not task.cancelled():
+            task.exception()  # retrieved here; every caller gets it from the shield
+
+    async def _make_connection(self) -> AbstractConnection:
+        connection: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await connection.connect()  # type: ignore[no-untyped-call]
+            stream = getattr(connection, "_reader", None)
+            writer = getattr(connection, "_writer", None)
+            if not isinstance(stream, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
+                raise RuntimeError(
+                    "this redis-py version keeps no stream reader and writer on its connections"
+                )
+        except TimeoutError:
+            await _disconnect(connection)
+            raise RedisTimeoutError(f"cannot connect to Redis within {self._timeout_s:g} s") from None
+        except BaseException:
+            await _disconnect(connection)
+            raise
+        self._connection, self._writer = connection, writer
+        self._reader = asyncio.create_task(self._read(connection, stream), name="redis-commands-reader")
+        return connection
+
+    async def _read(self, connection: AbstractConnection, stream: asyncio.StreamReader) -> None:
+        messages = Messages()
+        waiting = self._waiting
+        try:
+            while True:
+                chunk = await stream.read(_CHUNK)
+                if not chunk:
+                    raise ConnectionError("Redis closed the connection")
+                for reply in messages.feed(chunk):
+                    if not waiting:
+                        raise InvalidResponse("a reply no call was waiting for")
+                    future = waiting.popleft()
+                    if not future.done():
+                        future.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failure = (
+                exc
+                if isinstance(exc, ConnectionError)
+                else ConnectionError(f"Redis connection failed: {exc!r}")
+            )
+            self._drop(connection, failure)
+
+    def _drop(self, connection: AbstractConnection, failure: Exception) -> None:
+        """Fail every call waiting on `connection` and close it (once; a later one is untouched)."""
+        if connection is not self._connection:
+            return
+        self._connection = self._writer = None
+        self._outgoing = []
+        waiting, self._waiting = self._waiting, deque()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(failure)
+        reader = self._reader
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        self._reader = None
+        asyncio.get_running_loop().create_task(_disconnect(connection))
+
+
+async def _disconnect(connection: AbstractConnection) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        await connection.disconnect(nowait=True)

@@ -1,0 +1,163 @@
+"""gateway.backends.redis_wire on real Redis: the publishing connection (`Commands`) and the
+subscription read a chunk at a time (`Subscription`). Each test has keys or a server of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio
+from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.backends.redis_wire import Commands, Subscription
+from tests.databases import redis_url
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[redis.asyncio.Redis]:
+    made = redis.asyncio.Redis.from_url(redis_url())
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+def key() -> str:
+    return f"chatgw-test-wire-{uuid.uuid4().hex[:8]}"
+
+
+async def test_calls_of_one_turn_share_a_write_and_each_gets_its_own_reply(
+    client: redis.asyncio.Redis, key: str
+) -> None:
+    commands = Commands(client.connection_pool, timeout_s=5)
+    try:
+        replies = await asyncio.gather(*(commands.call("RPUSH", key, str(n)) for n in range(200)))
+        # RPUSH answers the list's length: the calls ran in the order they were made.
+        assert replies == list(range(1, 201))
+        assert await client.lrange(key, 0, -1) == [str(n).encode() for n in range(200)]
+        assert commands.calls == 200
+        assert commands.writes < 10
+        assert await commands.call("ECHO", "x" * 300_000) == b"x" * 300_000  # read over many chunks
+        assert await commands.call("LRANGE", key, 0, 2) == [b"0", b"1", b"2"]
+        assert await commands.call("GET", key + ":none") is None
+    finally:
+        await commands.close()
+        await client.delete(key)
+
+
+async def test_an_error_reply_fails_its_call_only(client: redis.asyncio.Redis, key: str) -> None:
+    commands = Commands(client.connection_pool, timeout_s=5)
+    try:
+        await client.set(key, "text")
+        outcomes = await asyncio.gather(
+            commands.call("INCR", key + ":n"),
+            commands.call("INCR", key),
+            commands.call("INCR", key + ":n"),
+            return_exceptions=True,
+        )
+        assert outcomes[0] == 1
+        assert isinstance(outcomes[1], ResponseError)
+        assert "not an integer" in str(outcomes[1])
+        assert outcomes[2] == 2
+        script = "return redis.error_reply('MISSING')"
+        with pytest.raises(ResponseError, match=r"^MISSING$"):
+            await commands.call("EVAL", script, 0)
+    finally:
+        await commands.close()
+        await client.delete(key, key + ":n")
+
+
+async def test_a_killed_connection_fails_its_waiting_calls_and_the_next_call_reconnects(
+    client: redis.asyncio.Redis, key: str
+) -> None:
+    commands = Commands(client.connection_pool, timeout_s=5)
+    try:
+        await commands.call("CLIENT", "SETNAME", key)
+        waiting = asyncio.create_task(commands.call("BLPOP", key + ":empty", 10))
+        await asyncio.sleep(0.2)
+        killed = await client.execute_command(  # type: ignore[no-untyped-call]
+            "CLIENT", "KILL", "SKIPME", "yes", "ID", await _client_id(client, key)
+        )
+        assert killed == 1
+        with pytest.raises(ConnectionError):
+            await waiting
+        assert await commands.call("INCR", key) == 1  # on a new connection
+    finally:
+        await commands.close()
+        await client.delete(key)
+
+
+async def test_a_late_reply_fails_the_call_and_drops_the_connection(own_redis: tuple[str, Any]) -> None:
+    url, _ = own_redis
+    other = redis.asyncio.Redis.from_url(url)
+    commands = Commands(other.connection_pool, timeout_s=0.5)
+    try:
+        assert await commands.call("PING") == b"PONG"
+        await other.execute_command("CLIENT", "PAUSE", 1500, "ALL")  # type: ignore[no-untyped-call]
+        with pytest.raises(RedisTimeoutError):
+            await commands.call("SET", "k", "v")
+        await asyncio.sleep(1.2)  # the pause over
+        assert await commands.call("GET", "k") in (b"v", None)  # its outcome was unknown
+        assert await commands.call("PING") == b"PONG"
+    finally:
+        await commands.close()
+        await other.aclose()
+
+
+async def test_a_subscription_reads_every_message_in_order_and_its_confirmations(
+    client: redis.asyncio.Redis, key: str
+) -> None:
+    subscription = await Subscription.open(client.connection_pool)
+    try:
+        await subscription.send("SUBSCRIBE", key + ":a", key + ":b")
+        replies: list[Any] = []
+        while len(replies) < 2:
+            replies += await subscription.read()
+        assert [r[:2] for r in replies] == [
+            [b"subscribe", (key + ":a").encode()],
+            [b"subscribe", (key + ":b").encode()],
+        ]
+        for n in range(500):
+            await client.publish(key + (":a" if n % 2 else ":b"), f"{n}\n" + "p" * 200)
+        received: list[Any] = []
+        while len(received) < 500:
+            received += await subscription.read()
+        assert [r[0] for r in received] == [b"message"] * 500
+        assert [int(r[2].split(b"\n")[0]) for r in received] == list(range(500))
+    finally:
+        await subscription.close()
+
+
+async def test_a_quiet_subscription_pings_and_a_dead_one_fails(own_redis: tuple[str, Any]) -> None:
+    url, _ = own_redis
+    other = redis.asyncio.Redis.from_url(url)
+    subscription = await Subscription.open(other.connection_pool, idle_s=0.3, timeout_s=0.5)
+    try:
+        await subscription.send("SUBSCRIBE", "quiet")
+        first: list[Any] = await subscription.read()
+        assert first[0][0] == b"subscribe"
+        second: list[Any] = await subscription.read()
+        # Nothing for idle_s: a PING, answered (RESP3: a simple string; RESP2: a pub/sub array).
+        assert second in ([b"PONG"], [[b"pong", b""]])
+        await other.execute_command("CLIENT", "PAUSE", 2000, "ALL")  # type: ignore[no-untyped-call]
+        with pytest.raises(ConnectionError, match="PING"):
+            await _read_until_it_fails(subscription)
+    finally:
+        await subscription.close()
+        await asyncio.sleep(1.6)  # let the pause end before the server is stopped
+        await other.aclose()
+
+
+async def _read_until_it_fails(subscription: Subscription) -> None:
+    while True:
+        await subscription.read()
+
+
+async def _client_id(client: redis.asyncio.Redis, name: str) -> str:
+    for entry in await client.client_list():
+        if entry.get("name") == name:
+            return str(entry["id"])
+    raise AssertionError(f"no client named {name}")
