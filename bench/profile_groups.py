@@ -16,8 +16,11 @@ import collections
 from pathlib import Path
 
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
-    ("Redis publish (the publish script, pipelines)", ("RedisBroker.publish", "AsyncScript", "AutoPipeline")),
-    ("Redis pub/sub receive and delivery", ("RedisBroker._pump", "PubSub.")),
+    (
+        "Redis publish (the publish script, pipelines)",
+        ("RedisBroker.publish", "AsyncScript", "AutoPipeline", "Commands."),
+    ),
+    ("Redis pub/sub receive and delivery", ("RedisBroker._pump", "PubSub.", "SubscribedConnection.")),
     ("PostgreSQL (asyncpg)", ("asyncpg",)),
     ("opening model requests", ("OpenAILLM._request_stream", "OpenAILLM._complete_once")),
     ("reading the model's stream", ("OpenAIStream._pieces", "ChunkReader")),

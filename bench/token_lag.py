@@ -22,7 +22,9 @@ With `--instances 2` (PostgreSQL + Redis only) two gateway processes share the d
 and the load tool gets both URLs: conversations alternate between them and each watcher connects
 to the other instance, so every delta crosses Redis to reach it; the CPU is both processes'. With `--gc` the gateways run under `bench/gc_pauses.py`, and each
 report gets the count, total and longest pause of each generation's garbage collections
-(`bench.gc`; summed over the instances, longest of any).
+(`bench.gc`; summed over the instances, longest of any). With `--profile SECONDS` each gateway
+runs with `--loop asyncio` and py-spy records it (raw format, 200 samples a second, from 10 s
+into the load) into `--out`, for `profile_groups.py` and `profile_raw.py`.
 
 The default workload: a model at 200 ms to the first token, then 20 tokens/s, 40-token answers; a
 message every 3 s per conversation; one user and one watcher socket per conversation; 30 s.
@@ -33,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -153,10 +157,14 @@ def one_run(
                     },
                     module="gc_pauses" if args.gc else "gateway",
                     cwd=cwd,
+                    args=("--loop", "asyncio") if args.profile else (),
                 )
             )
         if args.flow == "plain":
             plain_flow(gateways[0].http)  # the flow is shared through the database
+        profilers = [
+            profile(args, gateway.process.pid, n, conversations) for n, gateway in enumerate(gateways)
+        ]
         load = os.getloadavg()[0]
         began = time.time()
         urls = [arg for gateway in gateways for arg in ("--url", gateway.http)]
@@ -170,6 +178,9 @@ def one_run(
             timeout=args.duration + 300,
         )
         ended = time.time()
+        for profiler in profilers:
+            if profiler is not None:
+                profiler.wait(timeout=60)
     finally:
         for gateway in gateways:
             gateway.stop()
@@ -202,6 +213,27 @@ def one_run(
             sum(collections.get(g, {}).get("total_ms", 0.0) for g in ("gen0", "gen1")), 3
         )
     return report
+
+
+def profile(
+    args: argparse.Namespace, pid: int, number: int, conversations: int
+) -> subprocess.Popen[bytes] | None:
+    """With `--profile SECONDS`: py-spy on gateway `number`, from 10 s into the load (the sockets
+    open and answers stream by then) for SECONDS, in raw format, into `--out`."""
+    if not args.profile:
+        return None
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy (.venv/bin/pip install py-spy)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    output = args.out / f"profile-level{conversations}-instance{number}-{time.strftime('%H%M%S')}.raw"
+    record = [spy, "record", "--pid", str(pid), "--duration", str(args.profile), "--rate", "200"]
+    record += ["--format", "raw", "--nonblocking", "--output", str(output)]
+    return subprocess.Popen(
+        ["sh", "-c", 'sleep 10 && exec "$@"', "sh", *record],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def summary(values: list[float | None]) -> str:
@@ -246,7 +278,16 @@ def main() -> None:
     parser.add_argument(
         "--instances", type=int, default=1, help="gateway processes (more than 1: postgres+redis only)"
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="py-spy each gateway (run with --loop asyncio) for SECONDS from 10 s into the load, into --out",
+    )
     args = parser.parse_args()
+    if args.profile and not args.out:
+        parser.error("--profile needs --out for the profiles")
     if args.instances < 1 or (args.instances > 1 and args.backend != "postgres+redis"):
         parser.error("--instances above 1 needs --backend postgres+redis")
     levels = [int(n) for n in args.levels.split(",")]

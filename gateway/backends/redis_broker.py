@@ -14,7 +14,7 @@ every subscribed conversation so that their sessions fill what they missed from 
 Every other command goes through one bounded, blocking pool with automatic pipelining
 (`redis_client.AutoPipelineRedis`): the publishes of many answers in one event-loop tick are one
 round trip. The pub/sub connection is outside that pool; redis-py makes it and writes its SUBSCRIBEs, and its
-replies are split out of each chunk read (`redis_wire.Subscription`) rather than read one at a
+replies are split out of each chunk read (`redis_wire.SubscribedConnection`) rather than read one at a
 time through redis-py's `PubSub`: there is one per event delivered. redis-py exceptions stop in
 `_call`.
 """
@@ -61,7 +61,7 @@ from gateway.backends.redis_client import (
     translate,
     transport_stats,
 )
-from gateway.backends.redis_wire import Commands, Reply, Subscription
+from gateway.backends.redis_wire import Commands, Reply, SubscribedConnection
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class RedisBroker:
         self._listener: Listener | None = None
         self._channels: set[str] = set()
         self._confirmed: dict[str, asyncio.Event] = {}
-        self._pubsub: Subscription | None = None
+        self._pubsub: SubscribedConnection | None = None
         self._commands: Commands | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -696,7 +696,7 @@ class RedisBroker:
     async def _open_pubsub(self) -> None:
         """Subscribe everything on a new connection; return once Redis confirmed it."""
         assert self._pubsub_client is not None
-        subscription = await Subscription.open(self._pubsub_client.connection_pool, timeout_s=5.0)
+        subscription = await SubscribedConnection.open(self._pubsub_client.connection_pool, timeout_s=5.0)
         try:
             # The instance channel keeps at least one subscription, and its confirmation (the
             # first reply) says the connection is subscribed; replies after it are handled as usual.

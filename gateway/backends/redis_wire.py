@@ -1,5 +1,5 @@
 """The Redis wire for the broker's two hot paths: the pub/sub connection's replies split out of its
-byte stream a chunk at a time (`Subscription`), and the publish script's calls written once per
+byte stream a chunk at a time (`SubscribedConnection`), and the publish script's calls written once per
 event-loop turn on a connection of their own (`Commands`).
 
 The broker's subscription connection carries one reply per published event (`message`, channel,
@@ -120,7 +120,7 @@ def _line(kind: int, text: bytes) -> bytes | int | ResponseError | None:
     raise InvalidResponse(f"unexpected reply {chr(kind)!r} on a pub/sub connection")
 
 
-class Subscription:
+class SubscribedConnection:
     """A connection in subscribed mode, read here a chunk at a time.
 
     redis-py makes the connection (address, TLS, AUTH, SELECT: the pool's settings) and writes the
@@ -140,7 +140,7 @@ class Subscription:
         self._stream: asyncio.StreamReader | None = None
 
     @classmethod
-    async def open(cls, pool: ConnectionPool, **options: float) -> Subscription:
+    async def open(cls, pool: ConnectionPool, **options: float) -> SubscribedConnection:
         subscription = cls(pool.make_connection(), **options)  # type: ignore[no-untyped-call]
         try:
             await subscription._connection.connect()  # type: ignore[no-untyped-call]

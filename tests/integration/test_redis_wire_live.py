@@ -1,5 +1,5 @@
 """gateway.backends.redis_wire on real Redis: the publishing connection (`Commands`) and the
-subscription read a chunk at a time (`Subscription`). Each test has keys or a server of its own."""
+subscription read a chunk at a time (`SubscribedConnection`). Each test has keys or a server of its own."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import redis.asyncio
 from redis.exceptions import ConnectionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.backends.redis_wire import Commands, Subscription
+from gateway.backends.redis_wire import Commands, SubscribedConnection
 from tests.databases import redis_url
 
 
@@ -110,7 +110,7 @@ async def test_a_late_reply_fails_the_call_and_drops_the_connection(own_redis: t
 async def test_a_subscription_reads_every_message_in_order_and_its_confirmations(
     client: redis.asyncio.Redis, key: str
 ) -> None:
-    subscription = await Subscription.open(client.connection_pool)
+    subscription = await SubscribedConnection.open(client.connection_pool)
     try:
         await subscription.send("SUBSCRIBE", key + ":a", key + ":b")
         replies: list[Any] = []
@@ -134,7 +134,7 @@ async def test_a_subscription_reads_every_message_in_order_and_its_confirmations
 async def test_a_quiet_subscription_pings_and_a_dead_one_fails(own_redis: tuple[str, Any]) -> None:
     url, _ = own_redis
     other = redis.asyncio.Redis.from_url(url)
-    subscription = await Subscription.open(other.connection_pool, idle_s=0.3, timeout_s=0.5)
+    subscription = await SubscribedConnection.open(other.connection_pool, idle_s=0.3, timeout_s=0.5)
     try:
         await subscription.send("SUBSCRIBE", "quiet")
         first: list[Any] = await subscription.read()
@@ -151,7 +151,7 @@ async def test_a_quiet_subscription_pings_and_a_dead_one_fails(own_redis: tuple[
         await other.aclose()
 
 
-async def _read_until_it_fails(subscription: Subscription) -> None:
+async def _read_until_it_fails(subscription: SubscribedConnection) -> None:
     while True:
         await subscription.read()
 
