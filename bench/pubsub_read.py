@@ -8,7 +8,7 @@ CPU time (`time.process_time`) per message:
 - `get_message`: redis-py's `PubSub.get_message(timeout=1.0)` per message, as the broker read
   until this benchmark;
 - `chunks`: a connection's stream read a chunk at a time (all that arrived) and its pub/sub
-  replies split out of it (`gateway.backends.redis_wire.Subscription`, the broker's way now).
+  replies split out of it (`gateway.backends.redis_wire.SubscribedConnection`, the broker's way now).
 
     .venv/bin/python bench/pubsub_read.py --messages 50000 --rate 6000 --runs 3
 """
@@ -30,7 +30,7 @@ import redis.asyncio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.backends.redis_wire import Reply, Subscription  # noqa: E402
+from gateway.backends.redis_wire import Reply, SubscribedConnection  # noqa: E402
 from tests.databases import redis_url  # noqa: E402
 
 PAYLOAD = (
@@ -97,7 +97,7 @@ async def receive_chunks(
     messages: int,
     ready: multiprocessing.Event,  # type: ignore[valid-type]
 ) -> float:
-    subscription = await Subscription.open(client.connection_pool)
+    subscription = await SubscribedConnection.open(client.connection_pool)
     await subscription.send("SUBSCRIBE", channel)
     pending: list[Reply] = []
     while not pending:

@@ -93,6 +93,7 @@ class Supervisor:
             log.info("started %d workers: %s", self._count, [w.process.pid for w in self._workers])
             while self._stop_signal is None and not self._failed:
                 wait([w.process.sentinel for w in self._workers], timeout=0.5)
+                self._note_ready()
                 self._replace_exited(sock)
         finally:
             sock.close()  # the port stops accepting once every worker closed its copy too
@@ -116,6 +117,12 @@ class Supervisor:
         process.start()
         writer.close()  # the worker has its own copy
         return _Worker(index, process, reader)
+
+    def _note_ready(self) -> None:
+        """Log each worker once it says it serves (within half a second of it)."""
+        for worker in self._workers:
+            if not worker.ready and worker.process.is_alive() and worker.is_ready():
+                log.info("worker %d (pid %s) is ready", worker.index, worker.process.pid)
 
     def _replace_exited(self, sock: socket.socket) -> None:
         for position, worker in enumerate(self._workers):

@@ -29,7 +29,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.broker import (
     AnswerBusy,
@@ -465,9 +465,8 @@ class RedisBroker:
         script = self._scripts["publish"]
         try:
             return await commands.call("EVALSHA", script.sha, 3, *arguments)
-        except ResponseError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
+        except NoScriptError:
+            pass
         await client.script_load(_PUBLISH)
         return await commands.call("EVALSHA", script.sha, 3, *arguments)
 

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 from collections import deque
 
+from redis._parsers import BaseParser
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError, InvalidResponse, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -111,8 +112,9 @@ class Messages:
 def _line(kind: int, text: bytes) -> bytes | int | ResponseError | None:
     if kind == 43:  # "+"
         return text
-    if kind == 45:  # "-"; without the generic "ERR " code, as redis-py's own parser gives it
-        return ResponseError(text.decode(errors="replace").removeprefix("ERR "))
+    if kind == 45:  # "-": the exception redis-py's own parsers make of it (READONLY: ReadOnlyError, ...)
+        error: ResponseError = BaseParser.parse_error(text.decode(errors="replace"))  # type: ignore[no-untyped-call]
+        return error
     if kind == 58:  # ":"
         return int(text)
     if kind == 95:  # "_": RESP3's null
@@ -212,6 +214,7 @@ class Commands:
         self._waiting: deque[asyncio.Future[Reply]] = deque()
         self._outgoing: list[bytes] = []
         self._connecting: asyncio.Task[AbstractConnection] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self.calls = 0
         """Calls made so far (for metrics)."""
         self.writes = 0
@@ -254,9 +257,11 @@ class Commands:
             await asyncio.gather(reader, return_exceptions=True)
 
     def _write(self, connection: AbstractConnection) -> None:
-        outgoing, self._outgoing = self._outgoing, []
         if connection is not self._connection or self._writer is None:
-            return  # dropped meanwhile: its calls have failed already
+            # Dropped meanwhile: its calls have failed already; anything queued now is for a newer
+            # connection, whose first call scheduled a write of its own.
+            return
+        outgoing, self._outgoing = self._outgoing, []
         self.writes += 1
         try:
             self._writer.writelines(outgoing)
@@ -336,7 +341,9 @@ class Commands:
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
         self._reader = None
-        asyncio.get_running_loop().create_task(_disconnect(connection))
+        closing = asyncio.get_running_loop().create_task(_disconnect(connection))
+        self._closing.add(closing)  # held until done: the loop keeps only a weak reference
+        closing.add_done_callback(self._closing.discard)
 
 
 async def _disconnect(connection: AbstractConnection) -> None:

@@ -90,6 +90,27 @@ async def test_a_killed_connection_fails_its_waiting_calls_and_the_next_call_rec
         await client.delete(key)
 
 
+async def test_a_call_whose_write_was_pending_when_the_connection_dropped_fails_at_once(
+    client: redis.asyncio.Redis,
+) -> None:
+    """A connection dropped while a call's write is still queued: that call fails with the
+    drop's error at once (not after its timeout), and the next call goes out on a new one."""
+    commands = Commands(client.connection_pool, timeout_s=2)
+    try:
+        assert await commands.call("PING") == b"PONG"
+        old = asyncio.create_task(commands.call("PING"))
+        await asyncio.sleep(0)  # queued, its write scheduled for the next turn
+        connection = commands._connection
+        assert connection is not None
+        commands._drop(connection, ConnectionError("dropped by the test"))
+        new = asyncio.create_task(commands.call("ECHO", "after"))
+        with pytest.raises(ConnectionError, match="dropped by the test"):
+            await old
+        assert await new == b"after"
+    finally:
+        await commands.close()
+
+
 async def test_a_late_reply_fails_the_call_and_drops_the_connection(own_redis: tuple[str, Any]) -> None:
     url, _ = own_redis
     other = redis.asyncio.Redis.from_url(url)

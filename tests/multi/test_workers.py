@@ -32,7 +32,8 @@ def workers(database_url: str, tmp_path: Path) -> Iterator[GatewayProcess]:
     env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url(), "CHATGW_REDIS_PREFIX": prefix, **SLOW}
     gw = start_gateway(tmp_path, env, args=["--workers", "2"])
     try:
-        wait_for_log(gw, lambda log: log.count("Application startup complete") == 2)
+        # Ready, not only started: a worker that dies before it said it serves stops the command.
+        wait_for_log(gw, lambda log: len(re.findall(r"worker \d \(pid \d+\) is ready", log)) == 2)
         yield gw
     finally:
         gw.stop()
@@ -97,7 +98,7 @@ async def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving(workers
     os.kill(dead, signal.SIGKILL)
 
     log = await asyncio.to_thread(
-        wait_for_log, workers, lambda log: log.count("Application startup complete") == 3
+        wait_for_log, workers, lambda log: len(re.findall(r"worker \d \(pid \d+\) is ready", log)) == 3
     )
     assert f"(pid {dead}) exited with -9: starting another" in log
     await asyncio.gather(*(converse(workers, n) for n in range(4)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ReadOnlyError, ResponseError
 
 from gateway.backends.redis_wire import Messages
 
@@ -76,3 +76,12 @@ def test_a_malformed_stream_is_refused_not_skipped() -> None:
         Messages().feed(b"*1\r\n%2\r\n")
     with pytest.raises(InvalidResponse):
         Messages().feed(b"!oops\r\n")
+
+
+def test_error_replies_become_redis_pys_own_exceptions() -> None:
+    """The same classes redis-py's parsers give, so that the broker translates them alike."""
+    replies = Messages().feed(
+        b"-READONLY You can't write against a read only replica.\r\n-NOSCRIPT No matching script\r\n"
+    )
+    assert isinstance(replies[0], ReadOnlyError)
+    assert isinstance(replies[1], NoScriptError)
