@@ -169,12 +169,10 @@ class Metrics:
         if pool_waits is not None:
             self.db_pool_waits.set_function(lambda: pool_waits()[0])
             self.db_pool_wait_seconds.set_function(lambda: pool_waits()[1])
-        if redis is not None:
-            for what in ("commands", "round_trips", "most_in_flight", "pool_waits", "pool_size"):
-                self.redis_transport.labels(what).set_function(_reader(redis, what))
-        if limiter_redis is not None:
-            for what in ("commands", "round_trips", "most_in_flight", "pool_waits", "pool_size"):
-                self.redis_limiter.labels(what).set_function(_reader(limiter_redis, what))
+        for gauge, stats in ((self.redis_transport, redis), (self.redis_limiter, limiter_redis)):
+            if stats is not None:
+                for what in ("commands", "round_trips", "most_in_flight", "pool_waits", "pool_size"):
+                    gauge.labels(what).set_function(_reader(stats, what))
         if reconnects is not None:
             self.redis_reconnects.set_function(reconnects)
 

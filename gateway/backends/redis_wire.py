@@ -133,28 +133,25 @@ class SubscribedConnection:
     """
 
     def __init__(
-        self, connection: AbstractConnection, *, idle_s: float = 15.0, timeout_s: float = 5.0
+        self,
+        connection: AbstractConnection,
+        stream: asyncio.StreamReader,
+        *,
+        idle_s: float = 15.0,
+        timeout_s: float = 5.0,
     ) -> None:
         self._connection = connection
         self._idle_s = idle_s
         self._timeout_s = timeout_s
         self._messages = Messages()
-        self._stream: asyncio.StreamReader | None = None
+        self._stream: asyncio.StreamReader | None = stream
 
     @classmethod
-    async def open(cls, pool: ConnectionPool, **options: float) -> SubscribedConnection:
-        subscription = cls(pool.make_connection(), **options)  # type: ignore[no-untyped-call]
-        try:
-            await subscription._connection.connect()  # type: ignore[no-untyped-call]
-            # redis-py keeps the connection's stream here (redis>=8.1,<9 is pinned for it).
-            stream = getattr(subscription._connection, "_reader", None)
-            if not isinstance(stream, asyncio.StreamReader):
-                raise RuntimeError("this redis-py version keeps no stream reader on its connections")
-            subscription._stream = stream
-        except BaseException:
-            await subscription.close()
-            raise
-        return subscription
+    async def open(
+        cls, pool: ConnectionPool, *, idle_s: float = 15.0, timeout_s: float = 5.0
+    ) -> SubscribedConnection:
+        connection, stream, _ = await _connect(pool, timeout_s)
+        return cls(connection, stream, idle_s=idle_s, timeout_s=timeout_s)
 
     async def send(self, *args: str) -> None:
         connection = self._connection
@@ -181,8 +178,7 @@ class SubscribedConnection:
 
     async def close(self) -> None:
         self._stream = None
-        with contextlib.suppress(RedisError, OSError):
-            await self._connection.disconnect(nowait=True)
+        await _disconnect(self._connection)
 
 
 _CHUNK = 1 << 18
@@ -283,22 +279,7 @@ class Commands:
             task.exception()  # retrieved here; every caller gets it from the shield
 
     async def _make_connection(self) -> AbstractConnection:
-        connection: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await connection.connect()  # type: ignore[no-untyped-call]
-            stream = getattr(connection, "_reader", None)
-            writer = getattr(connection, "_writer", None)
-            if not isinstance(stream, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
-                raise RuntimeError(
-                    "this redis-py version keeps no stream reader and writer on its connections"
-                )
-        except TimeoutError:
-            await _disconnect(connection)
-            raise RedisTimeoutError(f"cannot connect to Redis within {self._timeout_s:g} s") from None
-        except BaseException:
-            await _disconnect(connection)
-            raise
+        connection, stream, writer = await _connect(self._pool, self._timeout_s)
         self._connection, self._writer = connection, writer
         self._reader = asyncio.create_task(self._read(connection, stream), name="redis-commands-reader")
         return connection
@@ -344,6 +325,29 @@ class Commands:
         closing = asyncio.get_running_loop().create_task(_disconnect(connection))
         self._closing.add(closing)  # held until done: the loop keeps only a weak reference
         closing.add_done_callback(self._closing.discard)
+
+
+async def _connect(
+    pool: ConnectionPool, timeout_s: float
+) -> tuple[AbstractConnection, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection with `pool`'s settings, made by redis-py within `timeout_s`, and its
+    stream's two ends, which redis-py keeps on the connection (pyproject pins redis below 9 for
+    that); redis-py's own parser never reads from it."""
+    connection: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+    try:
+        async with asyncio.timeout(timeout_s):
+            await connection.connect()  # type: ignore[no-untyped-call]
+        stream = getattr(connection, "_reader", None)
+        writer = getattr(connection, "_writer", None)
+        if not isinstance(stream, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
+            raise RuntimeError("this redis-py version keeps no stream reader and writer on its connections")
+    except TimeoutError:
+        await _disconnect(connection)
+        raise RedisTimeoutError(f"cannot connect to Redis within {timeout_s:g} s") from None
+    except BaseException:
+        await _disconnect(connection)
+        raise
+    return connection, stream, writer
 
 
 async def _disconnect(connection: AbstractConnection) -> None:

@@ -148,3 +148,16 @@ async def test_metrics_count_sockets_frames_messages_and_first_tokens(gateway: G
         )
         assert float(pool.split()[1]) >= 1
         assert any(ln.startswith("chatgw_redis_reconnects ") for ln in text.splitlines())
+
+        def value(name: str) -> float:
+            return float(next(ln for ln in text.splitlines() if ln.startswith(name)).split()[1])
+
+        # The broker's publishes (on their own connection) and the limiter's counted calls (the
+        # message was counted against the shared limits) are on their clients' counters.
+        assert (
+            value('chatgw_redis_broker{what="commands"}')
+            >= value('chatgw_redis_broker{what="round_trips"}')
+            >= 1
+        )
+        assert value('chatgw_redis_limiter{what="commands"}') >= 3
+        assert value('chatgw_redis_limiter{what="pool_size"}') == 16
