@@ -86,12 +86,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture
-def own_redis() -> Iterator[tuple[str, Any]]:
-    """A throwaway Redis server of this test's own, and the services module to stop and start it."""
-    services = load_services()
+def services() -> Any:
+    """scripts/services.py as a module: finding, starting and stopping PostgreSQL and Redis."""
+    return load_services()
+
+
+@pytest.fixture
+def own_redis(services: Any) -> Iterator[str]:
+    """A throwaway Redis server of this test's own (its configuration is changed freely, it may
+    be stopped and started with `services`); its URL."""
     binary = services.find_redis_server()
     assert binary is not None, "redis-server is needed for this test (scripts/test installs it)"
-    url = services.start_redis(binary)
-    yield url, services
+    url: str = services.start_redis(binary)
+    yield url
     if services.redis_answers(url):
         services.stop_redis(url)

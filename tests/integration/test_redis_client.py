@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,23 +35,6 @@ from gateway.backends.redis_broker import RedisBroker
 from gateway.backends.redis_client import AutoPipelineRedis, auto_pipelined, translate
 from gateway.backends.redis_state import CachedStore, RedisStateCache
 from tests.databases import redis_url
-from tests.servers import load_services
-
-
-@pytest.fixture
-def services() -> Any:
-    return load_services()
-
-
-@pytest.fixture
-def own_redis(services: Any) -> Iterator[str]:
-    """A throwaway Redis server of this test's own (its configuration is changed freely)."""
-    binary = services.find_redis_server()
-    assert binary is not None, "redis-server is needed for this test (scripts/test installs it)"
-    url: str = services.start_redis(binary)
-    yield url
-    if services.redis_answers(url):
-        services.stop_redis(url)
 
 
 @pytest.fixture

@@ -111,8 +111,8 @@ async def test_a_call_whose_write_was_pending_when_the_connection_dropped_fails_
         await commands.close()
 
 
-async def test_a_late_reply_fails_the_call_and_drops_the_connection(own_redis: tuple[str, Any]) -> None:
-    url, _ = own_redis
+async def test_a_late_reply_fails_the_call_and_drops_the_connection(own_redis: str) -> None:
+    url = own_redis
     other = redis.asyncio.Redis.from_url(url)
     commands = Commands(other.connection_pool, timeout_s=0.5)
     try:
@@ -152,8 +152,8 @@ async def test_a_subscription_reads_every_message_in_order_and_its_confirmations
         await subscription.close()
 
 
-async def test_a_quiet_subscription_pings_and_a_dead_one_fails(own_redis: tuple[str, Any]) -> None:
-    url, _ = own_redis
+async def test_a_quiet_subscription_pings_and_a_dead_one_fails(own_redis: str) -> None:
+    url = own_redis
     other = redis.asyncio.Redis.from_url(url)
     subscription = await SubscribedConnection.open(other.connection_pool, idle_s=0.3, timeout_s=0.5)
     try:

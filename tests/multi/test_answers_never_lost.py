@@ -151,13 +151,13 @@ async def test_a_new_message_before_the_dead_owners_lease_expired_waits_for_its_
 
 
 async def test_an_answer_streaming_while_redis_restarts_empty_is_ended_and_stored(
-    cluster: Cluster, own_redis: tuple[str, Any]
+    cluster: Cluster, own_redis: str, services: Any
 ) -> None:
     """Redis stops and starts again empty while an answer streams. The owner ends it
     (`interrupted`, with the text it had streamed) in the conversation's new log and stores it;
     every client gets `reset`, and sees the answer's end live or in the history it refetches,
     once; the next turn works, and a replay agrees with what the clients saw."""
-    url, services = own_redis
+    url = own_redis
     a, b = cluster(2, {"CHATGW_SCRIPTED_TPS": "40", "CHATGW_SCRIPTED_TOKENS": "400"}, redis=url)
     widget = new_widget(a)
     on_a, on_b = await Client.open(a), await Client.open(b)

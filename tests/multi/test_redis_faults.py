@@ -38,9 +38,9 @@ async def wait_ready(url: str, ready: bool) -> dict[str, Any]:
 
 
 async def test_redis_restarted_empty_gives_reset_and_no_silent_gap(
-    cluster: Cluster, own_redis: tuple[str, Any]
+    cluster: Cluster, own_redis: str, services: Any
 ) -> None:
-    redis_url, services = own_redis
+    redis_url = own_redis
     a, b = cluster(2, {"CHATGW_SCRIPTED_TOKENS": "5"}, redis=redis_url)
     widget = new_widget(a)
     on_a, on_b = await Client.open(a), await Client.open(b)
