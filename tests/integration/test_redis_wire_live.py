@@ -48,6 +48,51 @@ async def test_calls_of_one_turn_share_a_write_and_each_gets_its_own_reply(
         await client.delete(key)
 
 
+async def test_calls_made_while_a_writes_replies_are_due_leave_together_once_they_are_in(
+    client: redis.asyncio.Redis, key: str
+) -> None:
+    commands = Commands(client.connection_pool, timeout_s=5)
+    try:
+        assert await commands.call("PING") == b"PONG"
+        slow = asyncio.create_task(commands.call("BLPOP", key + ":empty", "0.3"))
+        await asyncio.sleep(0.05)
+        assert commands.writes == 2  # the BLPOP went out at once: nothing was due
+        later = []
+        for n in range(20):
+            later.append(asyncio.create_task(commands.call("RPUSH", key, str(n))))
+            await asyncio.sleep(0)  # each made in an event-loop turn of its own
+        await asyncio.sleep(0.05)
+        assert commands.writes == 2  # all twenty wait for the BLPOP's reply
+        assert await slow is None
+        assert await asyncio.gather(*later) == list(range(1, 21))
+        assert commands.writes == 3  # and then left in one write, in order
+        assert await commands.call("LLEN", key) == 20
+        assert commands.writes == 4
+    finally:
+        await commands.close()
+        await client.delete(key)
+
+
+async def test_calls_answered_in_time_outlive_the_timeout_many_times_over(
+    client: redis.asyncio.Redis, key: str
+) -> None:
+    """The one timer on the oldest call moves on as replies come: a connection used for longer
+    than the timeout, every reply in time, is never dropped."""
+    commands = Commands(client.connection_pool, timeout_s=0.2)
+    try:
+        first = await commands.call("CLIENT", "ID")
+        for n in range(12):
+            assert await commands.call("INCR", key) == n + 1
+            await asyncio.sleep(0.05)
+        assert await commands.call("BLPOP", key + ":empty", "0.1") is None  # half the timeout
+        assert await commands.call("INCR", key) == 13
+        assert await commands.call("CLIENT", "ID") == first  # the same connection all along
+        assert await client.get(key) == b"13"
+    finally:
+        await commands.close()
+        await client.delete(key)
+
+
 async def test_an_error_reply_fails_its_call_only(client: redis.asyncio.Redis, key: str) -> None:
     commands = Commands(client.connection_pool, timeout_s=5)
     try:

@@ -1,5 +1,5 @@
-"""gateway.backends.redis_wire.Messages: the replies of a subscribed connection, split out of its
-byte stream however it arrives. (The broker reading real Redis through it is tested by the broker
+"""gateway.backends.redis_wire: `Messages`, the replies of a subscribed connection, split out of its
+byte stream however it arrives; `pack`, a command as redis-py packs it. (The broker reading real Redis through it is tested by the broker
 contract and the multi-instance suites.)"""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from redis.exceptions import InvalidResponse, NoScriptError, ReadOnlyError, ResponseError
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError, InvalidResponse, NoScriptError, ReadOnlyError, ResponseError
 
-from gateway.backends.redis_wire import Messages
+from gateway.backends.redis_wire import Messages, pack
 
 STREAM = (
     b"*3\r\n$9\r\nsubscribe\r\n$6\r\nconv:a\r\n:1\r\n"
@@ -85,3 +86,21 @@ def test_error_replies_become_redis_pys_own_exceptions() -> None:
     )
     assert isinstance(replies[0], ReadOnlyError)
     assert isinstance(replies[1], NoScriptError)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("PING",),
+        ("EVALSHA", "a" * 40, 3, "k:{conv:é}:meta", b"\x00\r\n", -7, 0, "", "日本語 text\n"),
+        ("SET", "k", "x" * 100_000),
+    ],
+)
+def test_a_command_is_packed_byte_for_byte_as_redis_py_packs_it(args: tuple[str | bytes | int, ...]) -> None:
+    assert pack(args) == b"".join(Connection().pack_command(*args))
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, None, ["a"]])
+def test_an_argument_of_another_type_is_refused(bad: object) -> None:
+    with pytest.raises(DataError, match="must be str, bytes or int"):
+        pack(("SET", "k", bad))  # type: ignore[arg-type]
