@@ -177,13 +177,15 @@ def migrate_command(settings: Settings, action: str, steps: int | None) -> int:
     return 0
 
 
-def settle_heap() -> None:
-    """Once started, collect and then freeze what is alive (modules, the app, its clients: about
+def settle_heap(threshold: int) -> None:
+    """Once started, set the youngest generation's threshold (`CHATGW_GC_THRESHOLD`; the older
+    two keep Python's 10 and 10), then collect and freeze what is alive (modules, the app, its clients: about
     150,000 objects) into the garbage collector's permanent generation. A full collection walks
     every object it tracks; with these left out, the full collections made while serving walk only
     what serving created, and stall the event loop for a fraction of the time (the tail of token
     lag: bench/README.md, "Garbage collection"). What is frozen is never collected as a cycle;
     startup objects live as long as the process anyway."""
+    gc.set_threshold(threshold, 10, 10)
     gc.collect()
     gc.freeze()
 
@@ -238,7 +240,7 @@ def run_server(
     gw = app.state.gateway
 
     def ready() -> None:  # the server listens: say so, never earlier
-        settle_heap()
+        settle_heap(settings.gc_threshold)
         if on_ready is not None:
             on_ready()
         if not announce:

@@ -17,6 +17,10 @@ from urllib.parse import urlsplit
 import limits
 
 _N = TypeVar("_N", int, float)
+# Allocations of tracked objects (less deallocations) between two collections of the garbage
+# collector's youngest generation, once serving (Python's default: 700): bench/README.md, "Garbage
+# collection".
+GC_THRESHOLD = 700
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _FLAGS = dict.fromkeys(("on", "true", "1", "yes"), True) | dict.fromkeys(("off", "false", "0", "no"), False)
 
@@ -68,6 +72,7 @@ class Settings:
     overload_retry_ms: int = 1000
     overload_lag_ms: float = 100.0
     overload_arrivals_lag_ms: float = 250.0
+    gc_threshold: int = GC_THRESHOLD
     overload_arrivals_db_wait_ms: float = 1000.0
     reconnect_spread_ms: int = 2000
     redis_prefix: str = "chatgw:"
@@ -143,6 +148,7 @@ class Settings:
                 "CHATGW_OVERLOAD_ARRIVALS_DB_WAIT_MS", 1000.0, low=0, high=600_000
             ),
             reconnect_spread_ms=e.integer("CHATGW_RECONNECT_SPREAD_MS", 2000, low=0, high=600_000),
+            gc_threshold=e.integer("CHATGW_GC_THRESHOLD", GC_THRESHOLD, low=100, high=10_000_000),
             redis_prefix=e.get("CHATGW_REDIS_PREFIX") or "chatgw:",
             log_level=log_level,
             log_format=log_format,
