@@ -20,7 +20,7 @@ _N = TypeVar("_N", int, float)
 # Allocations of tracked objects (less deallocations) between two collections of the garbage
 # collector's youngest generation, once serving (Python's default: 700): bench/README.md, "Garbage
 # collection".
-GC_THRESHOLD = 700
+GC_THRESHOLD = 10_000
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _FLAGS = dict.fromkeys(("on", "true", "1", "yes"), True) | dict.fromkeys(("off", "false", "0", "no"), False)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
-from gateway.cli import main, serve_command
+from gateway.cli import main, serve_command, settle_heap
 from gateway.settings import Settings
 
 
@@ -78,3 +80,14 @@ def test_addresses_and_host_names_are_accepted(host: str) -> None:
     from gateway.cli import _host
 
     assert _host(host) == host
+
+
+def test_once_serving_the_youngest_generation_gets_the_configured_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        settle_heap(12_345)
+        assert gc.get_threshold() == (12_345, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -84,6 +84,13 @@ def test_the_redis_pool_size_is_read_and_bounded() -> None:
         Settings.from_env({"CHATGW_REDIS_POOL_SIZE": "many"})
 
 
+def test_the_garbage_collector_threshold_is_read_and_bounded() -> None:
+    assert Settings.from_env({}).gc_threshold == 10_000
+    assert Settings.from_env({"CHATGW_GC_THRESHOLD": "700"}).gc_threshold == 700
+    with pytest.raises(SettingsError, match="CHATGW_GC_THRESHOLD must be >= 100"):
+        Settings.from_env({"CHATGW_GC_THRESHOLD": "0"})
+
+
 def test_the_overload_limit_is_read_and_bounded() -> None:
     defaults = Settings.from_env({})
     assert defaults.max_active_answers > 0  # on by default
