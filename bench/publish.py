@@ -4,7 +4,7 @@
   automatic pipelining, `redis_client.AutoPipelineRedis`), as the broker sent it until the
   publishing connection; every other broker command still goes this way.
 - `connection`: the broker as it is: the publish script on a connection of its own
-  (`redis_wire.Commands`: one write per event-loop turn, replies read a chunk at a time).
+  (`redis_wire.Commands`: one write in flight, replies read a chunk at a time).
 
 (An earlier version of this script measured redis-py's plain client, one round trip per call,
 against `pipelined`: bench/README.md keeps those figures.)

@@ -457,8 +457,8 @@ class RedisBroker:
         return Event(conversation_id, type, int(cast(int, result[0])), dict(payload), epoch=_text(result[1]))
 
     async def _run_publish(self, client: redis.asyncio.Redis, arguments: tuple[str | int, ...]) -> Reply:
-        """The publish script on the publishing connection (`redis_wire.Commands`: one write per
-        event-loop turn, no pool); loaded again through `client` if Redis lost it (a restart)."""
+        """The publish script on the publishing connection (`redis_wire.Commands`: one write in
+        flight, no pool); loaded again through `client` if Redis lost it (a restart)."""
         commands = self._commands
         if commands is None:
             raise Unavailable("the broker is not connected")
