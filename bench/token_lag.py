@@ -18,7 +18,8 @@ run, so that old and new see the same state of the machine; `--variant-env NAME:
 setting for one variant's gateways (two variants may share a DIR and differ by settings alone). `--flow plain` replaces the demo
 business's flow (before the load starts, over the admin API) with its greeting stage alone: no
 transition, no extraction, so no model call and no condition before the streamed answer.
-With `--instances 2` (PostgreSQL + Redis only) two gateway processes share the database and Redis
+On PostgreSQL + Redis the gateways of the whole invocation share one migrated database and a
+Redis key prefix of its own, deleted at the end. With `--instances 2` (PostgreSQL + Redis only) two gateway processes share the database and Redis
 and the load tool gets both URLs: conversations alternate between them and each watcher connects
 to the other instance, so every delta crosses Redis to reach it; the CPU is both processes'. With `--gc` the gateways run under `bench/gc_pauses.py`, and each
 report gets the count, total and longest pause of each generation's garbage collections
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +91,9 @@ def pick(report: dict[str, Any], path: str) -> float | None:
     return None if value is None else float(value)
 
 
-def backend_env(name: str) -> dict[str, str]:
+def backend_env(name: str, prefix: str) -> dict[str, str]:
+    """The gateways' backend: nothing for memory; else one migrated database for the invocation and
+    Redis under `prefix` (deleted at the end, see `main`)."""
     if name == "memory":
         return {}
     from tests.databases import migrated_database, redis_url, sync
@@ -97,7 +101,7 @@ def backend_env(name: str) -> dict[str, str]:
     return {
         "DATABASE_URL": sync(migrated_database()),
         "REDIS_URL": redis_url(),
-        "CHATGW_REDIS_PREFIX": "chatgw-bench:",
+        "CHATGW_REDIS_PREFIX": prefix,
     }
 
 
@@ -300,9 +304,36 @@ def main() -> None:
         if name not in extra or not key:
             parser.error(f"--variant-env {spec}: expected NAME:KEY=VALUE for a variant's NAME")
         extra[name][key] = value
-    env = backend_env(args.backend)
+    prefix = f"chatgw-bench-{uuid.uuid4().hex[:8]}:"
+    env = backend_env(args.backend, prefix)
     cells = [(n, name) for n in levels for name, _ in variants]
     results: dict[tuple[int, str], list[dict[str, Any]]] = {cell: [] for cell in cells}
+    try:
+        measure_all(args, levels, variants, extra, env, results)
+    finally:
+        if env:  # the conversations' logs would stay in Redis for a day (CHATGW_STREAM_TTL_S)
+            from tests.databases import delete_redis_keys
+
+            delete_redis_keys(prefix)
+    print()
+    heads = [f"{n} conversations" + (f", {name}" if name else "") for n, name in cells]
+    print("| metric | " + " | ".join(heads) + " |")
+    print("| --- |" + " --- |" * len(cells))
+    for label, path in COLUMNS:
+        print(
+            f"| {label} | " + " | ".join(summary([pick(r, path) for r in results[c]]) for c in cells) + " |"
+        )
+
+
+def measure_all(
+    args: argparse.Namespace,
+    levels: list[int],
+    variants: list[tuple[str, Path]],
+    extra: dict[str, dict[str, str]],
+    env: dict[str, str],
+    results: dict[tuple[int, str], list[dict[str, Any]]],
+) -> None:
+    """Every run, level and variant, interleaved (see the module docstring), into `results`."""
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(1, args.runs + 1):
             for n in levels:
@@ -320,14 +351,6 @@ def main() -> None:
                         args.out.mkdir(parents=True, exist_ok=True)
                         tag = f"-{name}" if name else ""
                         (args.out / f"level{n}{tag}-run{run}.json").write_text(json.dumps(report, indent=1))
-    print()
-    heads = [f"{n} conversations" + (f", {name}" if name else "") for n, name in cells]
-    print("| metric | " + " | ".join(heads) + " |")
-    print("| --- |" + " --- |" * len(cells))
-    for label, path in COLUMNS:
-        print(
-            f"| {label} | " + " | ".join(summary([pick(r, path) for r in results[c]]) for c in cells) + " |"
-        )
 
 
 if __name__ == "__main__":
