@@ -16,12 +16,13 @@ what an idle WebSocket holds:
 
 - **Less held per socket.** uvicorn's WebSocket protocol keeps the handshake's request and
   response (headers parsed into websockets' `Headers`) for the connection's life, though it reads
-  neither after the handshake, and so does websockets' parser, the request; here both are let go
-  once the socket is accepted, and the request's headers emptied (the ASGI scope has its own copy). Its queue of
-  received events is an `asyncio.Queue` and its "writable" flag an `asyncio.Event`: four and one
-  `deque`s of some 600 bytes each, allocated per socket whether anyone waits or not. Here they are
-  `_Inbox` and `_Flag`, which do what uvicorn asks of them and hold a waiter only while one waits.
-  About 5.5 KiB less per idle socket (bench/README.md, "Idle memory, again").
+  neither after the handshake, and websockets' parser keeps the request too; here both are let go
+  once the socket is accepted, and the request's headers are emptied (the ASGI scope has its own
+  copy). uvicorn's queue of received events is an `asyncio.Queue` and its "writable" flag an
+  `asyncio.Event`: four and one `deque`s of some 600 bytes each, allocated per socket whether
+  anyone waits or not. Here they are `_Inbox` and `_Flag`, which do what uvicorn asks of them and
+  hold a waiter only while one waits. About 8 KiB of RSS less per idle socket (bench/README.md,
+  "A fourth pass").
 
 `write_text_now` is the gateway's per-frame send: the WebSocket frame of a text written straight
 to the socket's transport, when uvicorn's own `send` would do the same and not wait.
