@@ -216,8 +216,7 @@ class Commands:
         self._reader: asyncio.Task[None] | None = None
         self._waiting: deque[asyncio.Future[Reply]] = deque()
         self._deadlines: deque[float] = deque()  # one per waiting call, in the same order
-        self._outgoing: list[bytes] = []
-        self._due = 0  # calls written whose replies have not come yet
+        self._outgoing: list[bytes] = []  # the last calls of `_waiting`, not written yet
         self._write_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task[AbstractConnection] | None = None
@@ -240,7 +239,7 @@ class Commands:
         self._waiting.append(future)
         self._deadlines.append(loop.time() + self._timeout_s)
         self.calls += 1
-        if not self._due and not self._write_scheduled:
+        if not self._due() and not self._write_scheduled:
             self._write_scheduled = True
             loop.call_soon(self._write, connection)
         if self._watchdog is None:
@@ -272,12 +271,15 @@ class Commands:
         outgoing, self._outgoing = self._outgoing, []
         if not outgoing:
             return
-        self._due += len(outgoing)
         self.writes += 1
         try:
             self._writer.write(b"".join(outgoing))
         except (OSError, RuntimeError) as exc:
             self._drop(connection, ConnectionError(f"cannot write to Redis: {exc!r}"))
+
+    def _due(self) -> int:
+        """Calls written whose replies have not come yet."""
+        return len(self._waiting) - len(self._outgoing)
 
     def _watch(self, connection: AbstractConnection) -> None:
         """The timer on the oldest waiting call: past its deadline, the connection is dropped;
@@ -321,15 +323,14 @@ class Commands:
                 if not chunk:
                     raise ConnectionError("Redis closed the connection")
                 replies = messages.feed(chunk)
-                if len(replies) > self._due:
+                if len(replies) > self._due():
                     raise InvalidResponse("a reply no call was waiting for")
-                self._due -= len(replies)
                 for reply in replies:
                     deadlines.popleft()
                     future = waiting.popleft()
                     if not future.done():
                         future.set_result(reply)
-                if not self._due and self._outgoing and not self._write_scheduled:
+                if self._outgoing and not self._due() and not self._write_scheduled:
                     self._write(connection)  # what queued while the replies were due
         except asyncio.CancelledError:
             raise
@@ -347,7 +348,6 @@ class Commands:
             return
         self._connection = self._writer = None
         self._outgoing = []
-        self._due = 0
         self._write_scheduled = False
         self._deadlines = deque()
         watchdog, self._watchdog = self._watchdog, None
