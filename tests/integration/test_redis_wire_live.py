@@ -25,52 +25,51 @@ async def client() -> AsyncIterator[redis.asyncio.Redis]:
 
 
 @pytest.fixture
-def key() -> str:
-    return f"chatgw-test-wire-{uuid.uuid4().hex[:8]}"
+async def key(client: redis.asyncio.Redis) -> AsyncIterator[str]:
+    made = f"chatgw-test-wire-{uuid.uuid4().hex[:8]}"
+    yield made
+    await client.delete(made, made + ":n")
+
+
+@pytest.fixture
+async def commands(client: redis.asyncio.Redis) -> AsyncIterator[Commands]:
+    made = Commands(client.connection_pool, timeout_s=5)
+    yield made
+    await made.close()
 
 
 async def test_calls_of_one_turn_share_a_write_and_each_gets_its_own_reply(
-    client: redis.asyncio.Redis, key: str
+    client: redis.asyncio.Redis, key: str, commands: Commands
 ) -> None:
-    commands = Commands(client.connection_pool, timeout_s=5)
-    try:
-        replies = await asyncio.gather(*(commands.call("RPUSH", key, str(n)) for n in range(200)))
-        # RPUSH answers the list's length: the calls ran in the order they were made.
-        assert replies == list(range(1, 201))
-        assert await client.lrange(key, 0, -1) == [str(n).encode() for n in range(200)]
-        assert commands.calls == 200
-        assert commands.writes < 10
-        assert await commands.call("ECHO", "x" * 300_000) == b"x" * 300_000  # read over many chunks
-        assert await commands.call("LRANGE", key, 0, 2) == [b"0", b"1", b"2"]
-        assert await commands.call("GET", key + ":none") is None
-    finally:
-        await commands.close()
-        await client.delete(key)
+    replies = await asyncio.gather(*(commands.call("RPUSH", key, str(n)) for n in range(200)))
+    # RPUSH answers the list's length: the calls ran in the order they were made.
+    assert replies == list(range(1, 201))
+    assert await client.lrange(key, 0, -1) == [str(n).encode() for n in range(200)]
+    assert commands.calls == 200
+    assert commands.writes < 10
+    assert await commands.call("ECHO", "x" * 300_000) == b"x" * 300_000  # read over many chunks
+    assert await commands.call("LRANGE", key, 0, 2) == [b"0", b"1", b"2"]
+    assert await commands.call("GET", key + ":none") is None
 
 
 async def test_calls_made_while_a_writes_replies_are_due_leave_together_once_they_are_in(
-    client: redis.asyncio.Redis, key: str
+    client: redis.asyncio.Redis, key: str, commands: Commands
 ) -> None:
-    commands = Commands(client.connection_pool, timeout_s=5)
-    try:
-        assert await commands.call("PING") == b"PONG"
-        slow = asyncio.create_task(commands.call("BLPOP", key + ":empty", "0.3"))
-        await asyncio.sleep(0.05)
-        assert commands.writes == 2  # the BLPOP went out at once: nothing was due
-        later = []
-        for n in range(20):
-            later.append(asyncio.create_task(commands.call("RPUSH", key, str(n))))
-            await asyncio.sleep(0)  # each made in an event-loop turn of its own
-        await asyncio.sleep(0.05)
-        assert commands.writes == 2  # all twenty wait for the BLPOP's reply
-        assert await slow is None
-        assert await asyncio.gather(*later) == list(range(1, 21))
-        assert commands.writes == 3  # and then left in one write, in order
-        assert await commands.call("LLEN", key) == 20
-        assert commands.writes == 4
-    finally:
-        await commands.close()
-        await client.delete(key)
+    assert await commands.call("PING") == b"PONG"
+    slow = asyncio.create_task(commands.call("BLPOP", key + ":empty", "0.3"))
+    await asyncio.sleep(0.05)
+    assert commands.writes == 2  # the BLPOP went out at once: nothing was due
+    later = []
+    for n in range(20):
+        later.append(asyncio.create_task(commands.call("RPUSH", key, str(n))))
+        await asyncio.sleep(0)  # each made in an event-loop turn of its own
+    await asyncio.sleep(0.05)
+    assert commands.writes == 2  # all twenty wait for the BLPOP's reply
+    assert await slow is None
+    assert await asyncio.gather(*later) == list(range(1, 21))
+    assert commands.writes == 3  # and then left in one write, in order
+    assert await commands.call("LLEN", key) == 20
+    assert commands.writes == 4
 
 
 async def test_calls_answered_in_time_outlive_the_timeout_many_times_over(
@@ -90,49 +89,40 @@ async def test_calls_answered_in_time_outlive_the_timeout_many_times_over(
         assert await client.get(key) == b"13"
     finally:
         await commands.close()
-        await client.delete(key)
 
 
-async def test_an_error_reply_fails_its_call_only(client: redis.asyncio.Redis, key: str) -> None:
-    commands = Commands(client.connection_pool, timeout_s=5)
-    try:
-        await client.set(key, "text")
-        outcomes = await asyncio.gather(
-            commands.call("INCR", key + ":n"),
-            commands.call("INCR", key),
-            commands.call("INCR", key + ":n"),
-            return_exceptions=True,
-        )
-        assert outcomes[0] == 1
-        assert isinstance(outcomes[1], ResponseError)
-        assert "not an integer" in str(outcomes[1])
-        assert outcomes[2] == 2
-        script = "return redis.error_reply('MISSING')"
-        with pytest.raises(ResponseError, match=r"^MISSING$"):
-            await commands.call("EVAL", script, 0)
-    finally:
-        await commands.close()
-        await client.delete(key, key + ":n")
+async def test_an_error_reply_fails_its_call_only(
+    client: redis.asyncio.Redis, key: str, commands: Commands
+) -> None:
+    await client.set(key, "text")
+    outcomes = await asyncio.gather(
+        commands.call("INCR", key + ":n"),
+        commands.call("INCR", key),
+        commands.call("INCR", key + ":n"),
+        return_exceptions=True,
+    )
+    assert outcomes[0] == 1
+    assert isinstance(outcomes[1], ResponseError)
+    assert "not an integer" in str(outcomes[1])
+    assert outcomes[2] == 2
+    script = "return redis.error_reply('MISSING')"
+    with pytest.raises(ResponseError, match=r"^MISSING$"):
+        await commands.call("EVAL", script, 0)
 
 
 async def test_a_killed_connection_fails_its_waiting_calls_and_the_next_call_reconnects(
-    client: redis.asyncio.Redis, key: str
+    client: redis.asyncio.Redis, key: str, commands: Commands
 ) -> None:
-    commands = Commands(client.connection_pool, timeout_s=5)
-    try:
-        await commands.call("CLIENT", "SETNAME", key)
-        waiting = asyncio.create_task(commands.call("BLPOP", key + ":empty", 10))
-        await asyncio.sleep(0.2)
-        killed = await client.execute_command(  # type: ignore[no-untyped-call]
-            "CLIENT", "KILL", "SKIPME", "yes", "ID", await _client_id(client, key)
-        )
-        assert killed == 1
-        with pytest.raises(ConnectionError):
-            await waiting
-        assert await commands.call("INCR", key) == 1  # on a new connection
-    finally:
-        await commands.close()
-        await client.delete(key)
+    await commands.call("CLIENT", "SETNAME", key)
+    waiting = asyncio.create_task(commands.call("BLPOP", key + ":empty", 10))
+    await asyncio.sleep(0.2)
+    killed = await client.execute_command(  # type: ignore[no-untyped-call]
+        "CLIENT", "KILL", "SKIPME", "yes", "ID", await _client_id(client, key)
+    )
+    assert killed == 1
+    with pytest.raises(ConnectionError):
+        await waiting
+    assert await commands.call("INCR", key) == 1  # on a new connection
 
 
 async def test_a_call_whose_write_was_pending_when_the_connection_dropped_fails_at_once(
