@@ -19,8 +19,8 @@ setting for one variant's gateways (two variants may share a DIR and differ by s
 business's flow (before the load starts, over the admin API) with its greeting stage alone: no
 transition, no extraction, so no model call and no condition before the streamed answer.
 On PostgreSQL + Redis the gateways of the whole invocation share one migrated database and a
-Redis key prefix of its own, deleted at the end. With `--instances 2` (PostgreSQL + Redis only) two gateway processes share the database and Redis
-and the load tool gets both URLs: conversations alternate between them and each watcher connects
+Redis key prefix of its own, deleted at the end. With `--instances 2` (PostgreSQL + Redis only)
+two gateway processes share the database and Redis and the load tool gets both URLs: conversations alternate between them and each watcher connects
 to the other instance, so every delta crosses Redis to reach it; the CPU is both processes'. With `--gc` the gateways run under `bench/gc_pauses.py`, and each
 report gets the count, total and longest pause of each generation's garbage collections
 (`bench.gc`; summed over the instances, longest of any). With `--profile SECONDS` each gateway

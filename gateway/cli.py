@@ -179,12 +179,12 @@ def migrate_command(settings: Settings, action: str, steps: int | None) -> int:
 
 def settle_heap(threshold: int) -> None:
     """Once started, set the youngest generation's threshold (`CHATGW_GC_THRESHOLD`; the older
-    two keep Python's 10 and 10), then collect and freeze what is alive (modules, the app, its clients: about
-    150,000 objects) into the garbage collector's permanent generation. A full collection walks
-    every object it tracks; with these left out, the full collections made while serving walk only
-    what serving created, and stall the event loop for a fraction of the time (the tail of token
-    lag: bench/README.md, "Garbage collection"). What is frozen is never collected as a cycle;
-    startup objects live as long as the process anyway."""
+    two keep Python's 10 and 10), then collect and freeze what is alive (modules, the app, its
+    clients: about 150,000 objects) into the garbage collector's permanent generation. A full
+    collection walks every object it tracks; with these left out, the full collections made while
+    serving walk only what serving created, and stall the event loop for a fraction of the time
+    (the tail of token lag: bench/README.md, "Garbage collection"). What is frozen is never
+    collected as a cycle; startup objects live as long as the process anyway."""
     gc.set_threshold(threshold, 10, 10)
     gc.collect()
     gc.freeze()

@@ -72,9 +72,9 @@ class Settings:
     overload_retry_ms: int = 1000
     overload_lag_ms: float = 100.0
     overload_arrivals_lag_ms: float = 250.0
-    gc_threshold: int = GC_THRESHOLD
     overload_arrivals_db_wait_ms: float = 1000.0
     reconnect_spread_ms: int = 2000
+    gc_threshold: int = GC_THRESHOLD
     redis_prefix: str = "chatgw:"
     log_level: str = "INFO"
     log_format: str = "json"
