@@ -357,10 +357,6 @@ class AnswerRunner:
     async def _run(self, turns: _Turns, conversation: Conversation, answer: _Answer) -> bool:
         """Generate a started answer and end it; True once it is ended (here or elsewhere)."""
         bid, cid = conversation.business_id, conversation.conversation_id
-        try:
-            await self.store.set_active_response(bid, cid, answer.response_id)
-        except CoreError as exc:  # only what agents' consoles show: the answer goes on
-            log.warning("recording the active answer failed: %s", exc.message, extra={"conversation_id": cid})
         pump = DeltaPump(
             lambda chunk: self._publish_delta(bid, cid, turns, answer, chunk),
             flush_after=self.settings.delta_flush_seconds,
@@ -393,7 +389,7 @@ class AnswerRunner:
     ) -> AnswerStatus | None:
         """Run the model into the pump; return how the answer ended here (None: elsewhere)."""
         try:
-            prompt = await self._prompt(turns.business, conversation)
+            prompt = await self._prompt(turns.business, conversation, answer.response_id)
         except CoreError as exc:
             log.warning(
                 "prompt failed: %s", exc.message, extra={"conversation_id": conversation.conversation_id}
@@ -643,16 +639,29 @@ class AnswerRunner:
 
     # -- the pipeline ---------------------------------------------------------------------------
 
-    async def _prompt(self, business: Business, conversation: Conversation) -> list[ChatMessage]:
+    async def _prompt(
+        self, business: Business, conversation: Conversation, response_id: ResponseId
+    ) -> list[ChatMessage]:
         """Run the pipeline (stage selection, data extraction, the response prompt) for the latest
-        user message; record the turn and publish a `stage` event when the stage or data changed."""
+        user message; record the turn with the answer it starts (`response_id`, which agents'
+        consoles show as streaming: one write for both) and publish a `stage` event when the stage
+        or data changed."""
         bid, cid = business.business_id, conversation.conversation_id
         history = await self.store.recent_messages(bid, cid, limit=self.settings.history_limit)
         message = next((m for m in reversed(history) if m.role is Role.USER), None)
         flow = await self.flows.get(bid)
         prepared = await self.pipeline.prepare(business, conversation, flow, message, history)
-        if flow.stages:
-            await self.store.record_turn(bid, cid, stage=StageName(prepared.stage), data=prepared.data)
+        if not flow.stages:
+            try:
+                await self.store.set_active_response(bid, cid, response_id)
+            except CoreError as exc:  # only what agents' consoles show: the answer goes on
+                log.warning(
+                    "recording the active answer failed: %s", exc.message, extra={"conversation_id": cid}
+                )
+        else:
+            await self.store.record_turn(
+                bid, cid, stage=StageName(prepared.stage), data=prepared.data, answering=response_id
+            )
             if prepared.stage_changed or prepared.data_changed:
                 payload = {"stage": prepared.stage, "data": plain_values(prepared.data)}
                 await self.events.publish(bid, cid, EventType.STAGE, payload)

@@ -152,9 +152,13 @@ class Store(Protocol):
         *,
         stage: StageName,
         data: Mapping[str, Any],
+        answering: ResponseId | None = None,
     ) -> Conversation:
         """Count one handled user message: `turns` + 1; `turns_in_stage` + 1, or 1 when `stage`
-        differs from the current one; then set the stage and the extracted data."""
+        differs from the current one; then set the stage and the extracted data. With
+        `answering`, record it as the answer being generated now in the same write (what
+        `set_active_response` records), unless that answer is stored already (it ended before
+        its turn was recorded); None leaves the recorded answer as it is."""
 
     async def ensure_end_user(self, business_id: BusinessId, external_id: str) -> EndUserId:
         """The end user the business knows as `external_id` (a verified identity), created on

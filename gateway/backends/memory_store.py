@@ -302,12 +302,20 @@ class MemoryStore:
         *,
         stage: StageName,
         data: Mapping[str, Any],
+        answering: ResponseId | None = None,
     ) -> Conversation:
         rows = self._rows(business_id, conversation_id)
         current = rows.conversation
         in_stage = current.turns_in_stage + 1 if stage == current.stage else 1
+        # An answer stored already (ended before its turn was recorded) is not recorded as active.
+        stored = answering is not None and answering in rows.by_response_id
         rows.conversation = dataclasses.replace(
-            current, stage=stage, data=dict(data), turns=current.turns + 1, turns_in_stage=in_stage
+            current,
+            stage=stage,
+            data=dict(data),
+            turns=current.turns + 1,
+            turns_in_stage=in_stage,
+            active_response_id=current.active_response_id if answering is None or stored else answering,
         )
         rows.updated_at = self._stamp()
         return rows.conversation

@@ -414,17 +414,24 @@ class PostgresStore:
         *,
         stage: StageName,
         data: Mapping[str, Any],
+        answering: ResponseId | None = None,
     ) -> Conversation:
         row = await self._run(
             lambda c: c.fetchrow(
                 "UPDATE conversations SET turns = turns + 1,"
                 " turns_in_stage = CASE WHEN current_stage = $3 THEN turns_in_stage + 1 ELSE 1 END,"
-                " current_stage = $3, extracted_data = $4, updated_at = now()"
+                " current_stage = $3, extracted_data = $4,"
+                # The answer is recorded unless it is stored already (ended, by a stop elsewhere,
+                # before its turn was recorded): a stored answer is never shown as streaming.
+                " active_response_id = CASE WHEN $5::uuid IS NOT NULL AND NOT EXISTS (SELECT 1"
+                " FROM messages m WHERE m.conversation_id = $1 AND m.response_id = $5)"
+                " THEN $5 ELSE active_response_id END, updated_at = now()"
                 f" WHERE conversation_id = $1 AND business_id = $2 RETURNING {_CONVERSATION_COLUMNS}",
                 _uuid(conversation_id),
                 _uuid(business_id),
                 stage,
                 dict(data),
+                _uuid(answering) if answering else None,
             )
         )
         if row is None:

@@ -416,11 +416,14 @@ class CachedStore:
         *,
         stage: StageName,
         data: Mapping[str, Any],
+        answering: ResponseId | None = None,
     ) -> Conversation:
         return await self._write(
             business_id,
             conversation_id,
-            lambda: self._inner.record_turn(business_id, conversation_id, stage=stage, data=data),
+            lambda: self._inner.record_turn(
+                business_id, conversation_id, stage=stage, data=data, answering=answering
+            ),
         )
 
     async def set_mode(

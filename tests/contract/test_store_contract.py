@@ -209,6 +209,24 @@ async def test_turns_count_per_stage(store: Store) -> None:
         await store.record_turn(other.business_id, cid, stage=StageName("x"), data={})
 
 
+async def test_a_turn_records_the_answer_it_starts_unless_it_is_stored(store: Store) -> None:
+    """record_turn with `answering`: the turn and the active answer in one write; without it the
+    active answer stays; an answer already stored (ended before its turn was recorded) is not
+    recorded as active."""
+    conv = await a_conversation(store)
+    bid, cid = conv.business_id, conv.conversation_id
+    first, second = ResponseId(new_id()), ResponseId(new_id())
+    turn = await store.record_turn(bid, cid, stage=StageName("default"), data={}, answering=first)
+    assert (turn.turns, turn.active_response_id) == (1, first)
+    assert turn == await store.get_conversation(bid, cid)
+    kept = await store.record_turn(bid, cid, stage=StageName("default"), data={})
+    assert (kept.turns, kept.active_response_id) == (2, first)
+    await store.finish_answer(bid, cid, second, "stopped early", AnswerStatus.STOPPED, seq=3)
+    late = await store.record_turn(bid, cid, stage=StageName("default"), data={}, answering=second)
+    assert (late.turns, late.active_response_id) == (3, first)
+    assert late == await store.get_conversation(bid, cid)
+
+
 async def test_api_keys_name_their_business(store: Store) -> None:
     one, two = await store.ensure_business(a_business()), await store.ensure_business(a_business())
     first, second, rotated = new_id(), new_id(), new_id()
