@@ -13,8 +13,10 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 
 from core.broker import Broker
+from core.conditions import prepare as prepare_conditions
 from core.conversation import ConversationService, CoreSettings
 from core.llm import LLMProvider
+from core.pipeline import off_loop
 from core.scripted_llm import ScriptedLLM
 from gateway import access_api, admin_api, agents_api, console_api, http_api, static
 from gateway.auth import TokenIssuer
@@ -175,6 +177,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
                 app.state.startup_error = str(exc)
                 raise
             await seed_demo(gw)
+            await off_loop(prepare_conditions)  # on a config worker, as conditions run later
             gw.conversations.start()
             gw.presence.start()
             yield
