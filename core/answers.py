@@ -651,18 +651,18 @@ class AnswerRunner:
         message = next((m for m in reversed(history) if m.role is Role.USER), None)
         flow = await self.flows.get(bid)
         prepared = await self.pipeline.prepare(business, conversation, flow, message, history)
-        if not flow.stages:
-            try:
-                await self.store.set_active_response(bid, cid, response_id)
-            except CoreError as exc:  # only what agents' consoles show: the answer goes on
-                log.warning(
-                    "recording the active answer failed: %s", exc.message, extra={"conversation_id": cid}
-                )
-        else:
+        if flow.stages:
             await self.store.record_turn(
                 bid, cid, stage=StageName(prepared.stage), data=prepared.data, answering=response_id
             )
             if prepared.stage_changed or prepared.data_changed:
                 payload = {"stage": prepared.stage, "data": plain_values(prepared.data)}
                 await self.events.publish(bid, cid, EventType.STAGE, payload)
+        else:
+            try:
+                await self.store.set_active_response(bid, cid, response_id)
+            except CoreError as exc:  # only what agents' consoles show: the answer goes on
+                log.warning(
+                    "recording the active answer failed: %s", exc.message, extra={"conversation_id": cid}
+                )
         return prepared.prompt

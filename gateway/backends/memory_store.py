@@ -307,15 +307,17 @@ class MemoryStore:
         rows = self._rows(business_id, conversation_id)
         current = rows.conversation
         in_stage = current.turns_in_stage + 1 if stage == current.stage else 1
+        active = current.active_response_id
         # An answer stored already (ended before its turn was recorded) is not recorded as active.
-        stored = answering is not None and answering in rows.by_response_id
+        if answering is not None and answering not in rows.by_response_id:
+            active = answering
         rows.conversation = dataclasses.replace(
             current,
             stage=stage,
             data=dict(data),
             turns=current.turns + 1,
             turns_in_stage=in_stage,
-            active_response_id=current.active_response_id if answering is None or stored else answering,
+            active_response_id=active,
         )
         rows.updated_at = self._stamp()
         return rows.conversation
