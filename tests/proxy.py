@@ -17,6 +17,7 @@ class Outage:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._listening = False
         self.port = 0
 
     @property
@@ -28,11 +29,23 @@ class Outage:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._connected, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._listening = True
 
     async def cut(self) -> None:
-        """Stop listening and close every forwarded connection."""
+        """Stop listening and close every forwarded connection, including those accepted just
+        before the cut. asyncio builds an accepted socket's transport and starts its handler a
+        few turns of the loop after accepting it, and on Python 3.11 a transport built after its
+        server closed is never closed: so the listening socket stops being read first, those
+        connections are let through (their handler sees the cut and closes them), and only then
+        does the server close."""
+        self._listening = False
         server, self._server = self._server, None
         if server is not None:
+            loop = asyncio.get_running_loop()
+            for sock in server.sockets:
+                loop.remove_reader(sock.fileno())
+            for _ in range(5):
+                await asyncio.sleep(0)
             server.close()
             await server.wait_closed()
         for writer in list(self._writers):
@@ -45,18 +58,21 @@ class Outage:
         assert task is not None
         self._tasks.add(task)
         self._writers.add(writer)
+        up_writer: asyncio.StreamWriter | None = None
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            await self._close(writer)
-            self._tasks.discard(task)
-            return
-        self._writers.add(up_writer)
-        try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            if not self._listening:  # accepted just before a cut
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self._target)
+            except OSError:
+                return
+            self._writers.add(up_writer)
+            if self._listening:  # else cut while connecting upstream
+                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         finally:
             await self._close(writer)
-            await self._close(up_writer)
+            if up_writer is not None:
+                await self._close(up_writer)
             self._tasks.discard(task)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
