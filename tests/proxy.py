@@ -17,7 +17,6 @@ class Outage:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._listening = False
         self.port = 0
 
     @property
@@ -29,7 +28,6 @@ class Outage:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._connected, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        self._listening = True
 
     async def cut(self) -> None:
         """Stop listening and close every forwarded connection, including those accepted just
@@ -38,7 +36,6 @@ class Outage:
         server closed is never closed: so the listening socket stops being read first, those
         connections are let through (their handler sees the cut and closes them), and only then
         does the server close."""
-        self._listening = False
         server, self._server = self._server, None
         if server is not None:
             loop = asyncio.get_running_loop()
@@ -60,14 +57,14 @@ class Outage:
         self._writers.add(writer)
         up_writer: asyncio.StreamWriter | None = None
         try:
-            if not self._listening:  # accepted just before a cut
+            if self._server is None:  # accepted just before a cut
                 return
             try:
                 up_reader, up_writer = await asyncio.open_connection(*self._target)
             except OSError:
                 return
             self._writers.add(up_writer)
-            if self._listening:  # else cut while connecting upstream
+            if self._server is not None:  # else cut while connecting upstream
                 await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         finally:
             await self._close(writer)
