@@ -6,13 +6,15 @@ server leaves the ladder at its first failing R (except that R = `--compare` is 
 each step, on a freshly started server:
 
 1. opens 2R sockets from `--clients` client processes (per room a user and a watcher; with
-   `socketio-2` the watcher is on the second instance) and joins them to their rooms, which
+   the two-instance kinds, `socketio-2`, `floor-2` and `floor-model-2`, the watcher is on the
+   second instance) and joins them to their rooms, which
    starts each room's publisher (workload.py: every 3 s an answer of 40 pieces at 20 pieces/s,
    each piece stamped with its send time);
 2. waits `--warmup` seconds, then measures for `--window` seconds: every piece that arrives in the
    window gives one lag sample (arrival time - send time; one clock, one machine), and the CPU
    seconds the server process(es) used in the window are read from /proc/<pid>/stat (for the
-   socket.io kinds, those of their Redis server too, separately).
+   kinds with a Redis server of their own, its CPU too, and for `floor-model-2` that of its model
+   server, separately).
 
 A step passes when the p99 lag is at most `--p99-ms` (50) and at least 95% of the frames the
 workload schedules in the window arrived. The largest R passed before the first failure is the
@@ -25,7 +27,7 @@ Report: one JSON object per step on `--json` (append), with the fields
 
     server, instances, run, rooms, sockets, window_s, expected_frames_per_s, frames_per_s,
     lag_ms {p50, p95, p99, max}, cpu_s, cpu_us_per_frame, redis_cpu_us_per_frame, client_cpu_s,
-    others_cores, busy_cores_before, passed
+    others_cores, busy_cores_before, passed, model_cpu_us_per_frame
 
 and, at the end, a table per server: the largest passing R, and the step figures at that R and at
 R = `--compare` (median over the runs, min-max in brackets).
@@ -63,6 +65,7 @@ from workload import (
 )
 
 CONNECTS_AT_ONCE = 64
+DEFAULT_SERVERS = ["websockets", "starlette", "socketio", "socketio-2"]
 LADDER = [25, 50, 75, 100, 150, 200, 300, 400, 500, 600, 800, 1000]
 
 
@@ -79,11 +82,12 @@ class Step:
     lag_ms: dict[str, float]
     cpu_s: float
     cpu_us_per_frame: float
-    redis_cpu_us_per_frame: float  # the socket.io kinds' own Redis server (0 for the others)
+    redis_cpu_us_per_frame: float  # the kinds' own Redis server (0 for the kinds without one)
     client_cpu_s: float
     others_cores: float  # what else kept the machine's cores busy in the window, on average
     busy_cores_before: float  # the machine's busy cores just before the step
     passed: bool
+    model_cpu_us_per_frame: float = 0.0  # the model server of the kinds that read one (0 for the others)
 
 
 # ---- client processes ------------------------------------------------------------------------
@@ -168,6 +172,8 @@ def run_step(kind: str, run: int, rooms: int, args: argparse.Namespace) -> Step:
         client_pids = [p.pid for p in procs if p.pid is not None]
         redis_pid = server.redis.pid if server.redis else None
         redis_start = cpu_seconds(redis_pid) if redis_pid else 0.0
+        model_pid = server.model.pid if server.model else None
+        model_start = cpu_seconds(model_pid) if model_pid else 0.0
         cpu_start = sum(cpu_seconds(pid) for pid in server.pids)
         clients_start = sum(cpu_seconds(pid) for pid in client_pids)
         busy_start = machine_busy_seconds()
@@ -175,6 +181,7 @@ def run_step(kind: str, run: int, rooms: int, args: argparse.Namespace) -> Step:
         cpu_used = sum(cpu_seconds(pid) for pid in server.pids) - cpu_start
         clients_used = sum(cpu_seconds(pid) for pid in client_pids) - clients_start
         redis_used = cpu_seconds(redis_pid) - redis_start if redis_pid else 0.0
+        model_used = cpu_seconds(model_pid) - model_start if model_pid else 0.0
         busy = machine_busy_seconds() - busy_start
         lags: list[float] = []
         for pipe in pipes:
@@ -206,9 +213,12 @@ def run_step(kind: str, run: int, rooms: int, args: argparse.Namespace) -> Step:
         cpu_us_per_frame=round(cpu_used / len(lags) * 1e6, 1) if lags else float("nan"),
         redis_cpu_us_per_frame=round(redis_used / len(lags) * 1e6, 1) if lags else float("nan"),
         client_cpu_s=round(clients_used, 3),
-        others_cores=round(max(0.0, busy - cpu_used - clients_used - redis_used) / args.window, 2),
+        others_cores=round(
+            max(0.0, busy - cpu_used - clients_used - redis_used - model_used) / args.window, 2
+        ),
         busy_cores_before=round(before, 2),
         passed=bool(lags) and lag_ms["p99"] <= args.p99_ms and frames_per_s >= 0.95 * expected,
+        model_cpu_us_per_frame=round(model_used / len(lags) * 1e6, 1) if lags else float("nan"),
     )
 
 
@@ -246,7 +256,8 @@ def report(step: Step, args: argparse.Namespace) -> None:
     print(
         f"  run {step.run} {step.server:<11} R={step.rooms:<5} {step.frames_per_s:8.0f}/{step.expected_frames_per_s:.0f} frames/s"
         f"  lag p50 {lag['p50']:6.1f} p95 {lag['p95']:6.1f} p99 {lag['p99']:7.1f} max {lag['max']:7.1f} ms"
-        f"  cpu {step.cpu_us_per_frame:6.1f} (+redis {step.redis_cpu_us_per_frame:.1f}) us/frame  others {step.others_cores:.2f} cores"
+        f"  cpu {step.cpu_us_per_frame:6.1f} (+redis {step.redis_cpu_us_per_frame:.1f}, model {step.model_cpu_us_per_frame:.1f}) us/frame"
+        f"  others {step.others_cores:.2f} cores"
         f"  {'pass' if step.passed else 'FAIL'}",
         flush=True,
     )
@@ -332,8 +343,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
         "--servers",
-        default=",".join(refservers.KINDS),
-        help="comma-separated, from: " + ", ".join(refservers.KINDS),
+        default=",".join(DEFAULT_SERVERS),
+        help=f"comma-separated, from: {', '.join(refservers.KINDS)} (default {','.join(DEFAULT_SERVERS)})",
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2, help="client processes")
