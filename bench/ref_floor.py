@@ -5,8 +5,9 @@ Run two instances on one Redis. Per socket: the first frame is `join` (see workl
 socket is added to its room, the instance SUBSCRIBEs to the room's channel when it is the room's
 first socket here, and a user's join starts the room's publisher on that instance. Per piece, the
 publisher PUBLISHes it (the piece's JSON, encoded once) on the room's channel, and every instance
-with sockets in the room, the publisher's included, reads it from its subscription and hands the
-text to `websockets.broadcast()` for its sockets in the room. That is the gateway's path with
+with sockets in the room, the publisher's included, reads it from its subscription and writes it,
+as one text frame built once, straight to the transport of each of its sockets in the room (as
+the gateway's `write_text_now` does; a socket whose write buffer is above 64 KiB is skipped). That is the gateway's path with
 the watcher on the other instance, stripped to its I/O: a publish, one pub/sub read on each
 instance, one frame written per socket.
 
@@ -41,7 +42,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import orjson
-from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.asyncio.server import ServerConnection, serve
 from workload import ANSWER_EVERY_S, Emit, publish_answers, raise_file_limit
 
 
@@ -140,6 +141,16 @@ class Subscriber:
         return buffer[pos:]
 
 
+def _text_frame(data: bytes) -> bytes:
+    """One unmasked text frame carrying `data` (UTF-8), as a server without extensions sends it."""
+    size = len(data)
+    if size < 126:
+        return bytes((0x81, size)) + data
+    if size < 1 << 16:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + data
+    return b"\x81\x7f" + size.to_bytes(8, "big") + data
+
+
 def _marker_time(text: str) -> float:
     """The send time a `chatgw model-server` token carries: " ⟦<µs>⟧" -> seconds."""
     return int(text[text.index("\u27e6") + 1 : text.index("\u27e7")]) / 1e6
@@ -201,7 +212,11 @@ async def main(port: int, redis_url: str, channel: str, model_url: str | None) -
     def deliver(room_channel: bytes, data: bytes) -> None:
         members = rooms.get(room_channel[len(prefix) :].decode())
         if members:
-            broadcast(members, data.decode())
+            frame = _text_frame(data)
+            for ws in members:
+                transport = ws.transport
+                if transport.get_write_buffer_size() < 65536 and not transport.is_closing():
+                    transport.write(frame)
 
     publisher = Publisher(*await _open(redis_url))
     subscriber = Subscriber(*await _open(redis_url), deliver)
