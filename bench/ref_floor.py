@@ -25,6 +25,11 @@ Redis is spoken by hand too (RESP over asyncio streams, no client library): the 
 event-loop turn go out in one write on the instance's publishing connection, whose replies are
 read and dropped; the subscription's messages are split out of each chunk read.
 
+With `--local`, the publishing instance writes the frames of its own sockets in the room itself
+and does not subscribe to the rooms it publishes for, so it never reads its own publishes back;
+only the other instance reads them from Redis. That is what the gateway would save by not reading
+back its own events (bench/README.md, "A seventh look").
+
 No authentication, sequence numbers, storage, replay, leases, answer guard, rate limits or
 backpressure policy: what the gateway adds to this is what it costs beyond this floor. On uvloop
 when it is installed, as the gateway.
@@ -204,35 +209,44 @@ async def model_answers(room: str, emit: Emit, model_url: str) -> None:
         writer.close()
 
 
-async def main(port: int, redis_url: str, channel: str, model_url: str | None) -> None:
+async def main(port: int, redis_url: str, channel: str, model_url: str | None, local: bool) -> None:
     raise_file_limit()
     rooms: dict[str, set[ServerConnection]] = {}
+    publishing: set[str] = set()  # rooms whose publisher runs here
     prefix = f"{channel}:".encode()
 
+    def write(members: set[ServerConnection], data: bytes) -> None:
+        frame = _text_frame(data)
+        for ws in members:
+            transport = ws.transport
+            if transport.get_write_buffer_size() < 65536 and not transport.is_closing():
+                transport.write(frame)
+
     def deliver(room_channel: bytes, data: bytes) -> None:
-        members = rooms.get(room_channel[len(prefix) :].decode())
-        if members:
-            frame = _text_frame(data)
-            for ws in members:
-                transport = ws.transport
-                if transport.get_write_buffer_size() < 65536 and not transport.is_closing():
-                    transport.write(frame)
+        room = room_channel[len(prefix) :].decode()
+        members = rooms.get(room)
+        if members and not (local and room in publishing):
+            write(members, data)
 
     publisher = Publisher(*await _open(redis_url))
     subscriber = Subscriber(*await _open(redis_url), deliver)
 
     async def emit(room: str, piece: dict[str, object]) -> None:
-        publisher.publish(prefix + room.encode(), orjson.dumps(piece))
+        data = orjson.dumps(piece)
+        publisher.publish(prefix + room.encode(), data)
+        if local and (members := rooms.get(room)):
+            write(members, data)
 
     async def handler(ws: ServerConnection) -> None:
         join = orjson.loads(await ws.recv())
         room, role = str(join["room"]), join.get("role")
         members = rooms.setdefault(room, set())
-        if not members:
+        if not members and not (local and role == "user"):
             subscriber.subscribe(prefix + room.encode())
         members.add(ws)
         task = None
         if role == "user":
+            publishing.add(room)
             answers = model_answers(room, emit, model_url) if model_url else publish_answers(room, emit)
             task = asyncio.create_task(answers)
         try:
@@ -244,6 +258,7 @@ async def main(port: int, redis_url: str, channel: str, model_url: str | None) -
                 rooms.pop(room, None)
                 subscriber.unsubscribe(prefix + room.encode())
             if task:
+                publishing.discard(room)
                 task.cancel()
 
     async with serve(
@@ -265,10 +280,15 @@ if __name__ == "__main__":
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--channel", default="chatgw-bench-floor")
     parser.add_argument("--model", default=None, help="an OpenAI-compatible server's base URL")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="the publishing instance writes its own sockets' frames itself and does not read its publishes back",
+    )
     args = parser.parse_args()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main(args.port, args.redis, args.channel, args.model))
+        asyncio.run(main(args.port, args.redis, args.channel, args.model, args.local))
     else:
-        uvloop.run(main(args.port, args.redis, args.channel, args.model))
+        uvloop.run(main(args.port, args.redis, args.channel, args.model, args.local))

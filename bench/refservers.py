@@ -28,9 +28,11 @@ KINDS: dict[str, tuple[str, Proto, int]] = {
     "socketio-2": ("ref_socketio.py", "socketio", 2),
     "floor-2": ("ref_floor.py", "plain", 2),
     "floor-model-2": ("ref_floor.py", "plain", 2),
+    "floor-model-2-local": ("ref_floor.py", "plain", 2),
 }
-WITH_REDIS = {"socketio", "socketio-2", "floor-2", "floor-model-2"}
-WITH_MODEL = {"floor-model-2"}
+WITH_REDIS = {"socketio", "socketio-2", "floor-2", "floor-model-2", "floor-model-2-local"}
+WITH_MODEL = {"floor-model-2", "floor-model-2-local"}
+LOCAL = {"floor-model-2-local"}  # ref_floor.py --local
 # The model server's pace for the kinds that read a model: the workload's (workload.py), after
 # the same time to first token as the gateway's benchmarks (token_lag.py's default).
 MODEL_ARGS = ("--ttft-ms", "200", "--tokens-per-second", "20", "--tokens", "40")
@@ -112,6 +114,8 @@ def start(kind: str) -> Running:
             argv += ["--redis", url, "--channel", channel]
         if model_url:
             argv += ["--model", model_url]
+        if kind in LOCAL:
+            argv.append("--local")
         running.ports.append(port)
         running.processes.append(
             subprocess.Popen(argv, cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
