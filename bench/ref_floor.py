@@ -7,9 +7,9 @@ first socket here, and a user's join starts the room's publisher on that instanc
 publisher PUBLISHes it (the piece's JSON, encoded once) on the room's channel, and every instance
 with sockets in the room, the publisher's included, reads it from its subscription and writes it,
 as one text frame built once, straight to the transport of each of its sockets in the room (as
-the gateway's `write_text_now` does; a socket whose write buffer is above 64 KiB is skipped). That is the gateway's path with
-the watcher on the other instance, stripped to its I/O: a publish, one pub/sub read on each
-instance, one frame written per socket.
+the gateway's `write_text_now` does; a socket whose write buffer is above 64 KiB is skipped).
+That is the gateway's path with the watcher on the other instance, stripped to its I/O: a
+publish, one pub/sub read on each instance, one frame written per socket.
 
 The pieces come from one of two places:
 
