@@ -6,15 +6,15 @@ server leaves the ladder at its first failing R (except that R = `--compare` is 
 each step, on a freshly started server:
 
 1. opens 2R sockets from `--clients` client processes (per room a user and a watcher; with
-   the two-instance kinds, `socketio-2`, `floor-2` and `floor-model-2`, the watcher is on the
-   second instance) and joins them to their rooms, which
+   the two-instance kinds, `socketio-2` and the `floor-*` ones, the watcher is on the second
+   instance) and joins them to their rooms, which
    starts each room's publisher (workload.py: every 3 s an answer of 40 pieces at 20 pieces/s,
    each piece stamped with its send time);
 2. waits `--warmup` seconds, then measures for `--window` seconds: every piece that arrives in the
    window gives one lag sample (arrival time - send time; one clock, one machine), and the CPU
    seconds the server process(es) used in the window are read from /proc/<pid>/stat (for the
-   kinds with a Redis server of their own, its CPU too, and for `floor-model-2` that of its model
-   server, separately).
+   kinds with a Redis server of their own, its CPU too, and for the kinds that read a model that
+   of the model server, separately).
 
 A step passes when the p99 lag is at most `--p99-ms` (50) and at least 95% of the frames the
 workload schedules in the window arrived. The largest R passed before the first failure is the
