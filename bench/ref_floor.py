@@ -6,9 +6,9 @@ socket is added to its room, the instance SUBSCRIBEs to the room's channel when 
 first socket here, and a user's join starts the room's publisher on that instance. Per piece, the
 publisher PUBLISHes it (the piece's JSON, encoded once) on the room's channel, and every instance
 with sockets in the room, the publisher's included, reads it from its subscription and writes it,
-as one text frame built once, straight to the transport of each of its sockets in the room (as
-the gateway's `write_text_now` does; a socket whose write buffer is above 64 KiB is skipped).
-That is the gateway's path with the watcher on the other instance, stripped to its I/O: a
+as one text frame built once (the gateway's `text_frame`), straight to the transport of each of
+its sockets in the room (as the gateway's `write_text_now` does; a socket whose write buffer is
+above 64 KiB is skipped). That is the gateway's path with the watcher on the other instance, stripped to its I/O: a
 publish, one pub/sub read on each instance, one frame written per socket.
 
 The pieces come from one of two places:
@@ -47,8 +47,11 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import orjson
-from websockets.asyncio.server import ServerConnection, serve
-from workload import ANSWER_EVERY_S, Emit, publish_answers, raise_file_limit
+from ref_websockets import serve_forever
+from websockets.asyncio.server import ServerConnection
+from workload import ANSWER_EVERY_S, Emit, publish_answers
+
+from gateway.transport import text_frame
 
 
 def _command(*parts: bytes) -> bytes:
@@ -146,16 +149,6 @@ class Subscriber:
         return buffer[pos:]
 
 
-def _text_frame(data: bytes) -> bytes:
-    """One unmasked text frame carrying `data` (UTF-8), as a server without extensions sends it."""
-    size = len(data)
-    if size < 126:
-        return bytes((0x81, size)) + data
-    if size < 1 << 16:
-        return b"\x81\x7e" + size.to_bytes(2, "big") + data
-    return b"\x81\x7f" + size.to_bytes(8, "big") + data
-
-
 def _marker_time(text: str) -> float:
     """The send time a `chatgw model-server` token carries: " ⟦<µs>⟧" -> seconds."""
     return int(text[text.index("\u27e6") + 1 : text.index("\u27e7")]) / 1e6
@@ -210,13 +203,12 @@ async def model_answers(room: str, emit: Emit, model_url: str) -> None:
 
 
 async def main(port: int, redis_url: str, channel: str, model_url: str | None, local: bool) -> None:
-    raise_file_limit()
     rooms: dict[str, set[ServerConnection]] = {}
     publishing: set[str] = set()  # rooms whose publisher runs here
     prefix = f"{channel}:".encode()
 
     def write(members: set[ServerConnection], data: bytes) -> None:
-        frame = _text_frame(data)
+        frame = text_frame(data.decode())
         for ws in members:
             transport = ws.transport
             if transport.get_write_buffer_size() < 65536 and not transport.is_closing():
@@ -261,17 +253,7 @@ async def main(port: int, redis_url: str, channel: str, model_url: str | None, l
                 publishing.discard(room)
                 task.cancel()
 
-    async with serve(
-        handler,
-        "127.0.0.1",
-        port,
-        compression=None,
-        max_size=65536,
-        ping_interval=20,
-        ping_timeout=20,
-        backlog=4096,
-    ) as server:
-        await server.serve_forever()
+    await serve_forever(handler, port)
 
 
 if __name__ == "__main__":

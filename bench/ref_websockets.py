@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from workload import encode, publish_answers, raise_file_limit
@@ -45,10 +46,12 @@ async def handler(ws: ServerConnection) -> None:
             publisher.cancel()
 
 
-async def main(port: int) -> None:
+async def serve_forever(on_socket: Callable[[ServerConnection], Awaitable[None]], port: int) -> None:
+    """Serve `on_socket` on 127.0.0.1:`port` with the gateway's socket settings, for ever (also
+    ref_floor.py's server)."""
     raise_file_limit()
     async with serve(
-        handler,
+        on_socket,
         "127.0.0.1",
         port,
         compression=None,
@@ -58,6 +61,10 @@ async def main(port: int) -> None:
         backlog=4096,
     ) as server:
         await server.serve_forever()
+
+
+async def main(port: int) -> None:
+    await serve_forever(handler, port)
 
 
 if __name__ == "__main__":
